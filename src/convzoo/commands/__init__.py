@@ -1,0 +1,1 @@
+"""Subcommands of the ``convzoo`` command, one module each (see ``convzoo.cli``)."""

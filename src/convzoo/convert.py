@@ -1,0 +1,300 @@
+"""Model surgery: ``convert()`` swaps convs for an operator kind, ``deploy()`` folds for inference.
+
+Nothing here knows a particular operator: kinds come from ``convzoo.ops.registry``
+and deploy forms from each module's ``fuse()`` / ``reparameterize()`` methods, the
+protocol that ``timm.utils.reparameterize_model`` also follows.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from convzoo.ops.conv_spec import conv_signature
+from convzoo.ops.registry import get_conv_kind, operator_kind
+
+LayerOptions = Callable[[str, nn.Conv2d], "dict[str, Any] | None"]
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert()`` did: layers replaced, layers skipped with the reason, unmatched patterns."""
+
+    kind: str
+    replaced: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    unmatched_patterns: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"convert(kind={self.kind!r}): {len(self.replaced)} replaced, {len(self.skipped)} skipped"]
+        lines += [f"  replaced  {name:<40} {desc}" for name, desc in self.replaced]
+        lines += [f"  skipped   {name:<40} {reason}" for name, reason in self.skipped]
+        lines += [f"  pattern {pattern!r} matched no conv" for pattern in self.unmatched_patterns]
+        return "\n".join(lines)
+
+
+def conversion_report(model: nn.Module) -> ConversionReport | None:
+    """The report of the last ``convert()`` that returned ``model`` (None if never converted)."""
+    return getattr(model, "convzoo_report", None)
+
+
+def _patterns(value: str | Iterable[str] | None, name: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    patterns = list(value)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{name} must be a glob string or a list of glob strings, got {value!r}")
+    return patterns
+
+
+def convert(
+    model: nn.Module,
+    kind: str,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    inplace: bool = False,
+    strict: bool = False,
+    layer_options: LayerOptions | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Replace every ``nn.Conv2d`` in ``model`` that ``kind`` replaces.
+
+    Args:
+        model: any module (a bare ``nn.Conv2d`` too).
+        kind: an operator kind key, see ``convzoo.list_convs()``.
+        include: glob(s) over qualified module names; only matching convs are considered.
+        exclude: glob(s); matching convs are left alone.
+        inplace: modify ``model`` rather than a deep copy of it.
+        strict: raise ``ValueError`` when a pattern matches no conv or nothing is replaced,
+            instead of warning.
+        layer_options: ``(name, conv) -> dict`` of extra per-layer options (e.g. kernels
+            per stage); merged over ``options``.
+        **options: passed to the kind's ``from_conv`` for every replaced layer.
+
+    Returns:
+        The converted model (a new module if ``model`` itself was a replaced conv). Its
+        ``convzoo_report`` attribute (also ``conversion_report(model)``) lists which layers were
+        replaced and which were skipped, and why. Layers that already are convzoo operators
+        are skipped and not entered, so converting twice is idempotent.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    conv_kind = get_conv_kind(kind)
+    includes, excludes = _patterns(include, "include"), _patterns(exclude, "exclude")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = ConversionReport(kind)
+    used_patterns: set[str] = set()
+    built: dict[int, nn.Module] = {}  # preserves sharing when one conv is reached twice
+
+    def replacement(name: str, conv: nn.Module) -> nn.Module | None:
+        if type(conv) is not nn.Conv2d:
+            report.skipped.append((name, f"{type(conv).__name__} is a subclass of nn.Conv2d with its own forward"))
+            return None
+        if includes:
+            hits = [p for p in includes if fnmatch.fnmatchcase(name, p)]
+            used_patterns.update(hits)
+            if not hits:
+                report.skipped.append((name, "not matched by include"))
+                return None
+        hits = [p for p in excludes if fnmatch.fnmatchcase(name, p)]
+        if hits:
+            used_patterns.update(hits)
+            report.skipped.append((name, f"excluded by {hits[0]!r}"))
+            return None
+        reason = conv_kind.skip_reason(conv)
+        if reason is not None:
+            report.skipped.append((name, reason))
+            return None
+        if id(conv) not in built:
+            layer_opts = dict(options)
+            if layer_options is not None:
+                layer_opts.update(layer_options(name, conv) or {})
+            try:
+                new = conv_kind.from_conv(conv, **layer_opts)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"cannot convert {name!r} to {kind!r}: {error}") from error
+            new.train(conv.training)
+            built[id(conv)] = new
+        report.replaced.append((name, conv_signature(conv)))
+        return built[id(conv)]
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for child_name, child in list(parent.named_children()):
+            name = prefix + child_name
+            existing = operator_kind(child)
+            if existing is not None:
+                report.skipped.append((name, f"already a convzoo {existing!r} operator"))
+                continue
+            if isinstance(child, nn.Conv2d):
+                new = replacement(name, child)
+                if new is not None:
+                    setattr(parent, child_name, new)
+                continue
+            visit(child, name + ".")
+
+    if operator_kind(model) is not None:
+        report.skipped.append(("", f"already a convzoo {operator_kind(model)!r} operator"))
+    elif isinstance(model, nn.Conv2d):
+        model = replacement("", model) or model
+    else:
+        visit(model, "")
+
+    report.unmatched_patterns = [p for p in includes + excludes if p not in used_patterns]
+    problems = [f"pattern {p!r} matched no conv" for p in report.unmatched_patterns]
+    if not report.replaced:
+        problems.append(f"no layer was replaced by {kind!r}")
+    if problems:
+        message = f"convert(kind={kind!r}): " + "; ".join(problems)
+        if strict:
+            raise ValueError(message + "\n" + str(report))
+        warnings.warn(message + " (see convzoo.conversion_report(model))", UserWarning, stacklevel=2)
+    object.__setattr__(model, "convzoo_report", report)
+    return model
+
+
+# -------------------------------------------------------------------- deploy
+def reparameterize(model: nn.Module) -> nn.Module:
+    """Fold every module that offers a deploy form, like ``timm.utils.reparameterize_model``.
+
+    A module with ``fuse()`` is replaced by what it returns; one with ``reparameterize()``
+    (or ``switch_to_deploy()``) is changed in place. Works in place; returns the new root.
+    """
+    if callable(getattr(model, "fuse", None)):
+        return reparameterize(model.fuse())
+    for method in ("reparameterize", "switch_to_deploy"):
+        if callable(getattr(model, method, None)):
+            getattr(model, method)()
+            break
+    for child_name, child in list(model.named_children()):
+        new = reparameterize(child)
+        if new is not child:
+            setattr(model, child_name, new)
+    return model
+
+
+_FOLDABLE_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def _bn_replacement(bn: nn.Module) -> nn.Module | None:
+    """What stands in for a BN once folded: Identity, or timm's BatchNormAct2d's drop + act."""
+    if type(bn) in _FOLDABLE_BN:
+        return nn.Identity()
+    if type(bn).__name__ == "BatchNormAct2d" and hasattr(bn, "act") and hasattr(bn, "drop"):
+        return nn.Sequential(bn.drop, bn.act)
+    return None
+
+
+def _foldable(bn: nn.Module) -> bool:
+    return (
+        isinstance(bn, nn.BatchNorm2d)
+        and _bn_replacement(bn) is not None
+        and bn.running_mean is not None
+        and bn.running_var is not None
+    )
+
+
+class _PairTracer(fx.Tracer):
+    """Traces module-level dataflow; convs, BNs and convzoo operators stay leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, nn.Conv2d | nn.BatchNorm2d) or operator_kind(m) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) module names where the BN takes the conv's output and nothing else does.
+
+    Uses an ``torch.fx`` trace of the module graph; if the model cannot be traced,
+    falls back to adjacent (conv, BN) pairs inside ``nn.Sequential`` containers, which
+    are exact by construction.
+    """
+    modules = dict(model.named_modules())
+    try:
+        graph = _PairTracer().trace(model)
+    except Exception as error:  # any untraceable forward: use the structural fallback
+        warnings.warn(
+            f"deploy: could not fx-trace {type(model).__name__} ({type(error).__name__}); "
+            "folding BatchNorm only inside nn.Sequential",
+            UserWarning,
+            stacklevel=3,
+        )
+        return _sequential_pairs(model)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not _foldable(modules[node.target]) or len(node.args) != 1:
+            continue
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or source.op != "call_module":
+            continue
+        if type(modules[source.target]) is not nn.Conv2d or len(source.users) != 1:
+            continue
+        if calls[source.target] == 1 and calls[node.target] == 1:
+            pairs.append((source.target, node.target))
+    return pairs
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    pairs = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if type(conv) is nn.Conv2d and _foldable(bn):
+                prefix = f"{name}." if name else ""
+                pairs.append((prefix + conv_name, prefix + bn_name))
+    return pairs
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child_name, module)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold each eval-mode BatchNorm into the conv that alone feeds it, in place.
+
+    The fused conv comes from ``torch.nn.utils.fusion.fuse_conv_bn_eval``; the BN becomes
+    ``nn.Identity``. Returns ``model``.
+    """
+    model.eval()
+    for conv_name, bn_name in find_conv_bn_pairs(model):
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        _set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn))
+        _set_submodule(model, bn_name, _bn_replacement(bn))
+    return model
+
+
+def deploy(model: nn.Module, *, inplace: bool = False, fold_bn: bool = True) -> nn.Module:
+    """The inference form of ``model``, in eval mode, made of plain torch modules where possible.
+
+    Every operator with a deploy form is folded (``fuse()`` / ``reparameterize()``), then
+    each BatchNorm that follows a conv is folded into it. The result computes what
+    ``model.eval()`` computes and can be exported with ``torch.export`` or ONNX.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    model = reparameterize(model)
+    model.eval()
+    if fold_bn:
+        model = fold_batchnorm(model)
+    return model

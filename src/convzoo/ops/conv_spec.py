@@ -1,0 +1,220 @@
+"""Validated nn.Conv2d geometry shared by every convzoo operator.
+
+`ConvSpec` holds the arguments of an ``nn.Conv2d`` (channels, kernel, stride,
+padding, dilation, groups, bias, padding mode), checks them with errors that
+name the argument, the value and what is allowed, and applies the padding the
+way ``nn.Conv2d`` does, so operators never re-derive it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+PaddingArg = int | tuple[int, int] | str
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def to_pair(value: object, name: str, *, minimum: int = 1) -> tuple[int, int]:
+    """Normalize an int or a pair of ints to a pair, checking each is >= ``minimum``.
+
+    Raises:
+        TypeError: ``value`` is neither an int nor a sequence of two ints.
+        ValueError: an element is below ``minimum``.
+    """
+    if _is_int(value):
+        pair = (value, value)
+    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        if not all(_is_int(v) for v in value):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def check_channels(value: object, name: str) -> int:
+    """Check a channel count is a positive int and return it."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """The full geometry of a 2-D convolution, validated.
+
+    Attributes mirror ``nn.Conv2d``. ``padding`` is a pair of ints or one of the
+    strings ``"same"`` / ``"valid"``.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    bias: bool = True
+    padding_mode: str = "zeros"
+
+    @classmethod
+    def create(
+        cls,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: PaddingArg = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+    ) -> ConvSpec:
+        """Validate nn.Conv2d-style arguments and return a ConvSpec."""
+        in_channels = check_channels(in_channels, "in_channels")
+        out_channels = check_channels(out_channels, "out_channels")
+        kernel = to_pair(kernel_size, "kernel_size")
+        stride_pair = to_pair(stride, "stride")
+        dilation_pair = to_pair(dilation, "dilation")
+        groups = check_channels(groups, "groups")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups={groups} must divide both in_channels={in_channels} and "
+                f"out_channels={out_channels}"
+            )
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and stride_pair != (1, 1):
+                raise ValueError(f"padding='same' requires stride=1 (as in nn.Conv2d), got stride={stride!r}")
+            padding_value: tuple[int, int] | str = (0, 0) if padding == "valid" else "same"
+        else:
+            padding_value = to_pair(padding, "padding", minimum=0)
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {bias!r}")
+        return cls(
+            in_channels, out_channels, kernel, stride_pair, padding_value, dilation_pair, groups, bias, padding_mode
+        )
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> ConvSpec:
+        """Read the geometry of an existing ``nn.Conv2d``."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+        return cls.create(
+            conv.in_channels,
+            conv.out_channels,
+            tuple(conv.kernel_size),
+            tuple(conv.stride),
+            padding,
+            tuple(conv.dilation),
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+        )
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def is_pointwise(self) -> bool:
+        return self.kernel_size == (1, 1)
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.groups == self.in_channels and self.groups > 1
+
+    @property
+    def explicit_padding(self) -> tuple[int, int, int, int]:
+        """Padding as (left, right, top, bottom), resolving ``"same"`` as nn.Conv2d does."""
+        if self.padding == "same":
+            pads = []
+            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
+                total = d * (k - 1)
+                left = total // 2
+                pads += [left, total - left]
+            return tuple(pads)  # type: ignore[return-value]
+        ph, pw = self.padding  # type: ignore[misc]
+        return (pw, pw, ph, ph)
+
+    @property
+    def is_symmetric_padding(self) -> bool:
+        left, right, top, bottom = self.explicit_padding
+        return left == right and top == bottom
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Spatial output size for an input of ``height`` x ``width``."""
+        left, right, top, bottom = self.explicit_padding
+        sizes = []
+        for n, lo, hi, k, s, d in zip(
+            (height, width), (top, left), (bottom, right), self.kernel_size, self.stride, self.dilation
+        ):
+            sizes.append(math.floor((n + lo + hi - d * (k - 1) - 1) / s) + 1)
+        return sizes[0], sizes[1]
+
+    def pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Pad ``x`` as nn.Conv2d would; return the padded input and what padding is left for conv2d.
+
+        For ``padding_mode="zeros"`` with symmetric padding the padding is left to the
+        convolution itself (fast path); otherwise ``x`` is padded explicitly.
+        """
+        if self.padding_mode == "zeros":
+            if self.is_symmetric_padding:
+                left, _, top, _ = self.explicit_padding
+                return x, (top, left)
+            return F.pad(x, self.explicit_padding), (0, 0)
+        return F.pad(x, self.explicit_padding, mode=self.padding_mode), (0, 0)
+
+    def conv2d(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Run ``F.conv2d`` with this geometry: x (N, C_in, H, W) -> (N, C_out, H', W')."""
+        x, conv_padding = self.pad(x)
+        return F.conv2d(x, weight, bias, self.stride, conv_padding, self.dilation, self.groups)
+
+    def conv_kwargs(self) -> dict[str, object]:
+        """Keyword arguments that rebuild an equivalent ``nn.Conv2d``."""
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.padding,
+            "dilation": self.dilation,
+            "groups": self.groups,
+            "bias": self.bias,
+            "padding_mode": self.padding_mode,
+        }
+
+    def macs(self, out_height: int, out_width: int) -> int:
+        """Multiply-accumulates of the plain conv for one image at the given output size."""
+        kh, kw = self.kernel_size
+        return self.out_channels * (self.in_channels // self.groups) * kh * kw * out_height * out_width
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. ``64->128 k3x3 s2 g1``."""
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        return (
+            f"{self.in_channels}->{self.out_channels} k{kh}x{kw} s{sh}"
+            + ("" if sh == sw else f"x{sw}")
+            + f" g{self.groups}"
+        )
+
+
+def conv_signature(conv: nn.Conv2d) -> str:
+    """A short description of any nn.Conv2d, used in conversion reports."""
+    return ConvSpec.from_conv(conv).describe()

@@ -1,0 +1,131 @@
+"""Registry of operator kinds: which ``nn.Conv2d`` each replaces and how to build it.
+
+A kind is registered with the :func:`register_conv` class decorator::
+
+    @register_conv("doconv", description="...", skip_reason=needs_spatial_kernel)
+    class DOConv2d(nn.Module):
+        @classmethod
+        def from_conv(cls, conv: nn.Conv2d, **options) -> "DOConv2d": ...
+
+``skip_reason(conv)`` returns ``None`` when the kind can replace ``conv`` and
+otherwise a short sentence saying why not; conversion reports show it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+SkipReason = Callable[[nn.Conv2d], "str | None"]
+ConvFactory = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ConvKind:
+    """One operator kind.
+
+    Attributes:
+        name: the kind key, e.g. ``"doconv"``.
+        description: one line for ``list_convs()``.
+        module_cls: the operator's module class.
+        skip_reason: ``conv -> None`` if replaceable, else the reason it is skipped.
+        from_conv: ``(conv, **options) -> module`` building the operator from ``conv``.
+        zoo_default: whether ``create_model(..., conv=name)`` may fall back to converting
+            every conv the kind replaces when the model has no placement preset for it.
+            False for kinds whose paper places them selectively (e.g. Multiception).
+    """
+
+    name: str
+    description: str
+    module_cls: type[nn.Module]
+    skip_reason: SkipReason
+    from_conv: ConvFactory
+    zoo_default: bool = True
+
+
+_KINDS: dict[str, ConvKind] = {}
+
+
+def register_conv(
+    name: str,
+    *,
+    description: str,
+    skip_reason: SkipReason,
+    from_conv: ConvFactory | None = None,
+    zoo_default: bool = True,
+) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator registering an operator kind.
+
+    The class gains a ``convzoo_kind`` attribute, which is how ``convert()`` tells
+    an already converted layer from a plain one. ``from_conv`` defaults to the
+    class's ``from_conv`` classmethod.
+    """
+
+    def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in _KINDS and _KINDS[name].module_cls.__qualname__ != cls.__qualname__:
+            raise ValueError(f"conv kind {name!r} is already registered by {_KINDS[name].module_cls.__name__}")
+        factory = from_conv if from_conv is not None else getattr(cls, "from_conv", None)
+        if factory is None:
+            raise TypeError(f"{cls.__name__} needs a from_conv classmethod to be registered as {name!r}")
+        cls.convzoo_kind = name
+        _KINDS[name] = ConvKind(name, description, cls, skip_reason, factory, zoo_default)
+        return cls
+
+    return decorator
+
+
+def get_conv_kind(name: str) -> ConvKind:
+    """Look up a kind; an unknown name gets a ValueError listing the known kinds."""
+    if not isinstance(name, str):
+        raise TypeError(f"kind must be a str, got {type(name).__name__}")
+    try:
+        return _KINDS[name]
+    except KeyError:
+        known = ", ".join(sorted(_KINDS))
+        raise ValueError(f"unknown conv kind {name!r}; known kinds: {known}") from None
+
+
+def list_convs(pattern: str = "*") -> dict[str, str]:
+    """Registered kinds matching a glob, each with its one-line description."""
+    return {name: _KINDS[name].description for name in sorted(_KINDS) if fnmatch.fnmatch(name, pattern)}
+
+
+def operator_kind(module: nn.Module) -> str | None:
+    """The kind key of a convzoo operator module, or None for any other module."""
+    return getattr(type(module), "convzoo_kind", None)
+
+
+# ---------------------------------------------------------------- predicates
+def needs_spatial_kernel(conv: nn.Conv2d) -> str | None:
+    """Replace every k x k conv with k > 1 (any groups); skip 1 x 1."""
+    if tuple(conv.kernel_size) == (1, 1):
+        return "1x1 kernel: no spatial patch"
+    return None
+
+
+def needs_pointwise(conv: nn.Conv2d) -> str | None:
+    """Replace 1 x 1 convs with groups == 1 only."""
+    if tuple(conv.kernel_size) != (1, 1):
+        return f"kernel {tuple(conv.kernel_size)} is not 1x1"
+    if conv.groups != 1:
+        return f"grouped pointwise conv (groups={conv.groups})"
+    return None
+
+
+def needs_dense_spatial(conv: nn.Conv2d) -> str | None:
+    """Replace k x k convs with k > 1 and groups == 1."""
+    reason = needs_spatial_kernel(conv)
+    if reason is None and conv.groups != 1:
+        reason = f"grouped conv (groups={conv.groups}); this kind replaces dense convs"
+    return reason
+
+
+def needs_depthwise(conv: nn.Conv2d) -> str | None:
+    """Replace depthwise k x k convs (groups == in_channels == out_channels, k > 1)."""
+    reason = needs_spatial_kernel(conv)
+    if reason is None and not (conv.groups == conv.in_channels == conv.out_channels):
+        reason = f"not depthwise (groups={conv.groups}, in={conv.in_channels}, out={conv.out_channels})"
+    return reason

@@ -1,0 +1,30 @@
+"""Helpers for equivalence tests of folded / converted models (used by convzoo's tests too)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def randomize_batchnorm_(model: nn.Module, *, generator: torch.Generator | None = None) -> nn.Module:
+    """Give every BatchNorm random running statistics and affine parameters, in place.
+
+    A freshly initialised BN (mean 0, var 1, gamma 1, beta 0) is close to identity and
+    hides folding bugs; equivalence tests call this first.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            shape = module.num_features
+            like = {"device": module.running_mean.device, "dtype": module.running_mean.dtype}
+            module.running_mean.copy_(torch.randn(shape, generator=generator).to(**like) * 0.5)
+            module.running_var.copy_(torch.rand(shape, generator=generator).to(**like) * 1.5 + 0.25)
+            if module.affine:
+                module.weight.copy_(torch.randn(shape, generator=generator).to(**like) * 0.5 + 1.0)
+                module.bias.copy_(torch.randn(shape, generator=generator).to(**like) * 0.5)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or not) of ``model``."""
+    return sum(p.numel() for p in model.parameters())
