@@ -4,6 +4,7 @@ Swap (``convert`` / ``create_model``), train and compare (``convzoo`` command),
 deploy (``deploy``): see the README.
 """
 
+from convzoo import profile
 from convzoo.convert import (
     ConversionReport,
     conversion_report,
@@ -19,8 +20,8 @@ from convzoo.ops import ConvSpec, DOConv2d, get_conv_kind, list_convs, register_
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConversionReport",
     "ConvSpec",
+    "ConversionReport",
     "DOConv2d",
     "__version__",
     "conversion_report",
@@ -32,6 +33,7 @@ __all__ = [
     "get_conv_kind",
     "list_convs",
     "list_models",
+    "profile",
     "register_conv",
     "register_model",
     "reparameterize",

@@ -99,7 +99,9 @@ def convert(
 
     def replacement(name: str, conv: nn.Module) -> nn.Module | None:
         if type(conv) is not nn.Conv2d:
-            report.skipped.append((name, f"{type(conv).__name__} is a subclass of nn.Conv2d with its own forward"))
+            report.skipped.append(
+                (name, f"{type(conv).__name__} is a subclass of nn.Conv2d with its own forward")
+            )
             return None
         if includes:
             hits = [p for p in includes if fnmatch.fnmatchcase(name, p)]

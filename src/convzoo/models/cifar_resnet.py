@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from convzoo.models.registry import register_model
 from convzoo.models.init import init_weights
+from convzoo.models.registry import register_model
 
 
 class BasicBlock(nn.Module):

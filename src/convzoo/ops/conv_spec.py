@@ -93,12 +93,13 @@ class ConvSpec:
         groups = check_channels(groups, "groups")
         if in_channels % groups or out_channels % groups:
             raise ValueError(
-                f"groups={groups} must divide both in_channels={in_channels} and "
-                f"out_channels={out_channels}"
+                f"groups={groups} must divide both in_channels={in_channels} and out_channels={out_channels}"
             )
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
-                raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+                raise ValueError(
+                    f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}"
+                )
             if padding == "same" and stride_pair != (1, 1):
                 raise ValueError(f"padding='same' requires stride=1 (as in nn.Conv2d), got stride={stride!r}")
             padding_value: tuple[int, int] | str = (0, 0) if padding == "valid" else "same"
@@ -109,7 +110,15 @@ class ConvSpec:
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {bias!r}")
         return cls(
-            in_channels, out_channels, kernel, stride_pair, padding_value, dilation_pair, groups, bias, padding_mode
+            in_channels,
+            out_channels,
+            kernel,
+            stride_pair,
+            padding_value,
+            dilation_pair,
+            groups,
+            bias,
+            padding_mode,
         )
 
     @classmethod

@@ -146,9 +146,7 @@ class DOConv2d(nn.Module):
     def from_conv(cls, conv: nn.Conv2d, *, d_mul: int | None = None) -> DOConv2d:
         """A DOConv2d computing exactly what ``conv`` computes: W holds its kernel, D = I."""
         spec = ConvSpec.from_conv(conv)
-        module = cls(
-            **spec.conv_kwargs(), device=conv.weight.device, dtype=conv.weight.dtype, d_mul=d_mul
-        )
+        module = cls(**spec.conv_kwargs(), device=conv.weight.device, dtype=conv.weight.dtype, d_mul=d_mul)
         area = spec.kernel_size[0] * spec.kernel_size[1]
         with torch.no_grad():
             module.W.zero_()
