@@ -90,7 +90,7 @@ def machine_line() -> str:
 def write_results(name: str, title: str, body: str) -> Path:
     """Write ``benchmarks/results/<name>.md`` with the command that produced it."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    command = "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     text = f"# {title}\n\nProduced by `{command}` on {time.strftime('%Y-%m-%d')}.\n\n{machine_line()}\n\n{body}\n"
     path = RESULTS_DIR / f"{name}.md"
     path.write_text(text)

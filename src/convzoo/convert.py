@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import itertools
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -99,9 +100,7 @@ def convert(
 
     def replacement(name: str, conv: nn.Module) -> nn.Module | None:
         if type(conv) is not nn.Conv2d:
-            report.skipped.append(
-                (name, f"{type(conv).__name__} is a subclass of nn.Conv2d with its own forward")
-            )
+            report.skipped.append((name, f"{type(conv).__name__} is a subclass of nn.Conv2d with its own forward"))
             return None
         if includes:
             hits = [p for p in includes if fnmatch.fnmatchcase(name, p)]
@@ -257,7 +256,7 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if not isinstance(module, nn.Sequential):
             continue
         children = list(module.named_children())
-        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+        for (conv_name, conv), (bn_name, bn) in itertools.pairwise(children):
             if type(conv) is nn.Conv2d and _foldable(bn):
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + conv_name, prefix + bn_name))

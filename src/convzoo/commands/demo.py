@@ -35,9 +35,7 @@ def run(args: argparse.Namespace) -> int:
     train_x, train_y, test_x, test_y = images[:1500], labels[:1500], images[1500:], labels[1500:]
     model = convzoo.create_model("cifar_resnet20", conv="doconv")
     report = convzoo.conversion_report(model)
-    print(
-        f"cifar_resnet20 with DO-Conv: {len(report.replaced)} convs replaced, {len(report.skipped)} skipped"
-    )
+    print(f"cifar_resnet20 with DO-Conv: {len(report.replaced)} convs replaced, {len(report.skipped)} skipped")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model.train()
     for step in range(args.steps):

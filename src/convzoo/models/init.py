@@ -7,9 +7,7 @@ from collections.abc import Iterable
 from torch import nn
 
 
-def init_weights(
-    model: nn.Module, *, zero_init_last_bn: bool = False, last_bn_names: Iterable[str] = ("bn2",)
-) -> None:
+def init_weights(model: nn.Module, *, zero_init_last_bn: bool = False, last_bn_names: Iterable[str] = ("bn2",)) -> None:
     """He (fan-out, ReLU) init for convs, BN gamma 1 / beta 0, default Linear init.
 
     With ``zero_init_last_bn`` every BN whose attribute name is in ``last_bn_names``

@@ -89,9 +89,7 @@ def _external_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         import torchvision
 
         if model_name not in torchvision.models.list_models():
-            raise ValueError(
-                f"unknown torchvision model {model_name!r}; see torchvision.models.list_models()"
-            )
+            raise ValueError(f"unknown torchvision model {model_name!r}; see torchvision.models.list_models()")
         return torchvision.models.get_model(model_name, weights=None, num_classes=num_classes, **kwargs)
     import timm
 

@@ -97,9 +97,7 @@ class ConvSpec:
             )
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
-                raise ValueError(
-                    f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}"
-                )
+                raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
             if padding == "same" and stride_pair != (1, 1):
                 raise ValueError(f"padding='same' requires stride=1 (as in nn.Conv2d), got stride={stride!r}")
             padding_value: tuple[int, int] | str = (0, 0) if padding == "valid" else "same"

@@ -123,7 +123,7 @@ class DOConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @property
-    def D(self) -> torch.Tensor:
+    def D(self) -> torch.Tensor:  # noqa: N802  (the paper's name)
         """The over-parameterization kernel D = D' + I, shape (C_in, M*N, D_mul)."""
         return self.d_delta + self.d_identity
 

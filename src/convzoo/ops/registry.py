@@ -66,9 +66,7 @@ def register_conv(
 
     def decorator(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _KINDS and _KINDS[name].module_cls.__qualname__ != cls.__qualname__:
-            raise ValueError(
-                f"conv kind {name!r} is already registered by {_KINDS[name].module_cls.__name__}"
-            )
+            raise ValueError(f"conv kind {name!r} is already registered by {_KINDS[name].module_cls.__name__}")
         factory = from_conv if from_conv is not None else getattr(cls, "from_conv", None)
         if factory is None:
             raise TypeError(f"{cls.__name__} needs a from_conv classmethod to be registered as {name!r}")
