@@ -131,7 +131,10 @@ def convert(
         return built[id(conv)]
 
     def visit(parent: nn.Module, prefix: str) -> None:
-        for child_name, child in list(parent.named_children()):
+        # _modules, not named_children(): the latter hides a shared module's second slot
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             name = prefix + child_name
             existing = operator_kind(child)
             if existing is not None:

@@ -1,0 +1,194 @@
+"""DO-Conv: exactness of conversion, kernel vs feature composition, fusing, errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convzoo.ops.doconv import DOConv2d, identity_init
+
+# (in, out, kernel, stride, padding, dilation, groups, bias, padding_mode, height, width)
+GEOMETRIES = [
+    (4, 6, 3, 1, 1, 1, 1, True, "zeros", 9, 7),
+    (4, 6, 3, 2, 1, 1, 1, False, "zeros", 9, 11),
+    (6, 6, 3, 1, 2, 2, 1, True, "zeros", 10, 9),
+    (6, 9, 3, 1, 1, 1, 3, True, "zeros", 7, 8),  # DO-GConv, out/groups = 3 > 1
+    (4, 8, (3, 5), (2, 1), (1, 2), (1, 2), 2, False, "zeros", 11, 10),  # non-square, grouped
+    (6, 6, 3, 2, 1, 1, 6, True, "zeros", 9, 9),  # DO-DConv
+    (3, 12, 5, 1, 2, 1, 3, False, "zeros", 8, 9),  # depthwise with channel multiplier 4
+    (4, 5, 3, 1, 1, 1, 1, True, "reflect", 7, 9),
+    (4, 4, 3, 2, 1, 1, 2, True, "replicate", 9, 8),
+    (4, 5, (3, 2), 1, (1, 1), 1, 1, False, "circular", 6, 7),
+    (4, 5, 4, 1, "same", 2, 1, True, "zeros", 9, 8),  # even kernel, asymmetric 'same'
+    (4, 6, 3, 1, "same", 1, 2, True, "reflect", 7, 7),
+    (5, 3, 2, 3, "valid", 1, 1, True, "zeros", 13, 10),
+]
+
+
+def _conv(geometry, dtype=torch.float64) -> tuple[nn.Conv2d, torch.Tensor]:
+    c_in, c_out, k, s, p, d, g, bias, mode, h, w = geometry
+    conv = nn.Conv2d(c_in, c_out, k, s, p, d, g, bias, mode, dtype=dtype)
+    x = torch.randn(2, c_in, h, w, dtype=dtype)
+    return conv, x
+
+
+def _randomize_d(module: DOConv2d) -> DOConv2d:
+    with torch.no_grad():
+        module.d_delta.normal_(0, 0.5)
+    return module
+
+
+def feature_composition(module: DOConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The paper's feature composition (Fig. 3-a): depthwise step with D, then a grouped 1x1 with W.
+
+    The depthwise conv gives input channel c the D_mul outputs c*D_mul + d, each using D[c, :, d];
+    the grouped 1x1 then reads, for output o in group g, channel (g*C_in/g + j)*D_mul + d with W[o, j, d].
+    """
+    spec = module.spec
+    c_in, d_mul = module.in_channels, module.d_mul
+    x, padding = spec.pad(x)
+    depthwise = module.D.permute(0, 2, 1).reshape(c_in * d_mul, 1, *module.kernel_size)
+    features = F.conv2d(x, depthwise, None, spec.stride, padding, spec.dilation, groups=c_in)
+    pointwise = module.W.reshape(module.out_channels, -1, 1, 1)
+    return F.conv2d(features, pointwise, module.bias, groups=module.groups)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_converted_layer_computes_exactly_the_conv(geometry) -> None:
+    conv, x = _conv(geometry)
+    do = DOConv2d.from_conv(conv)
+    torch.testing.assert_close(do(x), conv(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(do.weight, conv.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("extra", [0, 5])
+def test_kernel_composition_equals_feature_composition(geometry, extra) -> None:
+    conv, x = _conv(geometry)
+    kernel = conv.kernel_size[0] * conv.kernel_size[1]
+    do = _randomize_d(DOConv2d.from_conv(conv, d_mul=kernel + extra))
+    torch.testing.assert_close(do(x), feature_composition(do, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_fuse_computes_the_training_form_float64(geometry) -> None:
+    conv, x = _conv(geometry)
+    do = _randomize_d(DOConv2d.from_conv(conv))
+    fused = do.fuse()
+    assert type(fused) is nn.Conv2d
+    torch.testing.assert_close(fused(x), do(x), rtol=1e-12, atol=1e-12)
+
+
+def test_fuse_float32_within_1e5_relative() -> None:
+    conv, x = _conv((8, 16, 3, 1, 1, 1, 2, True, "zeros", 12, 12), dtype=torch.float32)
+    do = _randomize_d(DOConv2d.from_conv(conv))
+    torch.testing.assert_close(do.fuse()(x), do(x), rtol=1e-5, atol=1e-5)
+
+
+def test_d_is_tied_to_the_input_channel_it_multiplies() -> None:
+    """Scaling D of one input channel only changes the kernel slices that read that channel."""
+    do = DOConv2d(6, 9, 3, groups=3, dtype=torch.float64)
+    before = do.weight.detach().clone()
+    channel = 5  # group 2 (channels 4, 5), position 1 within the group
+    with torch.no_grad():
+        do.d_delta[channel] += torch.eye(9, dtype=torch.float64)  # D[channel] = 2 I
+    after = do.weight.detach()
+    changed = (after != before).any(dim=(2, 3))  # (C_out, C_in/groups)
+    expected = torch.zeros_like(changed)
+    expected[6:9, 1] = True  # outputs of group 2 reading its input position 1
+    assert torch.equal(changed, expected)
+    torch.testing.assert_close(after[6:9, 1], 2 * before[6:9, 1])
+
+
+def test_identity_init_tiles_identities_and_zero_fills() -> None:
+    eye = identity_init(4, 11, dtype=torch.float64)
+    assert eye.shape == (4, 11)
+    torch.testing.assert_close(eye[:, :4], torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(eye[:, 4:8], torch.eye(4, dtype=torch.float64))
+    assert eye[:, 8:].abs().sum() == 0
+
+
+def test_parameters_and_initial_state() -> None:
+    do = DOConv2d(4, 8, (3, 5), groups=2, d_mul=20)
+    assert do.W.shape == (8, 2, 20)
+    assert do.d_delta.shape == (4, 15, 20)
+    assert do.d_delta.abs().sum() == 0
+    assert set(do.state_dict()) == {"W", "d_delta", "bias"}
+    assert do.weight.shape == (8, 2, 3, 5)
+    assert (do.in_channels, do.out_channels, do.kernel_size, do.groups) == (4, 8, (3, 5), 2)
+
+
+def test_positional_arguments_follow_conv2d_order() -> None:
+    do = DOConv2d(4, 8, 3, 2, 1, 1, 2, False, "reflect")
+    assert do.stride == (2, 2) and do.padding == (1, 1) and do.groups == 2
+    assert do.bias is None and do.padding_mode == "reflect"
+    assert do.d_mul == 9
+
+
+def test_gradients_reach_d_and_w() -> None:
+    do = _randomize_d(DOConv2d(2, 3, 3, 1, 1, groups=1, dtype=torch.float64, d_mul=10))
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, d, b):
+        return torch.func.functional_call(do, {"W": w, "d_delta": d, "bias": b}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, do.W, do.d_delta, do.bias))
+    do(x).square().sum().backward()
+    assert do.W.grad.abs().sum() > 0 and do.d_delta.grad.abs().sum() > 0
+
+
+def test_state_dict_round_trip() -> None:
+    source = _randomize_d(DOConv2d(4, 6, 3, 1, 1, groups=2, dtype=torch.float64))
+    target = DOConv2d(4, 6, 3, 1, 1, groups=2, dtype=torch.float64)
+    target.load_state_dict(source.state_dict())
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def test_converted_torchvision_resnet18_is_exact_in_float64() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    from convzoo import convert
+    from convzoo.testing import randomize_batchnorm_
+
+    model = randomize_batchnorm_(torchvision.models.resnet18(num_classes=10)).double().eval()
+    converted = convert(model, "doconv")
+    assert sum(isinstance(m, DOConv2d) for m in converted.modules()) == 17  # stem + 16 block 3x3 convs
+    x = torch.randn(2, 3, 48, 40, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+BAD_ARGUMENTS = [
+    ({"d_mul": 8}, ValueError, "d_mul must be >= kernel area"),
+    ({"d_mul": 9.0}, TypeError, "d_mul must be an int"),
+    ({"kernel_size": 1}, ValueError, "larger than 1x1"),
+    ({"groups": 3}, ValueError, "groups=3 must divide"),
+    ({"padding": "full"}, ValueError, "padding must be"),
+    ({"padding": "same", "stride": 2}, ValueError, "padding='same' requires stride=1"),
+    ({"padding_mode": "mirror"}, ValueError, "padding_mode must be one of"),
+    ({"in_channels": 0}, ValueError, "in_channels must be a positive int"),
+    ({"out_channels": 2.5}, TypeError, "out_channels must be a positive int"),
+    ({"kernel_size": (3, 3, 3)}, TypeError, "kernel_size must be an int or a pair"),
+    ({"stride": 0}, ValueError, "stride must be >= 1"),
+    ({"dilation": True}, TypeError, "dilation must be an int or a pair"),
+    ({"padding": -1}, ValueError, "padding must be >= 0"),
+    ({"bias": "yes"}, TypeError, "bias must be a bool"),
+]
+
+
+@pytest.mark.parametrize(("override", "error", "message"), BAD_ARGUMENTS, ids=lambda v: str(v)[:30])
+def test_bad_arguments_get_clear_errors(override, error, message) -> None:
+    arguments = {"in_channels": 4, "out_channels": 4, "kernel_size": 3} | override
+    with pytest.raises(error, match=message):
+        DOConv2d(**arguments)
+
+
+@pytest.mark.parametrize(("stride", "dilation"), list(itertools.product([1, 2], [1, 2])))
+def test_odd_sizes_keep_conv_output_shape(stride, dilation) -> None:
+    conv = nn.Conv2d(3, 5, 3, stride, dilation, dilation)
+    x = torch.randn(1, 3, 13, 7)
+    assert DOConv2d.from_conv(conv)(x).shape == conv(x).shape

@@ -1,0 +1,65 @@
+"""The training form compiles; the deployed form exports with torch.export and ONNX (run in onnxruntime)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import convzoo
+from convzoo import DOConv2d
+from convzoo.testing import randomize_batchnorm_
+
+
+def _trained_doconv_resnet() -> torch.nn.Module:
+    model = convzoo.create_model("cifar_resnet20", conv="doconv")
+    randomize_batchnorm_(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, DOConv2d):
+                module.d_delta.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_torch_compile_training_form_matches_eager() -> None:
+    layer = DOConv2d(4, 6, 3, 1, 1, groups=2)
+    with torch.no_grad():
+        layer.d_delta.normal_(0, 0.1)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, layer(x))
+    out.sum().backward()
+    assert layer.d_delta.grad is not None and layer.W.grad is not None
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_training_step() -> None:
+    model = convzoo.create_model("cifar_resnet20", conv="doconv")
+    compiled = torch.compile(model)
+    x = torch.randn(4, 3, 32, 32)
+    loss = compiled(x).logsumexp(1).mean()
+    loss.backward()
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_export_of_deployed_model() -> None:
+    model = _trained_doconv_resnet()
+    deployed = convzoo.deploy(model)
+    x = torch.randn(2, 3, 32, 32)
+    exported = torch.export.export(deployed, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_export_of_deployed_model_runs_in_onnxruntime(tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = _trained_doconv_resnet()
+    deployed = convzoo.deploy(model)
+    x = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "resnet20_doconv.onnx"
+    torch.onnx.export(deployed, (x,), str(path), input_names=["images"], output_names=["logits"], dynamo=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=1e-4, atol=1e-4)
