@@ -32,7 +32,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
