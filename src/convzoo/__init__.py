@@ -15,25 +15,52 @@ from convzoo.convert import (
     reparameterize,
 )
 from convzoo.models import create_model, list_models, register_model
-from convzoo.ops import ConvSpec, DOConv2d, get_conv_kind, list_convs, register_conv
+from convzoo.ops import (
+    CACLoss,
+    CAConv2d,
+    ConvSpec,
+    CPWConv2d,
+    DilatedSeparableConv2d,
+    DOConv2d,
+    PyramidDilatedConv2d,
+    cac_statistics,
+    cpwc_grouping_plan,
+    get_conv_kind,
+    has_cac_layers,
+    list_convs,
+    register_conv,
+)
+from convzoo.profile import ProfileReport, count_macs, count_parameters, profile_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CACLoss",
+    "CAConv2d",
+    "CPWConv2d",
     "ConvSpec",
     "ConversionReport",
     "DOConv2d",
+    "DilatedSeparableConv2d",
+    "ProfileReport",
+    "PyramidDilatedConv2d",
     "__version__",
+    "cac_statistics",
     "conversion_report",
     "convert",
+    "count_macs",
+    "count_parameters",
+    "cpwc_grouping_plan",
     "create_model",
     "deploy",
     "find_conv_bn_pairs",
     "fold_batchnorm",
     "get_conv_kind",
+    "has_cac_layers",
     "list_convs",
     "list_models",
     "profile",
+    "profile_model",
     "register_conv",
     "register_model",
     "reparameterize",

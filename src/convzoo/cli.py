@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 # Command modules under convzoo.commands, in help order.
-COMMANDS = ("convs", "models", "demo")
+COMMANDS = ("convs", "models", "profile", "train", "eval", "compare", "demo")
 
 
 class CLIError(Exception):

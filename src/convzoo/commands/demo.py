@@ -1,60 +1,75 @@
-"""``convzoo demo``: convert a small model to DO-Conv, train briefly on digits, deploy, check outputs.
+"""``convzoo demo``: the README's main job on the embedded digits data, in a few minutes on 2 CPU cores.
 
-(Interim main job of the foundation issue; the training CLI replaces it with a short ``compare``.)
+1. ``compare`` cifar_resnet20 with the standard conv and every operator registered for it
+   (recipe ``digits-quick``), printing the paper-style table;
+2. deploy the most accurate model (fold operators and BatchNorms) and check that the
+   deployed model computes what the trained one computes on the test images.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
-import torch
-import torch.nn.functional as F
+DEFAULT_CONVS = "standard,doconv,cpwc,multiception,dsconv,mixconv,dds,cac"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="the README's main job on the embedded digits data")
-    parser.add_argument("--steps", type=int, default=60, help="training steps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = subparsers.add_parser("demo", help="the README's main job: a short compare on digits, then deploy")
+    parser.add_argument("--convs", default=DEFAULT_CONVS, help="kinds to compare (unregistered ones are skipped)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (recipe digits-quick: 6)")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--output", default=None, help="folder for runs and tables (default runs/demo-<time>)")
+    parser.add_argument("--device", default="cpu")
     parser.set_defaults(run=run)
 
 
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
-    images = F.interpolate(images, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    return (images - 0.5) / 0.5, torch.tensor(data.target)
-
-
 def run(args: argparse.Namespace) -> int:
-    import convzoo
+    import torch
 
-    torch.manual_seed(args.seed)
-    images, labels = _digits()
-    train_x, train_y, test_x, test_y = images[:1500], labels[:1500], images[1500:], labels[1500:]
-    model = convzoo.create_model("cifar_resnet20", conv="doconv")
-    report = convzoo.conversion_report(model)
-    print(f"cifar_resnet20 with DO-Conv: {len(report.replaced)} convs replaced, {len(report.skipped)} skipped")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    model.train()
-    for step in range(args.steps):
-        index = torch.randint(0, len(train_x), (64,))
-        loss = F.cross_entropy(model(train_x[index]), train_y[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 20 == 0 or step == args.steps - 1:
-            print(f"step {step:3d}  loss {loss.item():.3f}")
+    import convzoo
+    from convzoo.train.checkpoint import load_checkpoint
+    from convzoo.train.compare import compare, markdown, write_outputs
+    from convzoo.train.engine import load_weights, prepare_data
+    from convzoo.train.config import make_config
+
+    output = args.output or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+    start = time.perf_counter()
+    convs = [c.strip() for c in args.convs.split(",") if c.strip()]
+    overrides = {"device": args.device}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    comparison = compare("cifar_resnet20", convs, data="digits", seeds=args.seeds, recipe="digits-quick",
+                         output=output, **overrides)
+    if not comparison.rows:
+        raise ValueError(f"none of {convs} could be trained")
+    title = "cifar_resnet20 on digits (recipe digits-quick)"
+    paths = write_outputs(comparison, title)
+    print()
+    print(markdown(comparison, title))
+
+    best = max(comparison.rows, key=lambda row: row.top1_mean)
+    run_dir = best.run_dirs[max(range(len(best.top1)), key=best.top1.__getitem__)]
+    checkpoint = load_checkpoint(run_dir / "checkpoint.safetensors")
+    model = convzoo.create_model("cifar_resnet20", conv=best.conv, num_classes=checkpoint.meta["num_classes"])
+    load_weights(model, checkpoint.model, run_dir)
     model.eval()
     deployed = convzoo.deploy(model)
+    config = make_config("digits-quick", device=args.device)
+    data = prepare_data(config)
+    mean = torch.tensor(checkpoint.meta["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(checkpoint.meta["std"]).view(1, -1, 1, 1)
+    images = (data.test.images.float() - mean) / std
     with torch.no_grad():
-        reference, folded = model(test_x), deployed(test_x)
-    accuracy = (folded.argmax(1) == test_y).float().mean().item()
+        reference, folded = model(images), deployed(images)
     error = (reference - folded).abs().max().item()
-    print(f"test accuracy {accuracy:.3f}; deployed vs training form max |diff| = {error:.2e}")
-    params = (convzoo.profile.count_parameters(model), convzoo.profile.count_parameters(deployed))
-    print(f"parameters: training form {params[0]:,}, deployed {params[1]:,}")
+    accuracy = (folded.argmax(1) == data.test.labels).float().mean().item()
+    params = convzoo.profile.count_parameters(model), convzoo.profile.count_parameters(deployed)
+    macs = convzoo.profile.count_macs(model), convzoo.profile.count_macs(deployed)
+    print(f"best: {best.conv} ({best.top1_mean:.2f}% top-1); deployed from {run_dir}")
+    print(f"  parameters {params[0]:,} -> {params[1]:,}; MACs/image {macs[0]:,} -> {macs[1]:,}")
+    print(f"  deployed top-1 {100 * accuracy:.2f}%; max |deployed - trained| over {len(images)} test images = {error:.2e}")
     torch.testing.assert_close(folded, reference, rtol=1e-4, atol=1e-4)
     print("deployed outputs match")
+    print(f"wrote {paths['md']}, {paths['csv']} and {paths['png']}; {time.perf_counter() - start:.0f} s in all")
     return 0

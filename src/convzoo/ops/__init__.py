@@ -1,8 +1,36 @@
 """Operators, one module per paper. Importing this package registers every kind."""
 
-from convzoo.ops import doconv  # noqa: F401  (registers "doconv")
+from convzoo.ops import (
+    cac,  # noqa: F401  (registers "cac")
+    cpwc,  # noqa: F401  (registers "cpwc")
+    dilated,  # noqa: F401  (registers "dds", "pyramid")
+    doconv,  # noqa: F401  (registers "doconv")
+)
+from convzoo.ops.cac import CAConv2d, has_cac_layers
+from convzoo.ops.cac_cost import CACLoss, CACStatistics, cac_statistics
+from convzoo.ops.cac_sparse import CACSparseConv2d
 from convzoo.ops.conv_spec import ConvSpec
+from convzoo.ops.cpwc import CPWCGroupingPlan, CPWConv2d, cpwc_grouping_plan
+from convzoo.ops.dilated import DilatedSeparableConv2d, PyramidDilatedConv2d
 from convzoo.ops.doconv import DOConv2d
 from convzoo.ops.registry import ConvKind, get_conv_kind, list_convs, register_conv
 
-__all__ = ["ConvKind", "ConvSpec", "DOConv2d", "get_conv_kind", "list_convs", "register_conv"]
+__all__ = [
+    "CACLoss",
+    "CACSparseConv2d",
+    "CACStatistics",
+    "CAConv2d",
+    "CPWCGroupingPlan",
+    "CPWConv2d",
+    "ConvKind",
+    "ConvSpec",
+    "DOConv2d",
+    "DilatedSeparableConv2d",
+    "PyramidDilatedConv2d",
+    "cac_statistics",
+    "cpwc_grouping_plan",
+    "get_conv_kind",
+    "has_cac_layers",
+    "list_convs",
+    "register_conv",
+]

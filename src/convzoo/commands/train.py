@@ -1,0 +1,109 @@
+"""``convzoo train``: train one model with a recipe, every recipe value overridable by a flag."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from convzoo.train.config import FIELDS, field_type
+
+# Flags whose help text says more than the field name.
+HELP = {
+    "recipe": "bundled recipe name (see --list-recipes) or a YAML file",
+    "conv": "'standard' or an operator kind (convzoo convs)",
+    "data": "cifar10, cifar100, stl10, imagefolder, imagenet32, digits or fake",
+    "data_dir": "data folder (ImageFolder root with train/ and test/, or torchvision's layout)",
+    "output": "run folder; {model} {conv} {data} {seed} are filled in",
+    "augment": "crop_flip (pad-4 crop + flip), crop, flip or none",
+    "amp": "off, bf16 (CPU or CUDA), fp16 (CUDA, with GradScaler) or auto",
+    "ema": "EMA decay of the weights (0 = off)",
+    "milestones": "epochs at which multistep divides the rate, e.g. 82,123",
+    "checkpoint_every": "also checkpoint every N steps within an epoch (0 = at epoch ends only)",
+    "train_subset": "use only the first N training images of each class (0 = all)",
+    "test_subset": "use only the first N test images of each class (0 = all)",
+    "cac_lambda": "lambda of CAC's cost-aware loss (used when the model has CAC layers)",
+}
+
+
+def _milestones(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"milestones must be comma-separated ints, got {text!r}") from None
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null", "") else int(text)
+
+
+def _float_or_bool(text: str) -> float | bool:
+    return _bool(text) if text.lower() in ("true", "false", "on", "off", "yes", "no") else float(text)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per ``TrainConfig`` field, default None (= keep the recipe's value)."""
+    for name in FIELDS:
+        if name in skip:
+            continue
+        base, optional = field_type(name)
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict[str, Any] = {"default": None, "help": HELP.get(name, name.replace("_", " "))}
+        if name == "ema":
+            kwargs["type"] = _float_or_bool
+        elif base is bool:
+            kwargs.update(nargs="?", const=True, type=_bool, metavar="BOOL")
+        elif base is list:
+            kwargs["type"] = _milestones
+        elif base is int:
+            kwargs["type"] = _optional_int if optional else int
+        elif base is float:
+            kwargs["type"] = float
+        parser.add_argument(flag, dest=name, **kwargs)
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given on the command line."""
+    return {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model (recipes: --list-recipes); runs under torchrun too",
+        description="Train a model. Values come from the defaults, then --recipe, then the flags.",
+    )
+    parser.add_argument("--recipe", default=None, help=HELP["recipe"])
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                        help="continue the run in --output (or the checkpoint/run folder PATH)")
+    parser.add_argument("--list-recipes", action="store_true", help="list bundled recipes and exit")
+    add_config_flags(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from convzoo.train.config import list_recipes, load_recipe, make_config
+    from convzoo.train.engine import TrainingDiverged, train
+
+    if args.list_recipes:
+        for name in list_recipes():
+            print(f"{name:<26} {load_recipe(name).get('description', '')}")
+        return 0
+    config = make_config(args.recipe, **config_overrides(args))
+    try:
+        result = train(config, resume=args.resume)
+    except TrainingDiverged as error:
+        print(f"convzoo train: {error}", file=sys.stderr)
+        return 1
+    if result.final is not None and (result.run_dir / "results.json").exists():
+        print(f"top-1 {result.final.top1:.4f}  top-5 {result.final.top5:.4f}  "
+              f"({result.images_per_second:,.0f} images/s); run folder {result.run_dir}")
+    return 0

@@ -1,0 +1,367 @@
+"""CAC: content-aware convolution (Guo et al.), the training form and its score map.
+
+A CAC layer convolves each *sharp* window with its k×k kernel ``W`` and each *smooth*
+window with the 1×1 kernel ``Σw`` (eq. 6, the kernel summed over its taps) applied to the
+window's centre pixel. Windows are told apart by a score map with one score per output
+position:
+
+1. ``X̄`` = the channel mean of the input (eq. 9), padded with the conv's padding and mode;
+2. ``G`` = the Sobel gradient magnitude of ``X̄`` (eq. 10), evaluated at each window's centre
+   tap with the conv's stride and dilation (so the 3×3 Sobel taps are the window's own centre
+   tap and its neighbouring taps: for a 3×3 kernel exactly the window);
+3. ``M = sigmoid(γ·G + β)`` (eq. 11) with learnable scalars γ, β; a window is sharp iff
+   ``M > 0.5`` (eq. 12), evaluated as ``γ·G + β > 0`` (the same set, without sigmoid rounding).
+
+**Window centre.** The centre of a kernel dimension of size ``k`` is tap ``c = (k - 1) // 2``,
+which is at input offset ``dilation · c`` from the window's first tap. For odd ``k`` this is the
+geometric centre; for even ``k`` the geometric centre falls between two taps and we take the
+earlier one (for dilation 1 that is the pixel ``padding='same'`` aligns the output with). Every
+output position therefore reads a real pixel of its own window (the authors' code crops the
+1×1 output from the top-left, reading a corner pixel and zeroing the top and left borders).
+Where a kernel dimension is shorter than 3 the Sobel taps reach one step past the window; the
+mean map is extended there by replicate padding.
+
+**Training.** The forward pass uses the hard mask ``m = [γG + β > 0]``. Its gradient is the
+straight-through estimator: backward treats ``∂m/∂M = 1``, so ``∂L/∂M = Σ_c ∂L/∂y · (y_kxk - y_1x1)``
+and γ, β receive ``M(1 - M)·G`` and ``M(1 - M)`` times that. The output value is exactly
+``where(m, y_kxk, y_1x1)``: the estimator's term is added as ``(M - M.detach()) · (...)``, which
+is 0.0 in the forward pass. γ starts at 0 and β at 1, so ``γG + β = 1 > 0`` for every window
+(ρ = 1) and a converted model computes exactly what it did before.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from convzoo.ops.conv_spec import ConvSpec, PaddingArg
+from convzoo.ops.registry import needs_spatial_kernel, register_conv
+
+SCORE_MACS_PER_POSITION = 13
+"""Score-map MACs per output position (eq. 16): four 3-tap 1-d convolutions plus the affine map."""
+
+
+def centre_offset(spec: ConvSpec) -> tuple[int, int]:
+    """Offset (rows, cols) of the window centre tap from the window's first tap, in padded input pixels."""
+    return tuple(d * ((k - 1) // 2) for k, d in zip(spec.kernel_size, spec.dilation))  # type: ignore[return-value]
+
+
+def pad_input(spec: ConvSpec, x: Tensor) -> Tensor:
+    """x (B, C, H, W) padded explicitly as ``nn.Conv2d`` pads it (any padding mode): (B, C, H+pt+pb, W+pl+pr)."""
+    pads = spec.explicit_padding
+    if not any(pads):
+        return x
+    if spec.padding_mode == "zeros":
+        return F.pad(x, pads)
+    return F.pad(x, pads, mode=spec.padding_mode)
+
+
+def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor:
+    """Sobel gradient magnitude G (eq. 9-10) of the channel mean, one value per output position.
+
+    Args:
+        spec: the conv's geometry.
+        x: input (B, C, H, W).
+        out_size: (H', W'), the conv's output size for this input.
+
+    Returns:
+        G of shape (B, H', W'), >= 0.
+    """
+    mean = pad_input(spec, x.mean(dim=1, keepdim=True))  # padding commutes with the channel mean
+    margins = []
+    for k, d in zip(spec.kernel_size, spec.dilation):
+        centre = (k - 1) // 2
+        margins.append((d * max(0, 1 - centre), d * max(0, centre + 2 - k)))  # Sobel taps outside the window
+    (top, bottom), (left, right) = margins
+    if top or bottom or left or right:
+        mean = F.pad(mean, (left, right, top, bottom), mode="replicate")
+    ch, cw = centre_offset(spec)
+    (dh, dw), (sh, sw), (out_h, out_w) = spec.dilation, spec.stride, out_size
+    mean = mean[:, 0]
+    # tap[r][c]: Sobel tap (r, c) of every window, (B, H', W'), as strided views (no copies). The Sobel
+    # as shifted differences is a few element-wise ops; a 1-channel conv2d is very slow on CPU.
+    tap = [
+        [mean[:, top + ch + (r - 1) * dh :: sh, left + cw + (c - 1) * dw :: sw][:, :out_h, :out_w] for c in range(3)]
+        for r in range(3)
+    ]
+    grad_x = (tap[0][2] - tap[0][0]) + 2 * (tap[1][2] - tap[1][0]) + (tap[2][2] - tap[2][0])  # [1 2 1]^T ⊗ [-1 0 1]
+    grad_y = (tap[2][0] - tap[0][0]) + 2 * (tap[2][1] - tap[0][1]) + (tap[2][2] - tap[0][2])  # its transpose
+    return torch.sqrt(grad_x * grad_x + grad_y * grad_y)
+
+
+def score_logits(spec: ConvSpec, x: Tensor, gamma: Tensor, beta: Tensor, out_size: tuple[int, int]) -> Tensor:
+    """γ·G + β for every output position, (B, H', W'); a window is sharp iff this is > 0 (i.e. M > 0.5)."""
+    return gamma * gradient_map(spec, x, out_size) + beta
+
+
+def centre_pixels(spec: ConvSpec, padded: Tensor, out_size: tuple[int, int]) -> Tensor:
+    """The window centre pixel of every output position: padded (B, C, Hp, Wp) -> (B, C, H', W') view."""
+    ch, cw = centre_offset(spec)
+    sh, sw = spec.stride
+    return padded[..., ch::sh, cw::sw][..., : out_size[0], : out_size[1]]
+
+
+def summed_kernel(weight: Tensor) -> Tensor:
+    """The 1×1 kernel Σw of eq. (6): (C_out, C_in/g, kh, kw) -> (C_out, C_in/g, 1, 1)."""
+    return weight.sum(dim=(2, 3), keepdim=True)
+
+
+class CACStatsMixin:
+    """What CAC layers (training and inference forms) record about their last call.
+
+    ``last_sharp_count`` (B,) int64: sharp windows per image; ``last_output_size`` (H', W').
+    """
+
+    spec: ConvSpec
+    last_sharp_count: Tensor | None
+    last_output_size: tuple[int, int] | None
+
+    def macs_per_position(self) -> tuple[int, int]:
+        """MACs of one output position through the k×k kernel and through the 1×1 kernel."""
+        k_area = self.spec.kernel_size[0] * self.spec.kernel_size[1]
+        pointwise = self.spec.out_channels * (self.spec.in_channels // self.spec.groups)
+        return pointwise * k_area, pointwise
+
+    def last_rho(self) -> Tensor:
+        """Fraction of sharp windows per image in the last call, (B,) float."""
+        if self.last_sharp_count is None or self.last_output_size is None:
+            raise RuntimeError(f"{type(self).__name__} has not been run yet: call the model on an input first")
+        return self.last_sharp_count.double() / (self.last_output_size[0] * self.last_output_size[1])
+
+    def effective_macs_per_image(self) -> Tensor:
+        """Effective MACs of each image of the last call (eq. 17 in absolute terms), (B,) float64."""
+        rho = self.last_rho()
+        positions = self.last_output_size[0] * self.last_output_size[1]  # type: ignore[index]
+        sharp, smooth = self.macs_per_position()
+        return positions * (rho * sharp + (1 - rho) * smooth + SCORE_MACS_PER_POSITION)
+
+    def convzoo_macs(self, input: Tensor, output: Tensor) -> int:
+        """Effective MACs of the call that produced ``output`` (whole batch), for ``convzoo.profile``."""
+        return round(float(self.effective_macs_per_image().sum()))
+
+
+class _Transient:
+    """Holds a per-call tensor that may carry an autograd graph; copies and pickles as empty.
+
+    (``copy.deepcopy`` of a module refuses non-leaf tensors, and ``deploy()`` deep-copies.)
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+
+    def __deepcopy__(self, memo: dict) -> _Transient:
+        return _Transient()
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return _Transient, ()
+
+
+def _check_real(value: object, name: str) -> float:
+    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(float(value)):
+        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+@register_conv(
+    "cac",
+    description="CAC: content-aware k x k conv, 1x1 summed kernel on smooth windows; deploys to a sparse path",
+    skip_reason=needs_spatial_kernel,
+)
+class CAConv2d(CACStatsMixin, nn.Module):
+    """Content-aware convolution with ``nn.Conv2d``'s interface (any groups, padding mode, stride, dilation).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, device, dtype: as ``nn.Conv2d``; the kernel must be larger than 1×1.
+        gamma_init: keyword-only initial γ (default 0).
+        beta_init: keyword-only initial β (default 1). With γ >= 0 and β > 0 every window
+            starts sharp (ρ = 1) and the layer computes exactly ``nn.Conv2d``.
+        sparse_threshold: keyword-only; the inference form (``fuse()``) runs the sparse path
+            when the fraction of sharp windows in a batch is at most this, else the dense one.
+
+    Shapes:
+        input (B, C_in, H, W) -> output (B, C_out, H', W') exactly as ``nn.Conv2d``.
+
+    After each forward pass the layer holds ``last_mask`` (B, H', W') bool, ``last_sharp_count``
+    (B,) and, in training, ``last_rho_ste`` (B,): ρ per image whose gradient is the
+    straight-through one (``CACLoss`` reads it).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: PaddingArg = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        gamma_init: float = 0.0,
+        beta_init: float = 1.0,
+        sparse_threshold: float | None = None,
+    ) -> None:
+        super().__init__()
+        spec = ConvSpec.create(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode
+        )
+        if spec.is_pointwise:
+            raise ValueError(
+                f"kernel_size must be larger than 1x1 for CAC, got {kernel_size!r} "
+                "(a 1x1 conv has no window to tell smooth from sharp)"
+            )
+        from convzoo.ops.cac_sparse import DEFAULT_SPARSE_THRESHOLD, check_threshold
+
+        self.spec = spec
+        self.gamma_init = _check_real(gamma_init, "gamma_init")
+        self.beta_init = _check_real(beta_init, "beta_init")
+        self.sparse_threshold = check_threshold(
+            DEFAULT_SPARSE_THRESHOLD if sparse_threshold is None else sparse_threshold
+        )
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *spec.kernel_size, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.gamma = nn.Parameter(torch.empty((), **factory))
+        self.beta = nn.Parameter(torch.empty((), **factory))
+        self.last_mask: Tensor | None = None
+        self.last_sharp_count: Tensor | None = None
+        self.last_output_size: tuple[int, int] | None = None
+        self._ste = _Transient()
+        self.reset_parameters()
+
+    # nn.Conv2d-compatible attributes ------------------------------------------------
+    in_channels = property(lambda self: self.spec.in_channels)
+    out_channels = property(lambda self: self.spec.out_channels)
+    kernel_size = property(lambda self: self.spec.kernel_size)
+    stride = property(lambda self: self.spec.stride)
+    padding = property(lambda self: self.spec.padding)
+    dilation = property(lambda self: self.spec.dilation)
+    groups = property(lambda self: self.spec.groups)
+    padding_mode = property(lambda self: self.spec.padding_mode)
+
+    def reset_parameters(self) -> None:
+        """W and bias as ``nn.Conv2d`` initialises them; γ, β from ``gamma_init`` / ``beta_init``."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+        with torch.no_grad():
+            self.gamma.fill_(self.gamma_init)
+            self.beta.fill_(self.beta_init)
+
+    # score map -------------------------------------------------------------------------
+    def score_logits(self, x: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
+        """γ·G + β for every output position, (B, H', W'); the window is sharp iff > 0 (M > 0.5)."""
+        if out_size is None:
+            out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
+        return score_logits(self.spec, x, self.gamma, self.beta, out_size)
+
+    def score_map(self, x: Tensor) -> Tensor:
+        """The score map M = sigmoid(γG + β) of eq. (11), (B, H', W')."""
+        return torch.sigmoid(self.score_logits(x))
+
+    def sharp_mask(self, x: Tensor) -> Tensor:
+        """The sharp-window mask of eq. (12), (B, H', W') bool."""
+        return self.score_logits(x) > 0
+
+    # forward -----------------------------------------------------------------------------
+    def _record(self, mask: Tensor, out_size: tuple[int, int]) -> None:
+        self.last_mask = mask.detach()
+        self.last_sharp_count = mask.detach().flatten(1).sum(1)
+        self.last_output_size = out_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, C_in, H, W) -> (B, C_out, H', W'): k×k conv on sharp windows, Σw on smooth centres."""
+        if x.dim() != 4:
+            raise ValueError(f"CAConv2d expects a 4-D input (B, C, H, W), got shape {tuple(x.shape)}")
+        out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
+        logits = self.score_logits(x, out_size)
+        mask = logits > 0
+        self._record(mask, out_size)
+        padded = pad_input(self.spec, x)
+        sharp = F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        centres = centre_pixels(self.spec, padded, out_size)
+        smooth = F.conv2d(centres, summed_kernel(self.weight), self.bias, 1, 0, 1, self.groups)
+        out = torch.where(mask.unsqueeze(1), sharp, smooth)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            soft = torch.sigmoid(logits)
+            straight = soft - soft.detach()  # 0.0 in value; d/dM = 1 (straight-through)
+            out = out + straight.unsqueeze(1) * (sharp - smooth).detach()
+            self._ste.value = mask.flatten(1).to(soft.dtype).mean(1) + straight.flatten(1).mean(1)
+        else:
+            self._ste.value = None
+        return out
+
+    @property
+    def last_rho_ste(self) -> Tensor | None:
+        """ρ per image of the last training call, (B,): the hard value with the straight-through gradient."""
+        return self._ste.value
+
+    # conversion ----------------------------------------------------------------------
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        *,
+        gamma_init: float = 0.0,
+        beta_init: float = 1.0,
+        sparse_threshold: float | None = None,
+    ) -> CAConv2d:
+        """A CAConv2d holding ``conv``'s weights; with the default init it computes exactly ``conv``."""
+        spec = ConvSpec.from_conv(conv)
+        module = cls(
+            **spec.conv_kwargs(),
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            gamma_init=gamma_init,
+            beta_init=beta_init,
+            sparse_threshold=sparse_threshold,
+        )
+        with torch.no_grad():
+            module.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                module.bias.copy_(conv.bias)
+        module.weight.requires_grad_(conv.weight.requires_grad)
+        return module
+
+    def fuse(self) -> nn.Module:
+        """The inference form: a :class:`~convzoo.ops.cac_sparse.CACSparseConv2d` with these weights."""
+        from convzoo.ops.cac_sparse import CACSparseConv2d
+
+        return CACSparseConv2d.from_cac(self)
+
+    def extra_repr(self) -> str:
+        s = self.spec.describe()
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s + f", bias={self.bias is not None}"
+
+
+def cac_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every CAC layer (training or inference form) in ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, CACStatsMixin)]
+
+
+def has_cac_layers(model: nn.Module) -> bool:
+    """Whether ``model`` contains a CAC layer (training or inference form)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return any(isinstance(m, CACStatsMixin) for m in model.modules())

@@ -1,0 +1,261 @@
+"""CAC's computational cost (§5.1, eq. 17), the cost-aware loss (eq. 13) and per-layer / per-image statistics.
+
+Per CAC layer and image, with ρ the fraction of sharp windows and n the number of output positions::
+
+    c = n · (ρ · MACs_kxk + (1 - ρ) · MACs_1x1 + 13)       # eq. 17; 13 = score map, eq. 16
+
+where ``MACs_kxk = C_out · C_in/g · k_h · k_w`` and ``MACs_1x1 = C_out · C_in/g`` per position. The
+model cost ``c(M)`` adds the MACs of every other ``nn.Conv2d`` and ``nn.Linear`` (fixed), and the
+baseline ``c(M_b)`` is the same model with standard convs (ρ = 1, no score map), so
+``c(M) / c(M_b)`` is the model-level MAC ratio the paper reports. During training ρ carries the
+straight-through gradient (its value is the hard ρ, its gradient that of the mean of M).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from convzoo.ops.cac import SCORE_MACS_PER_POSITION, CAConv2d, CACStatsMixin, cac_layers, gradient_map
+
+
+def layer_cost(layer: CACStatsMixin) -> Tensor:
+    """Differentiable cost (MACs per image, batch mean) of a CAC layer's most recent call, eq. (17)."""
+    rho_ste = getattr(layer, "last_rho_ste", None)
+    rho = rho_ste.mean() if rho_ste is not None else layer.last_rho().mean()
+    positions = layer.last_output_size[0] * layer.last_output_size[1]  # type: ignore[index]
+    sharp, smooth = layer.macs_per_position()
+    return positions * (rho * sharp + (1 - rho) * smooth + SCORE_MACS_PER_POSITION)
+
+
+def baseline_layer_cost(layer: CACStatsMixin) -> int:
+    """MACs per image of the standard conv at the layer's most recent output size."""
+    layer.last_rho()  # raises if the layer has not run
+    positions = layer.last_output_size[0] * layer.last_output_size[1]  # type: ignore[index]
+    return positions * layer.macs_per_position()[0]
+
+
+class PlainMacs:
+    """Records the MACs per image of every ``nn.Conv2d`` / ``nn.Linear`` call in a model (forward hooks).
+
+    ``total`` is the sum over those modules of their most recent call. Use as a context manager
+    or call ``remove()``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._macs: dict[int, float] = {}
+        self._handles: list[RemovableHandle] = [
+            module.register_forward_hook(self._hook)
+            for module in model.modules()
+            if isinstance(module, nn.Conv2d | nn.Linear)
+        ]
+
+    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+        batch = output.shape[0] if output.dim() > 1 else 1
+        if isinstance(module, nn.Conv2d):
+            per_output = (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            per_output = module.in_features
+        self._macs[id(module)] = output.numel() * per_output / batch
+
+    @property
+    def total(self) -> float:
+        return float(sum(self._macs.values()))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> PlainMacs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _check_model(model: object) -> list[tuple[str, nn.Module]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = cac_layers(model)
+    if not layers:
+        raise ValueError(
+            f"model {type(model).__name__} has no CAC layer; convert it with convzoo.convert(model, 'cac')"
+        )
+    return layers
+
+
+class CACLoss(nn.Module):
+    """The cost-aware objective of eq. (13): ``L = ℓ · (c(M) / c(M_b))^λ``.
+
+    Args:
+        model: a model with CAC layers; the cost is read from the masks of its most recent forward.
+        lam: λ >= 0 (0.3 in the paper); λ = 0 gives back ℓ.
+
+    ``forward(task_loss)`` takes the scalar task loss ℓ and returns L; ``last_ratio`` holds the
+    detached ``c(M) / c(M_b)`` of the latest call. Call ``remove()`` to detach its hooks from ``model``.
+    """
+
+    def __init__(self, model: nn.Module, lam: float = 0.3) -> None:
+        super().__init__()
+        self._layers = [layer for _, layer in _check_model(model)]
+        if not isinstance(lam, Real) or isinstance(lam, bool) or not float(lam) >= 0:
+            raise ValueError(f"lam must be a real number >= 0, got {lam!r}")
+        self.lam = float(lam)
+        self._plain = PlainMacs(model)
+        self.last_ratio: float | None = None
+
+    def cost_ratio(self) -> Tensor:
+        """c(M) / c(M_b) of the model's most recent forward, differentiable w.r.t. every γ and β."""
+        cost = sum(layer_cost(layer) for layer in self._layers) + self._plain.total
+        baseline = sum(baseline_layer_cost(layer) for layer in self._layers) + self._plain.total
+        return cost / baseline
+
+    def forward(self, task_loss: Tensor) -> Tensor:
+        """task_loss: scalar ℓ -> scalar ℓ · (c(M)/c(M_b))^λ."""
+        if not isinstance(task_loss, Tensor):
+            raise TypeError(f"task_loss must be a Tensor, got {type(task_loss).__name__}")
+        ratio = self.cost_ratio()
+        self.last_ratio = float(ratio.detach())
+        if self.lam == 0:
+            return task_loss
+        return task_loss * ratio.to(task_loss.dtype) ** self.lam
+
+    def remove(self) -> None:
+        """Remove the forward hooks this loss put on the model."""
+        self._plain.remove()
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}, layers={len(self._layers)}"
+
+
+@dataclass
+class CACStatistics:
+    """Per-layer ρ averaged over a data set and per-image effective MACs of the whole model.
+
+    Attributes:
+        rho: layer name -> mean over images of the fraction of sharp windows.
+        image_macs: (N,) float64, effective MACs of each image (CAC layers by eq. 17 + other convs/linears).
+        baseline_macs: MACs per image of the same model with standard convs.
+    """
+
+    rho: dict[str, float]
+    image_macs: Tensor
+    baseline_macs: float
+
+    @property
+    def mean_ratio(self) -> float:
+        """Mean effective MACs relative to the standard-conv model."""
+        return float(self.image_macs.mean()) / self.baseline_macs
+
+    def table(self) -> str:
+        """A plain-text summary: ρ per layer, then per-image MACs (mean, min, max)."""
+        width = max(len(name) for name in self.rho)
+        lines = [f"{'layer':<{width}}  rho"]
+        lines += [f"{name:<{width}}  {rho:.3f}" for name, rho in self.rho.items()]
+        macs = self.image_macs
+        lines.append(
+            f"effective MACs/image: mean {float(macs.mean()) / 1e6:.2f}M, min {float(macs.min()) / 1e6:.2f}M, "
+            f"max {float(macs.max()) / 1e6:.2f}M; standard convs {self.baseline_macs / 1e6:.2f}M "
+            f"({100 * (1 - self.mean_ratio):.1f}% fewer)"
+        )
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def cac_statistics(
+    model: nn.Module, data: Iterable[Any], *, max_batches: int | None = None, device: torch.device | str | None = None
+) -> CACStatistics:
+    """Run ``model`` in eval mode over ``data`` and collect CAC statistics.
+
+    Args:
+        model: a model with CAC layers (training or deployed form).
+        data: an iterable of batches, each an input tensor (B, C, H, W) or a tuple/list whose first
+            element is one (as a DataLoader yields).
+        max_batches: stop after this many batches.
+        device: move inputs there (default: the device of the model's first parameter).
+    """
+    layers = _check_model(model)
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    if device is None:
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else None
+    rho_sums = dict.fromkeys((name for name, _ in layers), 0.0)
+    image_macs: list[Tensor] = []
+    baseline = 0.0
+    training = model.training
+    model.eval()
+    try:
+        with PlainMacs(model) as plain:
+            for index, batch in enumerate(data):
+                if max_batches is not None and index >= max_batches:
+                    break
+                inputs = batch[0] if isinstance(batch, tuple | list) else batch
+                if not isinstance(inputs, Tensor):
+                    raise TypeError(f"each batch must be a Tensor or a tuple/list starting with one, got {type(batch)}")
+                model(inputs.to(device) if device is not None else inputs)
+                macs = torch.full((inputs.shape[0],), plain.total, dtype=torch.float64)
+                baseline = plain.total
+                for name, layer in layers:
+                    rho_sums[name] += float(layer.last_rho().sum())
+                    macs += layer.effective_macs_per_image().cpu()
+                    baseline += baseline_layer_cost(layer)
+                image_macs.append(macs)
+    finally:
+        model.train(training)
+    if not image_macs:
+        raise ValueError("data yielded no batch")
+    all_macs = torch.cat(image_macs)
+    return CACStatistics({name: total / len(all_macs) for name, total in rho_sums.items()}, all_macs, baseline)
+
+
+@torch.no_grad()
+def calibrate_sharp_ratio_(model: nn.Module, inputs: Tensor, rho: float | Sequence[float]) -> dict[str, float]:
+    """Set γ = 1 and β per CAC layer so that a fraction ``rho`` of the windows of ``inputs`` is sharp, in place.
+
+    Layers are calibrated in module order, each on the inputs it receives once the layers before it
+    are calibrated (a window is sharp iff G > the layer's (1 - ρ)-quantile of G). Useful to start
+    fine-tuning a converted model at a given budget, or to benchmark a range of ρ.
+
+    Args:
+        model: a model with CAC layers in training form.
+        inputs: a batch (B, C, H, W) to calibrate on.
+        rho: one target ratio in [0, 1] for every layer, or one per layer in module order.
+
+    Returns:
+        layer name -> ρ achieved on ``inputs`` (ties in G can make it differ slightly from the target).
+    """
+    layers = [(name, layer) for name, layer in _check_model(model) if isinstance(layer, CAConv2d)]
+    targets = [rho] * len(layers) if isinstance(rho, Real) else list(rho)
+    if len(targets) != len(layers) or not all(isinstance(r, Real) and 0.0 <= float(r) <= 1.0 for r in targets):
+        raise ValueError(f"rho must be a ratio in [0, 1] or {len(layers)} of them (one per CAC layer), got {rho!r}")
+    training = model.training
+    model.eval()
+    captured: dict[str, Tensor] = {}
+    try:
+        for (_, layer), target in zip(layers, targets):
+            handle = layer.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0]))
+            try:
+                model(inputs)
+            finally:
+                handle.remove()
+            x = captured.pop("x")
+            grad = gradient_map(layer.spec, x, layer.spec.output_size(x.shape[-2], x.shape[-1]))
+            layer.gamma.fill_(1.0)
+            if target >= 1.0:
+                layer.beta.fill_(1.0)
+            elif target <= 0.0:
+                layer.beta.fill_(-float(grad.max()) - 1.0)
+            else:
+                layer.beta.fill_(-float(torch.quantile(grad.flatten().double(), 1.0 - float(target))))
+        model(inputs)
+        return {name: float(layer.last_rho().mean()) for name, layer in layers}
+    finally:
+        model.train(training)

@@ -1,0 +1,214 @@
+"""Train one model with several operators over several seeds and tabulate them like the papers do.
+
+Runs live in ``<output>/<conv>-s<seed>/``; a finished run is reused and an interrupted one
+resumed, so a long comparison can be stopped and started again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from convzoo.train.checkpoint import load_checkpoint
+from convzoo.train.config import TrainConfig, make_config
+from convzoo.train.engine import CHECKPOINT_NAME, build_model, prepare_data, train
+
+
+@dataclass
+class CompareRow:
+    """One operator's results over its seeds. Accuracies in percent."""
+
+    conv: str
+    params: int
+    macs: int
+    deployed_macs: int
+    train_seconds: list[float] = field(default_factory=list)
+    top1: list[float] = field(default_factory=list)
+    top5: list[float] = field(default_factory=list)
+    images_per_s: list[float] = field(default_factory=list)
+    run_dirs: list[Path] = field(default_factory=list)
+
+    @property
+    def top1_mean(self) -> float:
+        return statistics.fmean(self.top1)
+
+    @property
+    def top1_std(self) -> float:
+        return statistics.stdev(self.top1) if len(self.top1) > 1 else 0.0
+
+
+@dataclass
+class Comparison:
+    rows: list[CompareRow]
+    skipped: list[tuple[str, str]]
+    output: Path
+
+
+def available(conv: str) -> str | None:
+    """None when ``conv`` can be used, else why not (e.g. a kind another helper has not registered yet)."""
+    from convzoo.ops import list_convs
+
+    if conv == "standard" or conv in list_convs():
+        return None
+    return f"conv kind {conv!r} is not registered (registered: standard, {', '.join(list_convs())})"
+
+
+def _finished(run_dir: Path, epochs: int) -> dict[str, Any] | None:
+    results, checkpoint = run_dir / "results.json", run_dir / CHECKPOINT_NAME
+    if results.is_file() and checkpoint.is_file() and load_checkpoint(checkpoint).meta.get("epoch", 0) >= epochs:
+        return json.loads(results.read_text())
+    return None
+
+
+def compare(
+    model: str,
+    convs: Sequence[str],
+    *,
+    data: str = "digits",
+    seeds: int = 1,
+    recipe: str | None = None,
+    output: str | Path = "runs/compare",
+    log: Callable[[str], None] = print,
+    **overrides: Any,
+) -> Comparison:
+    """Train ``model`` with each of ``convs`` for ``seeds`` seeds (0..seeds-1) and collect the results.
+
+    ``overrides`` are ``TrainConfig`` fields (epochs, batch_size, lr, ...). A kind that is not
+    registered or does not fit the model is skipped with a note, not an error.
+    """
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if not convs:
+        raise ValueError("convs must name at least one conv kind, e.g. standard,doconv")
+    output = Path(output)
+    base = make_config(recipe, **{"progress": False, **overrides, "model": model, "data": data})
+    bundle = prepare_data(base)
+    shape = bundle.train.image_shape
+    rows: list[CompareRow] = []
+    skipped: list[tuple[str, str]] = []
+    for conv in convs:
+        reason = available(conv)
+        network: nn.Module | None = None
+        if reason is None:
+            try:
+                network = build_model(_with(base, conv=conv), bundle.num_classes)
+            except (ValueError, TypeError) as error:
+                reason = str(error)
+        if reason is not None or network is None:
+            log(f"note: skipping {conv}: {reason}")
+            skipped.append((conv, str(reason)))
+            continue
+        row = CompareRow(conv, sum(p.numel() for p in network.parameters()), *_macs(network, shape))
+        for seed in range(seeds):
+            run_dir = output / f"{conv}-s{seed}"
+            config = _with(base, conv=conv, seed=seed, output=str(run_dir))
+            summary = _finished(run_dir, config.epochs)
+            if summary is None:
+                resume = "auto" if (run_dir / CHECKPOINT_NAME).is_file() else None
+                log(f"training {model} conv={conv} seed={seed} ({config.epochs} epochs) -> {run_dir}")
+                train(config, resume=resume, data=bundle)
+                summary = json.loads((run_dir / "results.json").read_text())
+            else:
+                log(f"reusing finished run {run_dir}")
+            row.top1.append(100 * summary["top1"])
+            row.top5.append(100 * summary["top5"])
+            row.train_seconds.append(summary["train_seconds"])
+            row.images_per_s.append(summary["images_per_s"])
+            row.run_dirs.append(run_dir)
+            log(f"  {conv} seed {seed}: top-1 {row.top1[-1]:.2f}%")
+        rows.append(row)
+    return Comparison(rows, skipped, output)
+
+
+def _macs(network: nn.Module, shape: tuple[int, int, int]) -> tuple[int, int]:
+    """MACs per image of the training form (eval mode) and of its ``convzoo.deploy`` form."""
+    import warnings
+
+    from convzoo.convert import deploy
+    from convzoo.profile import count_macs
+
+    macs = count_macs(network, shape)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            deployed = count_macs(deploy(network), shape)
+    except Exception:  # an operator without a deploy form still gets its training-form count
+        deployed = macs
+    return macs, deployed
+
+
+def _with(config: TrainConfig, **changes: Any) -> TrainConfig:
+    return TrainConfig(**{**config.to_dict(), **changes})
+
+
+HEADER = ("conv", "params", "MACs (M)", "deployed MACs (M)", "train time (s)", "images/s", "top-1 (%)", "Δ top-1 vs standard")
+
+
+def table_rows(comparison: Comparison) -> list[list[str]]:
+    """Rows of the paper-style table: top-1 as mean ± std over seeds, Δ against the standard conv."""
+    reference = next((r.top1_mean for r in comparison.rows if r.conv == "standard"), None)
+    rows = []
+    for row in comparison.rows:
+        delta = "" if reference is None or row.conv == "standard" else f"{row.top1_mean - reference:+.2f}"
+        rows.append([
+            row.conv,
+            f"{row.params:,}",
+            f"{row.macs / 1e6:.2f}",
+            f"{row.deployed_macs / 1e6:.2f}",
+            f"{statistics.fmean(row.train_seconds):.1f}",
+            f"{statistics.fmean(row.images_per_s):,.0f}",
+            f"{row.top1_mean:.2f} ± {row.top1_std:.2f}",
+            delta,
+        ])
+    return rows
+
+
+def markdown(comparison: Comparison, title: str) -> str:
+    lines = [f"## {title}", "", "| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(comparison)]
+    seeds = max((len(r.top1) for r in comparison.rows), default=0)
+    lines += ["", f"top-1: mean ± std over {seeds} seed(s), final epoch; MACs per image, eval mode."]
+    lines += [f"Skipped {conv}: {reason}" for conv, reason in comparison.skipped]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(comparison: Comparison, title: str) -> dict[str, Path]:
+    """``compare.md``, ``compare.csv`` and ``compare.png`` (top-1 against MACs) in the output folder."""
+    out = comparison.output
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "compare.md", "csv": out / "compare.csv", "png": out / "compare.png"}
+    paths["md"].write_text(markdown(comparison, title))
+    with paths["csv"].open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["conv", "params", "macs", "deployed_macs", "train_seconds_mean", "images_per_s_mean", "top1_mean",
+                         "top1_std", "seeds", "top1_per_seed"])
+        for row in comparison.rows:
+            writer.writerow([row.conv, row.params, row.macs, row.deployed_macs, statistics.fmean(row.train_seconds),
+                             statistics.fmean(row.images_per_s), row.top1_mean, row.top1_std, len(row.top1),
+                             " ".join(f"{v:.2f}" for v in row.top1)])
+    plot_accuracy_vs_macs(comparison, paths["png"], title)
+    return paths
+
+
+def plot_accuracy_vs_macs(comparison: Comparison, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    for row in comparison.rows:
+        axis.errorbar(row.macs / 1e6, row.top1_mean, yerr=row.top1_std, fmt="o", capsize=3)
+        axis.annotate(row.conv, (row.macs / 1e6, row.top1_mean), textcoords="offset points", xytext=(5, 5))
+    axis.set(xlabel="MACs per image (M)", ylabel="top-1 accuracy (%)", title=title)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

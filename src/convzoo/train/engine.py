@@ -1,0 +1,421 @@
+"""The training loop: data -> model -> optimizer/schedule -> epochs -> checkpoints and logs.
+
+One ``Trainer`` runs the same way on one process or under ``torchrun`` (DDP with
+``DistributedSampler`` order; rank 0 alone logs and writes). Every input is checked
+(data, model, checkpoint compatibility) before anything is written, so bad input
+overwrites nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from convzoo.data import BatchAugment, ImageSet, TensorLoader, load_imageset
+from convzoo.train import distributed
+from convzoo.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from convzoo.train.config import TrainConfig
+from convzoo.train.logger import RunLogger
+from convzoo.train.metrics import EvalResult, evaluate
+from convzoo.train.optim import LRSchedule, build_optimizer
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+CHECK_EVERY = 10  # steps between finiteness checks of the running loss (each one syncs the device)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class DataBundle:
+    """Train and test images with the normalization statistics of the training images (0..255 units)."""
+
+    train: ImageSet
+    test: ImageSet
+    mean: list[float]
+    std: list[float]
+    num_classes: int
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. Accuracies are fractions; ``model`` is the trained (unwrapped) model, eval mode."""
+
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    final: EvalResult | None
+    train_seconds: float
+    images_per_second: float
+    checkpoint: Path
+    model: nn.Module
+    params: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_data(config: TrainConfig) -> DataBundle:
+    """Load both splits into memory (cached decode) and compute the training pixel statistics."""
+    options = {
+        "data_dir": config.data_dir,
+        "image_size": config.image_size,
+        "download": config.download,
+        "cache_dir": config.cache_dir,
+        "num_classes": config.num_classes,
+    }
+    train = load_imageset(config.data, "train", **options)
+    test = load_imageset(config.data, "test", **options)
+    if config.train_subset:
+        train = train.subset(config.train_subset)
+    if config.test_subset:
+        test = test.subset(config.test_subset)
+    num_classes = config.num_classes or train.num_classes
+    if train.num_classes > num_classes:
+        raise ValueError(f"num_classes={num_classes} but data {config.data!r} has {train.num_classes} classes")
+    mean, std = train.channel_stats()
+    return DataBundle(train, test, mean, std, num_classes)
+
+
+def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    """``create_model(config.model, conv=config.conv, num_classes=...)``."""
+    from convzoo.models import create_model
+
+    return create_model(config.model, conv=config.conv, num_classes=num_classes)
+
+
+def cost_aware_loss(model: nn.Module, lam: float) -> nn.Module | None:
+    """CAC's ``CACLoss(model, lam)`` when the model has CAC layers (None when not, or CAC is not installed)."""
+    try:
+        from convzoo.ops import cac
+    except ImportError:
+        return None
+    if not cac.has_cac_layers(model):
+        return None
+    return cac.CACLoss(model, lam=lam)
+
+
+def check_compatible(meta: dict[str, Any], config: TrainConfig, num_classes: int, path: Path) -> None:
+    """Refuse a checkpoint written for another model, operator or classifier size."""
+    expected = {"model": config.model, "conv": config.conv, "num_classes": num_classes}
+    for key, value in expected.items():
+        if key in meta and meta[key] != value:
+            raise ValueError(f"checkpoint {path} is for {key}={meta[key]!r}, not {key}={value!r}")
+
+
+def load_weights(model: nn.Module, weights: dict[str, Tensor], path: Path) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{label} {names[:3]}{'...' if len(names) > 3 else ''}" for label, names in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
+        raise ValueError(f"checkpoint {path} does not fit this model: {'; '.join(parts)}")
+    model.load_state_dict(weights)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """None (off), bf16 on CPU, fp16 or bf16 on CUDA (``auto``: bf16 on CPU, fp16 on CUDA)."""
+    if amp == "off":
+        return None
+    if amp == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"amp='fp16' needs a CUDA device, got {device}; use amp='bf16' on CPU")
+    return torch.float16 if amp == "fp16" else torch.bfloat16
+
+
+class Trainer:
+    """Train ``config`` (optionally continuing ``resume``: a checkpoint file or run folder, or ``"auto"``).
+
+    Args:
+        config: the resolved run settings.
+        resume: None (fresh run; refuses an output folder that already holds a checkpoint),
+            ``"auto"`` (the output folder's checkpoint) or a path.
+        data: already loaded data (``compare`` shares one load across runs); loaded when None.
+    """
+
+    def __init__(self, config: TrainConfig, *, resume: str | None = None, data: DataBundle | None = None) -> None:
+        self.config = config
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        self.dist = distributed.setup(config.device)
+        self.device = self.dist.device
+        self.run_dir = config.output_dir()
+        self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
+        self.data = data or prepare_data(config)
+        torch.manual_seed(config.seed)
+        self.core = build_model(config, self.data.num_classes)
+        self.resume_from = self._find_resume(resume)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.core.to(self.device, memory_format=self.memory_format)
+        if config.sync_bn and self.dist.distributed and self.device.type == "cpu":
+            raise ValueError("sync_bn needs CUDA devices (torch's SyncBatchNorm is GPU-only); leave it off on CPU")
+        if config.sync_bn and self.dist.distributed:
+            self.core = nn.SyncBatchNorm.convert_sync_batchnorm(self.core)
+        self.amp_dtype = autocast_dtype(config.amp, self.device)
+        self._build_loaders()
+        self.optimizer = build_optimizer(self.core, config)
+        self.schedule = LRSchedule(self.optimizer, config, len(self.train_loader))
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.ema = None
+        if config.ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.core, decay=config.ema)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.cac_loss = cost_aware_loss(self.core, config.cac_lambda)
+        self.start_epoch, self.start_step = 0, 0
+        self.running = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count of the current epoch
+        if self.resume_from is not None:
+            self._load_state(self.resume_from)
+        if self.resume_from is None:  # training randomness (dropout, shake-shake) differs per rank
+            torch.manual_seed(config.seed * 1000 + 1 + self.dist.rank)
+        self.model: nn.Module = self.core
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.core, device_ids=ids)
+        if config.compile:
+            self.model = torch.compile(self.model)
+
+    # ------------------------------------------------------------ set-up
+    def _find_resume(self, resume: str | None) -> Path | None:
+        if resume is None:
+            if self.checkpoint_path.exists():
+                raise ValueError(
+                    f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --output"
+                )
+            return None
+        path = self.checkpoint_path if resume == "auto" else Path(resume)
+        if path.is_dir():
+            path = path / CHECKPOINT_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume at {path}")
+        return path
+
+    def _build_loaders(self) -> None:
+        config, data = self.config, self.data
+        world = self.dist.world_size
+        if config.batch_size % world:
+            raise ValueError(f"batch_size {config.batch_size} (global) must be divisible by {world} processes")
+        per_rank = config.batch_size // world
+        if len(data.train) < config.batch_size:
+            raise ValueError(f"batch_size {config.batch_size} exceeds the {len(data.train)} training images")
+        common = {"device": self.device, "memory_format": self.memory_format}
+        train_augment = BatchAugment(data.mean, data.std, config.augment)
+        self.train_loader = TensorLoader(
+            data.train, per_rank, train_augment, shuffle=True, drop_last=True, seed=config.seed,
+            rank=self.dist.rank, world_size=world, **common,
+        )
+        test_augment = BatchAugment(data.mean, data.std, "none")
+        self.test_loader = TensorLoader(data.test, 256, test_augment, shuffle=False, drop_last=False, **common)
+
+    def _meta(self, epoch: int, step: int, row: dict[str, Any] | None) -> dict[str, Any]:
+        config, data = self.config, self.data
+        return {
+            "model": config.model,
+            "conv": config.conv,
+            "data": config.data,
+            "num_classes": data.num_classes,
+            "classes": data.train.classes,
+            "image_shape": list(data.train.image_shape),
+            "mean": data.mean,
+            "std": data.std,
+            "config": config.to_dict(),
+            "epoch": epoch,
+            "step": step,
+            "world_size": self.dist.world_size,
+            "metrics": row or {},
+        }
+
+    def _save(self, epoch: int, step: int, row: dict[str, Any] | None = None) -> None:
+        if not self.dist.is_main:
+            return
+        state: dict[str, Any] = {
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "running": self.running.clone(),
+            "rng_cpu": torch.get_rng_state(),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        ema = self.ema.module.state_dict() if self.ema is not None else None
+        checkpoint = Checkpoint(self.core.state_dict(), self._meta(epoch, step, row), ema, state)
+        save_checkpoint(self.checkpoint_path, checkpoint)
+
+    def _load_state(self, path: Path) -> None:
+        checkpoint = load_checkpoint(path)
+        if not checkpoint.meta:
+            raise ValueError(f"{path} holds weights only, not a training checkpoint to resume")
+        check_compatible(checkpoint.meta, self.config, self.data.num_classes, path)
+        load_weights(self.core, checkpoint.model, path)
+        if self.ema is not None and checkpoint.ema is not None:
+            self.ema.module.load_state_dict(checkpoint.ema)
+        state = checkpoint.state
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state.get("schedule", {}))
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.start_step = int(checkpoint.meta["epoch"]), int(checkpoint.meta["step"])
+        if self.start_step >= len(self.train_loader):
+            self.start_epoch, self.start_step = self.start_epoch + 1, 0
+        if self.start_step:
+            self.running = state["running"].to(torch.float64)
+        if self.dist.is_main:
+            torch.set_rng_state(state["rng_cpu"])
+            if "rng_cuda" in state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        else:
+            torch.manual_seed(self.config.seed * 1000 + 1 + self.dist.rank + self.start_epoch)
+
+    # ------------------------------------------------------------ loop
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _train_step(self, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        with self._autocast():
+            logits = self.model(inputs)
+            loss = self.criterion(logits, labels)
+            if self.cac_loss is not None:
+                loss = self.cac_loss(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach(), (logits.detach().argmax(1) == labels).sum()
+
+    def _check_finite(self, loss_sum: Tensor, epoch: int, step: int) -> float:
+        total = distributed.all_reduce_sum(loss_sum.detach().double().reshape(1)).item()
+        if not math.isfinite(total):
+            kept = f"the last good checkpoint {self.checkpoint_path} is kept" if self.checkpoint_path.exists() else (
+                "no checkpoint was written yet")
+            raise TrainingDiverged(
+                f"loss became {total} in epoch {epoch + 1} near step {step + 1}; stopping ({kept}). "
+                "Try a lower --lr, more --warmup-epochs or --amp off."
+            )
+        return total
+
+    def _train_epoch(self, epoch: int, start_step: int) -> float:
+        loader = self.train_loader
+        loader.set_epoch(epoch, start_step)
+        self.model.train()
+        steps = len(loader)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
+        progress = None
+        if self.dist.is_main and self.config.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{self.config.epochs}",
+                            leave=False, dynamic_ncols=True)
+        start = time.perf_counter()
+        for step, (inputs, labels) in enumerate(loader, start=start_step):
+            self.schedule.set_step(epoch * steps + step)
+            loss, hits = self._train_step(inputs, labels)
+            loss_sum += loss.double() * len(labels)
+            correct += hits
+            count += len(labels)
+            if self.ema is not None:
+                self.ema.update(self.core, step=epoch * steps + step)
+            if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
+                self._check_finite(loss_sum, epoch, step)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.4g}")
+            if progress is not None:
+                progress.update(1)
+            if self.config.checkpoint_every and (step + 1) % self.config.checkpoint_every == 0 and step + 1 < steps:
+                self._check_finite(loss_sum, epoch, step)  # never checkpoint weights a NaN step has touched
+                self.running += torch.stack([loss_sum.cpu(), correct.cpu(), torch.tensor(float(count))]).double()
+                loss_sum.zero_(), correct.zero_()
+                count = 0
+                self._save(epoch, step + 1)
+        seconds = time.perf_counter() - start
+        if progress is not None:
+            progress.close()
+        self.running += torch.stack([loss_sum.cpu(), correct.cpu(), torch.tensor(float(count))]).double()
+        return seconds
+
+    def fit(self) -> TrainResult:
+        """Run the remaining epochs; returns the final evaluation and where everything was written."""
+        config, main = self.config, self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(config.to_yaml())
+        logger = RunLogger(self.run_dir, enabled=main, resume_epoch=self.start_epoch)
+        final: EvalResult | None = None
+        rates: list[float] = []
+        train_seconds = 0.0
+        try:
+            for epoch in range(self.start_epoch, config.epochs):
+                start_step = self.start_step if epoch == self.start_epoch else 0
+                if not start_step:
+                    self.running.zero_()
+                seconds = self._train_epoch(epoch, start_step)
+                train_seconds += seconds
+                images = (len(self.train_loader) - start_step) * self.train_loader.batch_size * self.dist.world_size
+                rates.append(images / max(seconds, 1e-9))
+                totals = distributed.all_reduce_sum(self.running.to(self.device)).cpu()
+                row: dict[str, Any] = {
+                    "epoch": epoch + 1,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "train_loss": totals[0].item() / max(totals[2].item(), 1),
+                    "train_top1": totals[1].item() / max(totals[2].item(), 1),
+                }
+                if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+                    final = evaluate(self.core, self.test_loader, self.data.num_classes, autocast_dtype=self.amp_dtype)
+                    row.update(test_loss=final.loss, test_top1=final.top1, test_top5=final.top5)
+                    if self.ema is not None:
+                        ema_result = evaluate(self.ema.module, self.test_loader, self.data.num_classes,
+                                              autocast_dtype=self.amp_dtype)
+                        row.update(ema_top1=ema_result.top1, ema_top5=ema_result.top5)
+                row.update(epoch_seconds=seconds, images_per_s=rates[-1])
+                logger.log_epoch(row)
+                self._save(epoch + 1, 0, row)
+                if main and config.progress:
+                    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+                    print(shown, flush=True)
+        finally:
+            logger.close()
+        if final is None:  # nothing left to train: evaluate what the checkpoint holds
+            final = evaluate(self.core, self.test_loader, self.data.num_classes, autocast_dtype=self.amp_dtype)
+        if main:
+            summary = {"top1": final.top1, "top5": final.top5, "loss": final.loss, "per_class": final.per_class,
+                       "classes": self.data.train.classes, "train_seconds": train_seconds,
+                       "images_per_s": sum(rates) / len(rates) if rates else 0.0}
+            (self.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        self.core.eval()
+        return TrainResult(
+            run_dir=self.run_dir,
+            rows=logger.rows,
+            final=final,
+            train_seconds=train_seconds,
+            images_per_second=sum(rates) / len(rates) if rates else 0.0,
+            checkpoint=self.checkpoint_path,
+            model=self.core,
+            params=sum(p.numel() for p in self.core.parameters()),
+        )
+
+
+def train(config: TrainConfig, *, resume: str | None = None, data: DataBundle | None = None) -> TrainResult:
+    """Build a ``Trainer`` for ``config`` and run it (see ``Trainer``)."""
+    return Trainer(config, resume=resume, data=data).fit()

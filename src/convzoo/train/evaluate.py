@@ -1,0 +1,66 @@
+"""Evaluate a saved checkpoint: rebuild its model, check it fits, run it on its data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from convzoo.data import BatchAugment, TensorLoader, load_imageset
+from convzoo.train.checkpoint import load_checkpoint
+from convzoo.train.config import config_from_json
+from convzoo.train.distributed import resolve_device
+from convzoo.train.engine import load_weights
+from convzoo.train.metrics import evaluate
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    model: str | None = None,
+    conv: str | None = None,
+    data: str | None = None,
+    data_dir: str | None = None,
+    split: str = "test",
+    ema: bool = False,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Top-1/top-5/per-class accuracy of the checkpoint at ``path`` (file or run folder).
+
+    ``model``/``conv``, when given, must match the checkpoint's (else ValueError): a
+    checkpoint from another model is refused, never half loaded.
+    """
+    import json
+
+    from convzoo.models import create_model
+
+    path = Path(path)
+    checkpoint = load_checkpoint(path)
+    meta = checkpoint.meta
+    if not meta:
+        raise ValueError(f"{path} holds bare weights without run facts; evaluate a convzoo training checkpoint")
+    for key, wanted in (("model", model), ("conv", conv)):
+        if wanted is not None and meta[key] != wanted:
+            raise ValueError(f"checkpoint {path} is for {key}={meta[key]!r}, not {key}={wanted!r}")
+    config = config_from_json(json.dumps(meta["config"]))
+    network = create_model(meta["model"], conv=meta["conv"], num_classes=int(meta["num_classes"]))
+    weights = checkpoint.ema if ema else checkpoint.model
+    if weights is None:
+        raise ValueError(f"checkpoint {path} has no EMA weights (trained without --ema)")
+    load_weights(network, weights, path)
+    target = resolve_device(device)
+    network.to(target)
+    images = load_imageset(
+        data or meta["data"], split, data_dir=data_dir or config.data_dir, image_size=config.image_size,
+        cache_dir=config.cache_dir,
+    )
+    if images.image_shape != tuple(meta["image_shape"]):
+        raise ValueError(f"data images are {images.image_shape} but the checkpoint was trained on {meta['image_shape']}")
+    loader = TensorLoader(images, 256, BatchAugment(meta["mean"], meta["std"], "none"), shuffle=False,
+                          drop_last=False, device=target)
+    result = evaluate(network, loader, int(meta["num_classes"]))
+    classes = meta.get("classes") or images.classes
+    return {
+        "model": meta["model"], "conv": meta["conv"], "data": data or meta["data"], "split": split,
+        "count": result.count, "top1": result.top1, "top5": result.top5, "loss": result.loss,
+        "classes": classes[: len(result.per_class)], "per_class": result.per_class[: len(classes)],
+    }

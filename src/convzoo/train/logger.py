@@ -1,0 +1,93 @@
+"""Run logging on rank 0: per-epoch CSV, TensorBoard when installed, PNG curves at the end."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+
+class RunLogger:
+    """Appends one row per epoch to ``<run>/metrics.csv`` (and TensorBoard scalars under ``<run>/tb``).
+
+    A resumed run keeps the rows of epochs before the resume point and drops later ones.
+    """
+
+    def __init__(self, run_dir: Path, *, enabled: bool = True, resume_epoch: int = 0) -> None:
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.csv_path = self.run_dir / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        self.tb: Any = None
+        if not enabled:
+            return
+        if resume_epoch and self.csv_path.is_file():
+            with self.csv_path.open() as handle:
+                self.rows = [row for row in csv.DictReader(handle) if int(row["epoch"]) <= resume_epoch]
+            self._rewrite()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tb"))
+        except (ImportError, ModuleNotFoundError):
+            self.tb = None
+
+    def _rewrite(self) -> None:
+        if not self.rows:
+            self.csv_path.unlink(missing_ok=True)
+            return
+        with self.csv_path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        """Record one epoch's summary (``epoch`` is 1-based)."""
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        new_file = not self.csv_path.is_file()
+        with self.csv_path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, int | float):
+                    self.tb.add_scalar(key, value, int(row["epoch"]))
+            self.tb.flush()
+
+    def close(self) -> None:
+        """Write ``curves.png`` (loss and accuracy per epoch) and close TensorBoard."""
+        if not self.enabled:
+            return
+        if self.tb is not None:
+            self.tb.close()
+        if self.rows:
+            plot_curves(self.rows, self.run_dir / "curves.png")
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """Loss (left) and top-1 accuracy (right) against epoch, with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        points = [(float(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "", "nan")]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("train_loss", "test_loss"):
+        left.plot(*series(key), marker="o", label=key)
+    for key in ("train_top1", "test_top1"):
+        right.plot(*series(key), marker="o", label=key)
+    left.set(xlabel="epoch", ylabel="loss")
+    right.set(xlabel="epoch", ylabel="top-1 accuracy")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,293 @@
+"""CAConv2d: exactness at ρ = 1 and ρ = 0, a direct per-window reference, straight-through gradients, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+import convzoo
+from convzoo.ops.cac import CAConv2d, cac_layers, gradient_map, has_cac_layers
+from convzoo.ops.conv_spec import ConvSpec
+from convzoo.testing import randomize_batchnorm_
+
+F64 = {"dtype": torch.float64}
+TIGHT = {"rtol": 1e-12, "atol": 1e-12}
+
+# (kwargs of nn.Conv2d beyond channels, input H, W): stride 1/2, dilation 1/2, kernels 3/5, odd sizes,
+# padding other than k//2, even and non-square kernels, asymmetric 'same', groups, every padding mode.
+GEOMETRIES = [
+    ({"kernel_size": 3, "padding": 1}, 9, 7),
+    ({"kernel_size": 3, "stride": 2, "padding": 1}, 9, 7),
+    ({"kernel_size": 5, "padding": 2}, 9, 11),
+    ({"kernel_size": 5, "stride": 2, "padding": 1}, 11, 9),
+    ({"kernel_size": 3, "dilation": 2, "padding": 2}, 9, 7),
+    ({"kernel_size": 5, "dilation": 2, "stride": 2, "padding": 3}, 13, 11),
+    ({"kernel_size": 3, "padding": 0}, 7, 9),
+    ({"kernel_size": 3, "padding": (2, 0), "stride": (1, 2)}, 7, 9),
+    ({"kernel_size": (2, 4), "padding": "same"}, 7, 8),
+    ({"kernel_size": (1, 3), "padding": (0, 1)}, 5, 7),
+    ({"kernel_size": 3, "padding": 1, "groups": 2}, 7, 7),
+    ({"kernel_size": 3, "padding": 1, "padding_mode": "reflect"}, 7, 9),
+    ({"kernel_size": 3, "padding": 2, "padding_mode": "replicate", "stride": 2}, 9, 7),
+    ({"kernel_size": 3, "padding": 1, "padding_mode": "circular", "dilation": 2}, 7, 9),
+]
+IDS = [f"{kw}-{h}x{w}" for kw, h, w in GEOMETRIES]
+
+
+def _conv(kwargs: dict, c_in: int = 4, c_out: int = 6) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, **kwargs, **F64)
+
+
+def _padded_mean(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference padding of x (B, C, H, W) as nn.Conv2d pads it, and the channel mean of the padded input."""
+    spec = ConvSpec.from_conv(conv)
+    mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+    padded = F.pad(x, spec.explicit_padding, mode=mode)
+    return padded, padded.mean(1)
+
+
+def reference(conv: nn.Conv2d, x: torch.Tensor, gamma: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Direct per-window CAC: Sobel at the centre tap of each window, k×k or Σw·centre per window.
+
+    Returns (output (B, C_out, H', W'), gradient magnitude G (B, H', W')).
+    """
+    spec = ConvSpec.from_conv(conv)
+    padded, mean = _padded_mean(conv, x)
+    (kh, kw), (sh, sw), (dh, dw) = spec.kernel_size, spec.stride, spec.dilation
+    out_h, out_w = spec.output_size(x.shape[2], x.shape[3])
+    ch, cw = (kh - 1) // 2, (kw - 1) // 2
+    sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], **F64)
+    batch, g = x.shape[0], spec.groups
+    weight, bias = conv.weight.detach(), conv.bias.detach()
+    c_in_g, c_out_g = spec.in_channels // g, spec.out_channels // g
+    out = torch.zeros(batch, spec.out_channels, out_h, out_w, **F64)
+    grad = torch.zeros(batch, out_h, out_w, **F64)
+    for i in range(out_h):
+        for j in range(out_w):
+            top, left = i * sh, j * sw
+            rows = [min(max(top + dh * (ch + t), 0), padded.shape[2] - 1) for t in (-1, 0, 1)]
+            cols = [min(max(left + dw * (cw + t), 0), padded.shape[3] - 1) for t in (-1, 0, 1)]
+            patch = mean[:, rows][:, :, cols]  # (B, 3, 3), replicate beyond the padded map
+            gx = (patch * sobel_x).sum((1, 2))
+            gy = (patch * sobel_x.T).sum((1, 2))
+            grad[:, i, j] = torch.sqrt(gx**2 + gy**2)
+            window = padded[:, :, top : top + dh * (kh - 1) + 1 : dh, left : left + dw * (kw - 1) + 1 : dw]
+            centre = padded[:, :, top + dh * ch, left + dw * cw]  # (B, C_in)
+            sharp = gamma * grad[:, i, j] + beta > 0  # (B,)
+            for o in range(spec.out_channels):
+                group = o // c_out_g
+                part = slice(group * c_in_g, (group + 1) * c_in_g)
+                full = (window[:, part] * weight[o]).sum((1, 2, 3))
+                one = centre[:, part] @ weight[o].sum((1, 2))
+                out[:, o, i, j] = torch.where(sharp, full, one) + bias[o]
+    return out, grad
+
+
+def _threshold_between(values: torch.Tensor, quantile: float) -> float:
+    """A threshold strictly between two distinct sorted values near ``quantile`` (never on a value)."""
+    distinct = values.flatten().unique().sort().values
+    k = min(max(int(quantile * len(distinct)), 1), len(distinct) - 1)
+    return float((distinct[k - 1] + distinct[k]) / 2)
+
+
+def _cac(conv: nn.Conv2d, gamma: float, beta: float) -> CAConv2d:
+    cac = CAConv2d.from_conv(conv)
+    with torch.no_grad():
+        cac.gamma.fill_(gamma)
+        cac.beta.fill_(beta)
+    return cac
+
+
+@pytest.mark.parametrize(("kwargs", "h", "w"), GEOMETRIES, ids=IDS)
+def test_rho_one_equals_the_conv(kwargs: dict, h: int, w: int) -> None:
+    conv = _conv(kwargs)
+    cac = CAConv2d.from_conv(conv)
+    x = torch.randn(2, 4, h, w, **F64)
+    out = cac(x)
+    assert bool(cac.last_mask.all())
+    assert_close(out, conv(x), **TIGHT)
+    assert_close(cac.last_rho(), torch.ones(2, **F64))
+
+
+@pytest.mark.parametrize(("kwargs", "h", "w"), GEOMETRIES, ids=IDS)
+def test_matches_per_window_reference(kwargs: dict, h: int, w: int) -> None:
+    conv = _conv(kwargs)
+    x = torch.randn(2, 4, h, w, **F64)
+    _, grad = reference(conv, x, 0.0, 1.0)
+    threshold = _threshold_between(grad, 0.5)  # about half the windows sharp
+    expected, _ = reference(conv, x, 1.0, -threshold)
+    cac = _cac(conv, 1.0, -threshold)
+    out = cac(x)
+    assert_close(gradient_map(cac.spec, x, out.shape[-2:]), grad, **TIGHT)
+    assert 0 < cac.last_mask.double().mean() < 1
+    assert_close(out, expected, **TIGHT)
+
+
+@pytest.mark.parametrize(("kwargs", "h", "w"), GEOMETRIES, ids=IDS)
+def test_rho_zero_is_summed_kernel_at_window_centres(kwargs: dict, h: int, w: int) -> None:
+    conv = _conv(kwargs)
+    x = torch.randn(2, 4, h, w, **F64)
+    cac = _cac(conv, 0.0, -1.0)
+    out = cac(x)
+    assert not bool(cac.last_mask.any())
+    spec = ConvSpec.from_conv(conv)
+    padded, _ = _padded_mean(conv, x)
+    (kh, kw), (sh, sw), (dh, dw) = spec.kernel_size, spec.stride, spec.dilation
+    centres = padded[:, :, dh * ((kh - 1) // 2) :: sh, dw * ((kw - 1) // 2) :: sw][..., : out.shape[2], : out.shape[3]]
+    summed = conv.weight.sum((2, 3), keepdim=True)
+    assert_close(out, F.conv2d(centres, summed, conv.bias, groups=spec.groups), **TIGHT)
+
+
+def test_smooth_window_reads_its_centre_pixel_not_a_corner() -> None:
+    """With 'same' padding the 1x1 path is the summed kernel at the same pixel, borders included."""
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=False, **F64)
+    x = torch.randn(1, 3, 6, 6, **F64)
+    out = _cac(conv, 0.0, -1.0)(x)
+    assert_close(out, F.conv2d(x, conv.weight.sum((2, 3), keepdim=True)), **TIGHT)
+
+
+def test_training_forward_value_is_the_hard_mask_exactly() -> None:
+    conv = _conv({"kernel_size": 3, "padding": 1})
+    x = torch.randn(2, 4, 7, 7, **F64)
+    _, grad = reference(conv, x, 0.0, 1.0)
+    cac = _cac(conv, 1.0, -_threshold_between(grad, 0.4))
+    cac.train()
+    out = cac(x)
+    with torch.no_grad():
+        expected = cac(x)
+    assert out.requires_grad
+    assert torch.equal(out, expected)
+
+
+def test_straight_through_gradients_reach_gamma_and_beta() -> None:
+    conv = _conv({"kernel_size": 3, "padding": 1, "stride": 2})
+    x = torch.randn(2, 4, 9, 9, **F64)
+    _, grad = reference(conv, x, 0.0, 1.0)
+    gamma, beta = 0.7, -0.7 * _threshold_between(grad, 0.5)
+    cac = _cac(conv, gamma, beta)
+    upstream = torch.randn(2, 6, 5, 5, **F64)
+    (cac(x) * upstream).sum().backward()
+    # STE: dL/dM = sum_c upstream * (y_kxk - y_1x1); dM/dγ = M(1-M)G, dM/dβ = M(1-M).
+    sharp_out, _ = reference(conv, x, 0.0, 1.0)
+    smooth_out, _ = reference(conv, x, 0.0, -1.0)
+    d_m = (upstream * (sharp_out - smooth_out)).sum(1)
+    m = torch.sigmoid(gamma * grad + beta)
+    assert cac.gamma.grad.abs() > 0 and cac.beta.grad.abs() > 0
+    assert_close(cac.beta.grad, (d_m * m * (1 - m)).sum(), **TIGHT)
+    assert_close(cac.gamma.grad, (d_m * m * (1 - m) * grad).sum(), **TIGHT)
+
+
+def test_weight_gradient_follows_the_hard_mask() -> None:
+    conv = _conv({"kernel_size": 3, "padding": 1})
+    x = torch.randn(2, 4, 6, 6, **F64)
+    _, grad = reference(conv, x, 0.0, 1.0)
+    beta = -_threshold_between(grad, 0.5)
+    cac = _cac(conv, 1.0, beta)
+    cac(x).sum().backward()
+    weight = conv.weight.detach().clone().requires_grad_(True)
+    copy = _conv({"kernel_size": 3, "padding": 1})
+    with torch.no_grad():
+        copy.weight.copy_(weight)
+        copy.bias.copy_(conv.bias)
+    ref = _cac(copy, 1.0, beta)
+    ref.gamma.requires_grad_(False)
+    ref.beta.requires_grad_(False)
+    ref(x).sum().backward()
+    assert_close(cac.weight.grad, ref.weight.grad, **TIGHT)
+
+
+def test_convzoo_macs_counts_effective_macs() -> None:
+    conv = _conv({"kernel_size": 3, "padding": 1, "groups": 2})
+    cac = _cac(conv, 0.0, -1.0)
+    x = torch.randn(3, 4, 5, 5, **F64)
+    out = cac(x)
+    # all smooth: 25 positions x (6 * 2 * 1 + 13) per image
+    assert cac.convzoo_macs(x, out) == 3 * 25 * (6 * 2 + 13)
+    cac.beta.data.fill_(1.0)
+    out = cac(x)
+    assert cac.convzoo_macs(x, out) == 3 * 25 * (6 * 2 * 9 + 13)
+
+
+def test_from_conv_copies_weights_device_dtype_and_attributes() -> None:
+    conv = nn.Conv2d(4, 8, 3, 2, 1, 1, 2, False, "reflect", **F64)
+    cac = CAConv2d.from_conv(conv)
+    assert torch.equal(cac.weight, conv.weight) and cac.bias is None
+    assert cac.weight.dtype == torch.float64
+    assert (cac.in_channels, cac.out_channels, cac.kernel_size, cac.stride) == (4, 8, (3, 3), (2, 2))
+    assert (cac.padding, cac.dilation, cac.groups, cac.padding_mode) == ((1, 1), (1, 1), 2, "reflect")
+    assert "reflect" in repr(cac)
+
+
+def test_positional_arguments_follow_nn_conv2d() -> None:
+    cac = CAConv2d(4, 8, 3, 2, 1, 2, 4, False, "circular")
+    assert (cac.stride, cac.padding, cac.dilation, cac.groups, cac.bias) == ((2, 2), (1, 1), (2, 2), 4, None)
+    assert cac.padding_mode == "circular"
+
+
+def test_create_model_replaces_every_spatial_conv_and_keeps_outputs() -> None:
+    torch.manual_seed(0)
+    base = convzoo.create_model("cifar_resnet20").double().eval()
+    randomize_batchnorm_(base)
+    model = convzoo.convert(base, "cac").eval()
+    spatial = [n for n, m in base.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    pointwise = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert [n for n, _ in cac_layers(model)] == spatial
+    assert "conv1" in spatial and "layer2.0.conv1" in spatial  # the stem and the stride-2 convs too
+    assert pointwise and all(model.get_submodule(n).kernel_size == (1, 1) for n in pointwise)
+    assert has_cac_layers(model) and not has_cac_layers(base)
+    x = torch.randn(2, 3, 16, 16, **F64)
+    assert_close(model(x), base(x), **TIGHT)
+    zoo = convzoo.create_model("cifar_resnet20", conv="cac")
+    assert len(cac_layers(zoo)) == len(spatial)
+
+
+def test_kind_is_registered() -> None:
+    assert "cac" in convzoo.list_convs()
+    assert convzoo.get_conv_kind("cac").module_cls is CAConv2d
+
+
+# ---------------------------------------------------------------------------- errors
+def test_pointwise_kernel_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"kernel_size must be larger than 1x1 for CAC, got 1"):
+        CAConv2d(4, 4, 1)
+
+
+def test_geometry_errors_come_from_conv_spec() -> None:
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        CAConv2d(4, 4, 3, padding_mode="mirror")
+    with pytest.raises(ValueError, match="groups=3 must divide"):
+        CAConv2d(4, 4, 3, groups=3)
+
+
+@pytest.mark.parametrize("name", ["gamma_init", "beta_init"])
+@pytest.mark.parametrize("value", [math.nan, "1", True])
+def test_init_values_must_be_finite_reals(name: str, value: object) -> None:
+    with pytest.raises(TypeError, match=f"{name} must be a finite real number, got"):
+        CAConv2d(4, 4, 3, **{name: value})
+
+
+def test_sparse_threshold_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"sparse_threshold must be in \[0, 1\], got 1.5"):
+        CAConv2d(4, 4, 3, sparse_threshold=1.5)
+    with pytest.raises(TypeError, match="sparse_threshold must be a real number"):
+        CAConv2d(4, 4, 3, sparse_threshold="half")
+
+
+def test_input_must_be_4d() -> None:
+    with pytest.raises(ValueError, match=r"expects a 4-D input \(B, C, H, W\), got shape \(4, 5, 5\)"):
+        CAConv2d(4, 4, 3)(torch.randn(4, 5, 5))
+
+
+def test_last_rho_before_any_call_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="has not been run yet"):
+        CAConv2d(4, 4, 3).last_rho()
+
+
+def test_has_cac_layers_needs_a_module() -> None:
+    with pytest.raises(TypeError, match="model must be an nn.Module, got int"):
+        has_cac_layers(3)

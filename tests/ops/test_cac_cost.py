@@ -1,0 +1,195 @@
+"""CAC cost (eq. 17), CACLoss (eq. 13), statistics and calibration."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import convzoo
+from convzoo.models.cifar_resnet import CifarResNet
+from convzoo.ops.cac import CAConv2d, cac_layers
+from convzoo.ops.cac_cost import (
+    CACLoss,
+    CACStatistics,
+    baseline_layer_cost,
+    cac_statistics,
+    calibrate_sharp_ratio_,
+    layer_cost,
+)
+
+F64 = {"dtype": torch.float64}
+
+
+def _model() -> nn.Module:
+    """conv3x3 (CAC) -> ReLU -> conv1x1 -> pool -> linear, in float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    ).double()
+    return convzoo.convert(model, "cac")
+
+
+def test_layer_cost_follows_eq_17() -> None:
+    layer = CAConv2d(4, 6, 3, padding=1, groups=2, **F64)
+    layer.beta.data.fill_(-1.0)  # every window smooth
+    layer(torch.randn(2, 4, 5, 7, **F64))
+    positions, kxk, one = 35, 6 * 2 * 9, 6 * 2
+    assert float(layer_cost(layer).detach()) == positions * (one + 13)
+    assert baseline_layer_cost(layer) == positions * kxk
+    layer.beta.data.fill_(1.0)
+    layer(torch.randn(2, 4, 5, 7, **F64))
+    assert float(layer_cost(layer).detach()) == positions * (kxk + 13)
+
+
+def test_cost_ratio_counts_the_other_layers_and_the_score_map() -> None:
+    model = _model()
+    loss = CACLoss(model, lam=0.3)
+    model(torch.randn(2, 3, 6, 6, **F64))
+    kxk = 36 * 8 * 3 * 9
+    other = 36 * 4 * 8 + 5 * 4
+    expected = (kxk + 36 * 13 + other) / (kxk + other)  # ρ = 1 at initialization
+    assert_close(loss.cost_ratio(), torch.tensor(expected, **F64), rtol=1e-14, atol=0)
+
+
+def test_lambda_zero_gives_the_task_loss() -> None:
+    model = _model()
+    loss = CACLoss(model, lam=0)
+    model(torch.randn(2, 3, 6, 6, **F64))
+    task = torch.tensor(1.2345, **F64, requires_grad=True)
+    assert torch.equal(loss(task), task)
+    assert loss.last_ratio is not None
+
+
+def test_loss_is_task_loss_times_ratio_power_lambda_and_rises_with_rho() -> None:
+    model = _model()
+    layer = cac_layers(model)[0][1]
+    loss = CACLoss(model, lam=0.3)
+    x = torch.randn(2, 3, 6, 6, **F64)
+    ratios, losses = [], []
+    for target in (0.0, 0.25, 0.5, 1.0):
+        calibrate_sharp_ratio_(model, x, target)
+        model.train()
+        model(x)
+        ratios.append(float(loss.cost_ratio().detach()))
+        task = torch.tensor(2.0, **F64)
+        losses.append(float(loss(task).detach()))
+        assert losses[-1] == pytest.approx(2.0 * ratios[-1] ** 0.3, rel=1e-14)
+        assert float(layer.last_rho().mean()) == pytest.approx(target, abs=0.05)
+    assert ratios == sorted(ratios) and len(set(ratios)) == 4
+    assert losses == sorted(losses)
+
+
+def test_cost_gradient_reaches_gamma_and_beta() -> None:
+    model = _model()
+    x = torch.randn(2, 3, 6, 6, **F64)
+    calibrate_sharp_ratio_(model, x, 0.5)
+    model.train()
+    loss = CACLoss(model, lam=1.0)
+    model(x)
+    loss(torch.tensor(1.0, **F64)).backward()  # constant task loss: only the cost has a gradient
+    layer = cac_layers(model)[0][1]
+    assert float(layer.beta.grad) > 0 and float(layer.gamma.grad) > 0  # cost falls as β or γ falls
+    assert layer.weight.grad is None
+
+
+def test_statistics_average_rho_over_images_and_count_macs_per_image() -> None:
+    model = _model()
+    x = torch.randn(6, 3, 6, 6, **F64)
+    x[:3] = x[:3].mean((2, 3), keepdim=True)  # flat images: only the zero-padded border is sharp
+    calibrate_sharp_ratio_(model, x, 0.5)
+    stats = cac_statistics(model, [(x[:4], None), x[4:]])
+    model.eval()
+    model(x)
+    layer = cac_layers(model)[0][1]
+    assert stats.rho == {"0": pytest.approx(float(layer.last_rho().mean()), rel=1e-14)}
+    kxk, one, other = 8 * 3 * 9, 8 * 3, 36 * 4 * 8 + 5 * 4
+    rho = layer.last_rho()
+    assert_close(stats.image_macs, 36 * (rho * kxk + (1 - rho) * one + 13) + other, rtol=1e-14, atol=0)
+    assert stats.image_macs[:3].max() < stats.image_macs[3:].min()  # compute follows content
+    assert stats.baseline_macs == 36 * kxk + other
+    assert 0 < stats.mean_ratio < 1
+    assert "effective MACs/image" in stats.table()
+    deployed = cac_statistics(convzoo.deploy(model, fold_bn=False), [x])
+    assert_close(deployed.image_macs, stats.image_macs, rtol=1e-14, atol=0)
+
+
+def test_statistics_on_a_cifar_resnet_have_one_rho_per_cac_layer() -> None:
+    model = convzoo.convert(CifarResNet(1), "cac")
+    stats = cac_statistics(model, [torch.randn(2, 3, 8, 8)], max_batches=1)
+    assert isinstance(stats, CACStatistics) and len(stats.rho) == 7
+    assert all(r == 1.0 for r in stats.rho.values())
+
+
+def test_layers_copy_and_pickle_after_a_training_forward() -> None:
+    model = _model().train()
+    CACLoss(model)(model(torch.randn(2, 3, 6, 6, **F64)).sum())
+    assert cac_layers(model)[0][1].last_rho_ste is not None
+    clone = copy.deepcopy(model)
+    assert cac_layers(clone)[0][1].last_rho_ste is None
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert cac_layers(torch.load(buffer, weights_only=False))[0][1].last_rho_ste is None
+
+
+def test_has_cac_layers_is_exported() -> None:
+    assert convzoo.has_cac_layers(_model())
+    assert not convzoo.has_cac_layers(nn.Conv2d(3, 3, 3))
+
+
+# ---------------------------------------------------------------------------- errors
+def test_loss_needs_a_model_with_cac_layers() -> None:
+    with pytest.raises(ValueError, match="model Sequential has no CAC layer"):
+        CACLoss(nn.Sequential(nn.Conv2d(3, 3, 3)))
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        CACLoss("resnet")
+
+
+@pytest.mark.parametrize("lam", [-0.1, float("nan"), "0.3", True])
+def test_lambda_must_be_non_negative(lam: object) -> None:
+    with pytest.raises(ValueError, match="lam must be a real number >= 0, got"):
+        CACLoss(_model(), lam=lam)
+
+
+def test_loss_before_a_forward_and_with_a_non_tensor() -> None:
+    loss = CACLoss(_model())
+    with pytest.raises(RuntimeError, match="has not been run yet"):
+        loss(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="task_loss must be a Tensor, got float"):
+        loss(1.0)
+
+
+def test_remove_detaches_the_hooks() -> None:
+    model = _model()
+    loss = CACLoss(model)
+    loss.remove()
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_statistics_errors() -> None:
+    model = _model()
+    with pytest.raises(ValueError, match="max_batches must be a positive int or None, got 0"):
+        cac_statistics(model, [torch.randn(1, 3, 4, 4, **F64)], max_batches=0)
+    with pytest.raises(TypeError, match="each batch must be a Tensor or a tuple/list starting with one"):
+        cac_statistics(model, [{"x": 1}])
+    with pytest.raises(ValueError, match="data yielded no batch"):
+        cac_statistics(model, [])
+
+
+def test_calibration_errors() -> None:
+    model = _model()
+    x = torch.randn(1, 3, 4, 4, **F64)
+    with pytest.raises(ValueError, match=r"rho must be a ratio in \[0, 1\] or 1 of them"):
+        calibrate_sharp_ratio_(model, x, 1.5)
+    with pytest.raises(ValueError, match=r"rho must be a ratio in \[0, 1\] or 1 of them"):
+        calibrate_sharp_ratio_(model, x, [0.5, 0.5])

@@ -1,0 +1,175 @@
+"""CACSparseConv2d: the sparse and dense inference paths equal the dense masked training form."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import convzoo
+from convzoo.models.cifar_resnet import CifarResNet
+from convzoo.ops.cac import CAConv2d, cac_layers, gradient_map
+from convzoo.ops.cac_cost import calibrate_sharp_ratio_
+from convzoo.ops.cac_sparse import CACSparseConv2d
+from convzoo.ops.conv_spec import ConvSpec
+from convzoo.testing import randomize_batchnorm_
+
+F64 = {"dtype": torch.float64}
+TIGHT = {"rtol": 1e-12, "atol": 1e-12}
+
+GEOMETRIES = [
+    ({"kernel_size": 3, "padding": 1}, 9, 7),
+    ({"kernel_size": 3, "stride": 2, "padding": 1}, 9, 7),
+    ({"kernel_size": 5, "stride": 2, "padding": 1, "dilation": 2}, 13, 11),
+    ({"kernel_size": 3, "padding": (2, 0), "stride": (1, 2)}, 7, 9),
+    ({"kernel_size": (2, 4), "padding": "same"}, 7, 8),
+    ({"kernel_size": (1, 3), "padding": (0, 1)}, 5, 7),
+    ({"kernel_size": 3, "padding": 1, "groups": 2}, 7, 7),
+    ({"kernel_size": 3, "padding": 1, "groups": 4, "bias": False}, 7, 7),
+    ({"kernel_size": 3, "padding": 2, "padding_mode": "reflect", "stride": 2}, 9, 7),
+    ({"kernel_size": 3, "padding": 1, "padding_mode": "circular", "dilation": 2}, 7, 9),
+]
+IDS = [f"{kw}-{h}x{w}" for kw, h, w in GEOMETRIES]
+
+
+def _half_sharp(kwargs: dict, x: torch.Tensor, quantile: float = 0.5) -> CAConv2d:
+    cac = CAConv2d.from_conv(nn.Conv2d(4, 8, **kwargs, **F64))
+    spec = cac.spec
+    grad = gradient_map(spec, x, spec.output_size(x.shape[2], x.shape[3]))
+    distinct = grad.flatten().unique().sort().values
+    k = min(max(int(quantile * len(distinct)), 1), len(distinct) - 1)
+    with torch.no_grad():
+        cac.gamma.fill_(1.0)
+        cac.beta.fill_(-float(distinct[k - 1] + distinct[k]) / 2)
+    return cac.eval()
+
+
+@pytest.mark.parametrize(("kwargs", "h", "w"), GEOMETRIES, ids=IDS)
+@pytest.mark.parametrize("quantile", [0.0, 0.4, 1.0])
+def test_sparse_and_dense_paths_equal_the_dense_masked_form(kwargs: dict, h: int, w: int, quantile: float) -> None:
+    x = torch.randn(2, 4, h, w, **F64)
+    cac = _half_sharp(kwargs, x, quantile)
+    if quantile == 0.0:
+        cac.beta.data.fill_(1.0)  # every window sharp
+    if quantile == 1.0:
+        cac.beta.data.fill_(-1e9)  # every window smooth
+    with torch.no_grad():
+        expected = cac(x)
+    sparse = cac.fuse()
+    assert isinstance(sparse, CACSparseConv2d)
+    for threshold, path in ((1.0, "sparse"), (0.0, "dense")):
+        sparse.threshold = threshold
+        with torch.no_grad():
+            out = sparse(x)
+        if not (path == "dense" and not bool(cac.last_mask.any())):  # all-smooth never exceeds 0 sharp
+            assert sparse.last_path == path
+        assert torch.equal(sparse.last_mask, cac.last_mask)
+        assert out.shape == expected.shape
+        assert_close(out, expected, **TIGHT)
+
+
+def test_threshold_selects_the_path_by_fraction_of_sharp_windows() -> None:
+    x = torch.randn(2, 4, 9, 9, **F64)
+    cac = _half_sharp({"kernel_size": 3, "padding": 1}, x, 0.5)
+    cac(x)
+    rho = float(cac.last_mask.double().mean())
+    sparse = cac.fuse()
+    sparse.threshold = rho
+    sparse(x)
+    assert sparse.last_path == "sparse"
+    sparse.threshold = rho - 0.01
+    sparse(x)
+    assert sparse.last_path == "dense"
+
+
+@pytest.mark.parametrize("tile", [1, 3, 4, 16])
+def test_every_tile_size_gives_the_same_output(tile: int) -> None:
+    x = torch.randn(2, 4, 11, 10, **F64)
+    cac = _half_sharp({"kernel_size": 3, "stride": 2, "padding": 2, "dilation": 2}, x, 0.6)
+    with torch.no_grad():
+        expected = cac(x)
+    sparse = CACSparseConv2d.from_cac(cac, threshold=1.0, tile=tile)
+    assert_close(sparse(x), expected, **TIGHT)
+    assert sparse.last_path == "sparse" and 0 < sparse.last_active <= 1
+
+
+def test_sparse_form_of_a_float32_layer_is_close_and_channels_last() -> None:
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    cac = CAConv2d.from_conv(conv).eval()
+    x = torch.randn(2, 8, 8, 8)
+    cac.gamma.data.fill_(1.0)
+    cac.beta.data.fill_(-float(gradient_map(cac.spec, x, (8, 8)).median()))
+    sparse = CACSparseConv2d.from_cac(cac, threshold=1.0)
+    out = sparse(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert_close(out, cac(x), rtol=1e-5, atol=1e-5)
+
+
+def test_deploy_selects_the_sparse_form_and_keeps_outputs() -> None:
+    model = convzoo.convert(CifarResNet(1).double(), "cac")  # 7 CAC layers
+    randomize_batchnorm_(model)
+    x = torch.randn(2, 3, 12, 12, **F64)
+    achieved = calibrate_sharp_ratio_(model, x, [0.1, 0.3, 0.5, 0.8, 1.0, 0.0, 0.6])
+    assert min(achieved.values()) == 0.0 and max(achieved.values()) == 1.0
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fx tracing must not fail: the sparse form is a leaf
+        deployed = convzoo.deploy(model)
+    layers = cac_layers(deployed)
+    assert len(layers) == 7 and all(isinstance(m, CACSparseConv2d) for _, m in layers)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.get_submodule("layer2.0.downsample"))
+    with torch.no_grad():
+        out = deployed(x)
+    assert_close(out, expected, **TIGHT)
+    paths = {m.last_path for _, m in layers}
+    assert paths == {"sparse", "dense"}
+
+
+def test_sparse_form_records_statistics_like_the_training_form() -> None:
+    x = torch.randn(3, 4, 8, 8, **F64)
+    cac = _half_sharp({"kernel_size": 3, "padding": 1}, x)
+    out = cac(x)
+    macs = cac.convzoo_macs(x, out)
+    sparse = cac.fuse()
+    out = sparse(x)
+    assert torch.equal(sparse.last_sharp_count, cac.last_sharp_count)
+    assert sparse.convzoo_macs(x, out) == macs
+    assert (sparse.in_channels, sparse.out_channels, sparse.kernel_size) == (4, 8, (3, 3))
+
+
+def test_convert_skips_the_deployed_form() -> None:
+    sparse = CAConv2d(4, 4, 3, padding=1).fuse()
+    model = nn.Sequential(sparse, nn.Conv2d(4, 4, 3))
+    converted = convzoo.convert(model, "cac")
+    assert converted[0].__class__ is CACSparseConv2d and isinstance(converted[1], CAConv2d)
+
+
+# ---------------------------------------------------------------------------- errors
+def test_from_cac_needs_a_cac_layer() -> None:
+    with pytest.raises(TypeError, match="layer must be a CAConv2d, got Conv2d"):
+        CACSparseConv2d.from_cac(nn.Conv2d(2, 2, 3))
+
+
+def test_constructor_checks_spec_and_weight_shape() -> None:
+    spec = ConvSpec.create(4, 8, 3)
+    scalar = torch.zeros(())
+    with pytest.raises(TypeError, match="spec must be a ConvSpec, got dict"):
+        CACSparseConv2d({}, torch.zeros(8, 4, 3, 3), None, scalar, scalar)
+    shapes = r"weight must have shape \(8, 4, 3, 3\) for 4->8 k3x3 s1 g1, got \(8, 4, 5, 5\)"
+    with pytest.raises(ValueError, match=shapes):
+        CACSparseConv2d(spec, torch.zeros(8, 4, 5, 5), None, scalar, scalar)
+    with pytest.raises(ValueError, match=r"sparse_threshold must be in \[0, 1\], got -0.1"):
+        CACSparseConv2d(spec, torch.zeros(8, 4, 3, 3), None, scalar, scalar, threshold=-0.1)
+    with pytest.raises(ValueError, match="tile must be a positive int, got 0"):
+        CACSparseConv2d(spec, torch.zeros(8, 4, 3, 3), None, scalar, scalar, tile=0)
+
+
+def test_input_must_be_4d() -> None:
+    with pytest.raises(ValueError, match="CACSparseConv2d expects a 4-D input"):
+        CAConv2d(4, 4, 3).fuse()(torch.randn(4, 5, 5))

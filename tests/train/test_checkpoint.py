@@ -1,0 +1,46 @@
+"""Checkpoints: nested training state round-trips through safetensors+JSON; writes are atomic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from convzoo.train.checkpoint import Checkpoint, flatten_state, load_checkpoint, save_checkpoint, unflatten_state
+
+
+def test_optimizer_state_round_trip(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "tuple": (1, 2.5, None, "x")}
+    path = save_checkpoint(tmp_path / "c.safetensors", Checkpoint(model.state_dict(), {"epoch": 2}, None, state))
+    loaded = load_checkpoint(path)
+    assert loaded.meta == {"epoch": 2} and loaded.ema is None
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.model[key], value)
+    restored = loaded.state["optimizer"]
+    assert restored["param_groups"] == optimizer.state_dict()["param_groups"]
+    for index, buffers in optimizer.state_dict()["state"].items():
+        assert torch.equal(restored["state"][index]["momentum_buffer"], buffers["momentum_buffer"])
+    assert torch.equal(loaded.state["rng"], state["rng"]) and loaded.state["tuple"] == (1, 2.5, None, "x")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+
+
+def test_flatten_refuses_arbitrary_objects() -> None:
+    with pytest.raises(TypeError, match="cannot store a object"):
+        flatten_state({"x": object()}, "s.", {})
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = flatten_state({1: [torch.ones(2)]}, "s.", tensors)
+    assert torch.equal(unflatten_state(skeleton, tensors)[1][0], torch.ones(2))
+
+
+def test_loading_never_unpickles(tmp_path: Path) -> None:
+    pickled = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(1)}, pickled)
+    with pytest.raises(ValueError, match="not a readable safetensors checkpoint"):
+        load_checkpoint(pickled)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.safetensors")

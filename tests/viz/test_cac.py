@@ -1,0 +1,55 @@
+"""CAC figures: mask grid (Fig. 3) and per-layer ρ bars (Fig. 4) are written as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import convzoo
+from convzoo.models.cifar_resnet import CifarResNet
+from convzoo.ops.cac_cost import cac_statistics, calibrate_sharp_ratio_
+from convzoo.viz import plot_masks, plot_rho
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _model() -> nn.Module:
+    model = convzoo.convert(CifarResNet(1), "cac")
+    calibrate_sharp_ratio_(model, torch.randn(2, 3, 16, 16), 0.5)
+    return model
+
+
+def test_plot_masks_writes_a_png_for_every_layer(tmp_path: Path) -> None:
+    model = _model()
+    path = plot_masks(model, torch.randn(3, 16, 16), tmp_path / "masks.png")
+    assert path.read_bytes()[:8] == PNG
+    assert model.training  # mode restored
+    assert not any(m._forward_hooks for m in model.modules())  # hooks removed
+    small = plot_masks(convzoo.deploy(model), torch.randn(1, 3, 16, 16), tmp_path / "small.png", max_layers=2)
+    assert small.stat().st_size < path.stat().st_size
+
+
+def test_plot_rho_accepts_a_mapping_or_statistics(tmp_path: Path) -> None:
+    model = _model()
+    stats = cac_statistics(model, [torch.randn(2, 3, 16, 16)])
+    assert plot_rho(stats, tmp_path / "rho.png", title="CAC").read_bytes()[:8] == PNG
+    assert plot_rho({"a": 0.2, "b": 1.0}, tmp_path / "rho2.png").read_bytes()[:8] == PNG
+
+
+def test_plot_masks_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="model Conv2d has no CAC layer to plot"):
+        plot_masks(nn.Conv2d(3, 3, 3), torch.randn(3, 8, 8), tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"image must be a \(C, H, W\) or \(B, C, H, W\) tensor, got"):
+        plot_masks(_model(), torch.randn(8, 8), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="max_layers must be a positive int or None, got 0"):
+        plot_masks(_model(), torch.randn(3, 8, 8), tmp_path / "x.png", max_layers=0)
+
+
+def test_plot_rho_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="rho must be a non-empty mapping"):
+        plot_rho({}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"every ratio must be in \[0, 1\]"):
+        plot_rho({"a": 1.5}, tmp_path / "x.png")
