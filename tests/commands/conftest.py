@@ -6,4 +6,4 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
-import tiny_models  # noqa: E402, F401
+import tiny_models  # noqa: F401

@@ -9,14 +9,40 @@ import pytest
 
 from convzoo.cli import main
 
-TINY = ["--data", "fake", "--image-size", "8", "--train-subset", "4", "--test-subset", "2", "--batch-size", "8",
-        "--epochs", "1", "--progress", "false", "--device", "cpu"]
+TINY = [
+    "--data",
+    "fake",
+    "--image-size",
+    "8",
+    "--train-subset",
+    "4",
+    "--test-subset",
+    "2",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "1",
+    "--progress",
+    "false",
+    "--device",
+    "cpu",
+]
 
 
 def test_compare_table_and_skips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cmp"
-    args = ["compare", "--model", "test_tiny", "--convs", "standard,doconv,not_a_kind", "--seeds", "2", *TINY,
-            "--output", str(out)]
+    args = [
+        "compare",
+        "--model",
+        "test_tiny",
+        "--convs",
+        "standard,doconv,not_a_kind",
+        "--seeds",
+        "2",
+        *TINY,
+        "--output",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "note: skipping not_a_kind: conv kind 'not_a_kind' is not registered" in printed

@@ -9,13 +9,45 @@ import pytest
 
 from convzoo.cli import main
 
-TINY = ["--model", "test_tiny", "--data", "fake", "--image-size", "8", "--train-subset", "8", "--test-subset", "4",
-        "--batch-size", "16", "--progress", "false", "--device", "cpu"]
+TINY = [
+    "--model",
+    "test_tiny",
+    "--data",
+    "fake",
+    "--image-size",
+    "8",
+    "--train-subset",
+    "8",
+    "--test-subset",
+    "4",
+    "--batch-size",
+    "16",
+    "--progress",
+    "false",
+    "--device",
+    "cpu",
+]
 
 
 def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--epochs", "1", "--recipe", "short-onecycle", "--warmup-epochs", "0.3", "--output", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                "--epochs",
+                "1",
+                "--recipe",
+                "short-onecycle",
+                "--warmup-epochs",
+                "0.3",
+                "--output",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert "top-1" in capsys.readouterr().out
     config = (run / "config.yaml").read_text()
     assert "scheduler: onecycle" in config and "epochs: 1" in config
@@ -56,8 +88,19 @@ def test_corrupt_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[st
         for name in ("a", "b"):
             (tmp_path / "data" / split / name).mkdir(parents=True)
             (tmp_path / "data" / split / name / "0.png").write_bytes(b"garbage")
-    args = ["train", "--model", "test_tiny", "--data", "imagefolder", "--data-dir", str(tmp_path / "data"),
-            "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "run")]
+    args = [
+        "train",
+        "--model",
+        "test_tiny",
+        "--data",
+        "imagefolder",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output",
+        str(tmp_path / "run"),
+    ]
     assert main(args) == 2
     assert "cannot decode image" in capsys.readouterr().err and "0.png" in capsys.readouterr().err + "0.png"
     assert not (tmp_path / "run").exists()

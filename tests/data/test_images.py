@@ -13,8 +13,9 @@ def test_channel_stats_match_torch() -> None:
     mean, std = ImageSet(images, torch.zeros(10, dtype=torch.long), ["x"]).channel_stats()
     values = images.double().transpose(0, 1).reshape(3, -1)
     torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), values.mean(1), rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), values.std(1, unbiased=False), rtol=1e-9,
-                               atol=1e-9)
+    torch.testing.assert_close(
+        torch.tensor(std, dtype=torch.float64), values.std(1, unbiased=False), rtol=1e-9, atol=1e-9
+    )
 
 
 def test_subset_takes_first_of_each_class_in_order() -> None:

@@ -34,8 +34,10 @@ def _folder(root: Path, sizes: dict[str, tuple[int, int]] | None = None) -> None
             folder.mkdir(parents=True)
             for index in range(3):
                 height, width = (sizes or {}).get(f"{split}/{name}/{index}", (6, 5))
-                write_png(torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator),
-                          str(folder / f"{index:04d}.png"))
+                write_png(
+                    torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator),
+                    str(folder / f"{index:04d}.png"),
+                )
 
 
 def test_imagefolder_decodes_exactly_and_caches(tmp_path: Path) -> None:
@@ -50,8 +52,10 @@ def test_imagefolder_decodes_exactly_and_caches(tmp_path: Path) -> None:
     again = load_imageset("imagefolder", "train", data_dir=tmp_path / "data", cache_dir=cache)
     assert torch.equal(again.images, data.images)
     # cifar10 pointed at an ImageFolder copy reads it as one
-    assert torch.equal(load_imageset("cifar10", "test", data_dir=tmp_path / "data", cache_dir=cache).labels,
-                       load_imageset("imagefolder", "test", data_dir=tmp_path / "data", cache_dir=cache).labels)
+    assert torch.equal(
+        load_imageset("cifar10", "test", data_dir=tmp_path / "data", cache_dir=cache).labels,
+        load_imageset("imagefolder", "test", data_dir=tmp_path / "data", cache_dir=cache).labels,
+    )
 
 
 def test_imagefolder_mixed_sizes_need_image_size(tmp_path: Path) -> None:

@@ -291,3 +291,12 @@ def test_last_rho_before_any_call_is_an_error() -> None:
 def test_has_cac_layers_needs_a_module() -> None:
     with pytest.raises(TypeError, match="model must be an nn.Module, got int"):
         has_cac_layers(3)
+
+
+def test_cost_api_is_reachable_from_the_cac_module() -> None:
+    """The training engine looks up ``convzoo.ops.cac.CACLoss`` (the agreed interface)."""
+    from convzoo.ops import cac, cac_cost
+
+    assert cac.CACLoss is cac_cost.CACLoss and cac.cac_statistics is cac_cost.cac_statistics
+    with pytest.raises(AttributeError, match="module 'convzoo.ops.cac' has no attribute 'nothing'"):
+        _ = cac.nothing

@@ -71,18 +71,19 @@ def test_sparse_and_dense_paths_equal_the_dense_masked_form(kwargs: dict, h: int
         assert_close(out, expected, **TIGHT)
 
 
-def test_threshold_selects_the_path_by_fraction_of_sharp_windows() -> None:
-    x = torch.randn(2, 4, 9, 9, **F64)
-    cac = _half_sharp({"kernel_size": 3, "padding": 1}, x, 0.5)
-    cac(x)
-    rho = float(cac.last_mask.double().mean())
-    sparse = cac.fuse()
-    sparse.threshold = rho
+def test_threshold_selects_the_path_by_fraction_of_active_blocks() -> None:
+    x = torch.randn(2, 4, 8, 8, **F64)
+    x[:, :, :4] = 0.0  # the top half is flat: its blocks hold no sharp window
+    cac = _half_sharp({"kernel_size": 3, "padding": 1}, x, 0.0)
+    cac.gamma.data.fill_(1.0)
+    cac.beta.data.fill_(-1e-9)  # sharp iff G > 0
+    sparse = CACSparseConv2d.from_cac(cac, threshold=0.7, tile=2)
+    sparse(x)
+    # 2x2 blocks: only block row 0 (output rows 0-1, whose Sobel taps all read zeros) is inactive
+    assert sparse.last_active == 0.75 and sparse.last_path == "dense"
+    sparse.threshold = 0.75
     sparse(x)
     assert sparse.last_path == "sparse"
-    sparse.threshold = rho - 0.01
-    sparse(x)
-    assert sparse.last_path == "dense"
 
 
 @pytest.mark.parametrize("tile", [1, 3, 4, 16])
@@ -173,3 +174,23 @@ def test_constructor_checks_spec_and_weight_shape() -> None:
 def test_input_must_be_4d() -> None:
     with pytest.raises(ValueError, match="CACSparseConv2d expects a 4-D input"):
         CAConv2d(4, 4, 3).fuse()(torch.randn(4, 5, 5))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fuse_batchnorm_is_exact(bias: bool) -> None:
+    x = torch.randn(2, 4, 9, 9, **F64)
+    cac = _half_sharp({"kernel_size": 3, "padding": 1, "groups": 2, "bias": bias}, x)
+    bn = randomize_batchnorm_(nn.BatchNorm2d(8, **F64)).eval()
+    with torch.no_grad():
+        expected = bn(cac(x))
+    for threshold in (0.0, 1.0):
+        fused = CACSparseConv2d.from_cac(cac, threshold=threshold).fuse_batchnorm(bn)
+        assert_close(fused(x), expected, **TIGHT)
+
+
+def test_fuse_batchnorm_errors() -> None:
+    sparse = CAConv2d(4, 8, 3).fuse()
+    with pytest.raises(TypeError, match="bn must be an nn.BatchNorm2d with running statistics, got LayerNorm"):
+        sparse.fuse_batchnorm(nn.LayerNorm(8))
+    with pytest.raises(ValueError, match="bn has 4 features, the layer 8 output channels"):
+        sparse.fuse_batchnorm(nn.BatchNorm2d(4))

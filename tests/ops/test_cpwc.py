@@ -279,6 +279,23 @@ def test_deploy_keeps_the_output() -> None:
         torch.testing.assert_close(deployed(x), converted(x), **TIGHT)
 
 
+@pytest.mark.parametrize("options", [{}, {"bias": True}, {"stage2": False}, {"pointwise": False}], ids=str)
+@pytest.mark.parametrize(("c", "z", "stride"), [(7, 3, 2), (3, 7, 1)])
+def test_fuse_batchnorm_is_exact(options: dict, c: int, z: int, stride: int) -> None:
+    module = _random_module(c, z, stride, **options)
+    bn = randomize_batchnorm_(nn.BatchNorm2d(z, dtype=torch.float64)).eval()
+    x = torch.randn(2, c, 9, 8, dtype=torch.float64)
+    fused = module.fuse_batchnorm(bn)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), bn(module(x)), rtol=1e-10, atol=1e-10)
+    assert fused.bias is not None and count_parameters(fused) == count_parameters(module) + z * (module.bias is None)
+
+
+def test_fuse_batchnorm_rejects_a_mismatched_bn() -> None:
+    with pytest.raises(ValueError, match=r"bn must be a BatchNorm2d\(4\) with running statistics"):
+        CPWConv2d(8, 4).fuse_batchnorm(nn.BatchNorm2d(5))
+
+
 # ------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     ("conv_args", "error", "match"),

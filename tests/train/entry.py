@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import tiny_models  # noqa: E402, F401
+import tiny_models  # noqa: F401
 
-from convzoo.cli import main  # noqa: E402
+from convzoo.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

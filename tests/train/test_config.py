@@ -19,8 +19,12 @@ def test_every_bundled_recipe_is_valid() -> None:
 
 def test_paper_schedules() -> None:
     doconv = make_config("doconv-cifar")
-    assert (doconv.epochs, doconv.milestones, doconv.weight_decay, doconv.scheduler) == (164, [82, 123], 1e-4,
-                                                                                          "multistep")
+    assert (doconv.epochs, doconv.milestones, doconv.weight_decay, doconv.scheduler) == (
+        164,
+        [82, 123],
+        1e-4,
+        "multistep",
+    )
     multiception = make_config("multiception-cifar")
     assert (multiception.min_lr, multiception.weight_decay, multiception.nesterov) == (5e-5, 2e-4, True)
     cpwc = make_config("cpwc-cifar100")
@@ -64,3 +68,5 @@ def test_bad_values() -> None:
 def test_output_dir_template() -> None:
     config = TrainConfig(model="tv:resnet18", conv="doconv", data="fake", seed=3)
     assert config.output_dir() == Path("runs/tv_resnet18-doconv-fake-s3")
+    with pytest.raises(ValueError, match="may only use the placeholders"):
+        TrainConfig(output="runs/{nope}").output_dir()

@@ -11,10 +11,19 @@ import torch
 
 from convzoo.train.checkpoint import load_checkpoint
 from convzoo.train.config import TrainConfig
-from convzoo.train.engine import TrainingDiverged, Trainer, autocast_dtype, train
+from convzoo.train.engine import Trainer, TrainingDivergedError, autocast_dtype, train
 
-TINY = {"model": "test_tiny", "data": "fake", "image_size": 8, "train_subset": 8, "test_subset": 4,
-        "batch_size": 16, "lr": 0.05, "progress": False, "scheduler": "cosine"}
+TINY = {
+    "model": "test_tiny",
+    "data": "fake",
+    "image_size": 8,
+    "train_subset": 8,
+    "test_subset": 4,
+    "batch_size": 16,
+    "lr": 0.05,
+    "progress": False,
+    "scheduler": "cosine",
+}
 
 
 def _config(tmp_path: Path, name: str = "run", **changes: object) -> TrainConfig:
@@ -36,7 +45,7 @@ def test_run_writes_everything(tmp_path: Path) -> None:
         assert torch.equal(checkpoint.model[key], value)
 
 
-class _Killed(Exception):
+class _KilledError(Exception):
     pass
 
 
@@ -50,11 +59,11 @@ def test_mid_epoch_resume_is_exact(tmp_path: Path) -> None:
     def dies_in_epoch_two(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(1)
         if len(calls) == 9:  # the 4th step of epoch 2, after its step-2 checkpoint
-            raise _Killed
+            raise _KilledError
         return step(inputs, labels)
 
     trainer._train_step = dies_in_epoch_two
-    with pytest.raises(_Killed):
+    with pytest.raises(_KilledError):
         trainer.fit()
     assert load_checkpoint(config.output_dir() / "checkpoint.safetensors").meta["step"] == 2
     resumed = Trainer(config, resume="auto")
@@ -70,7 +79,7 @@ def test_mid_epoch_resume_is_exact(tmp_path: Path) -> None:
 
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(tmp_path: Path) -> None:
     config = _config(tmp_path, model="test_nan", epochs=3, checkpoint_every=3, batch_size=8)
-    with pytest.raises(TrainingDiverged, match=r"loss became nan .* last good checkpoint .* is kept"):
+    with pytest.raises(TrainingDivergedError, match=r"loss became nan .* last good checkpoint .* is kept"):
         train(config)
     checkpoint = load_checkpoint(config.output_dir() / "checkpoint.safetensors")
     assert checkpoint.meta["step"] == 3

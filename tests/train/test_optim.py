@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -49,7 +50,7 @@ def test_step_and_constant() -> None:
 def test_cosine_with_warmup_and_floor() -> None:
     rates = _rates(TrainConfig(epochs=5, scheduler="cosine", warmup_epochs=1, lr=1.0, min_lr=0.1), 4)
     assert rates[0] == pytest.approx(0.01) and max(rates) == pytest.approx(1.0) and rates[4] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
+    assert all(a >= b for a, b in itertools.pairwise(rates[4:]))
     t = 15 / 16  # cosine position of the last step
     assert rates[-1] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 

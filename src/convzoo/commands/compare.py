@@ -16,8 +16,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="seeds per kind (0..N-1); top-1 is mean ± std")
     parser.add_argument("--recipe", default=None, help=HELP["recipe"])
     add_config_flags(parser, skip=("conv", "seed", "output"))
-    parser.add_argument("--output", default=None, help="folder for the runs and tables "
-                        "(default runs/compare-{model}-{data})")
+    parser.add_argument(
+        "--output", default=None, help="folder for the runs and tables (default runs/compare-{model}-{data})"
+    )
     parser.set_defaults(run=run)
 
 

@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     import convzoo
     from convzoo.train.checkpoint import load_checkpoint
     from convzoo.train.compare import compare, markdown, write_outputs
-    from convzoo.train.engine import load_weights, prepare_data
     from convzoo.train.config import make_config
+    from convzoo.train.engine import load_weights, prepare_data
 
     output = args.output or time.strftime("runs/demo-%Y%m%d-%H%M%S")
     start = time.perf_counter()
@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"device": args.device}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    comparison = compare("cifar_resnet20", convs, data="digits", seeds=args.seeds, recipe="digits-quick",
-                         output=output, **overrides)
+    comparison = compare(
+        "cifar_resnet20", convs, data="digits", seeds=args.seeds, recipe="digits-quick", output=output, **overrides
+    )
     if not comparison.rows:
         raise ValueError(f"none of {convs} could be trained")
     title = "cifar_resnet20 on digits (recipe digits-quick)"
@@ -68,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     macs = convzoo.profile.count_macs(model), convzoo.profile.count_macs(deployed)
     print(f"best: {best.conv} ({best.top1_mean:.2f}% top-1); deployed from {run_dir}")
     print(f"  parameters {params[0]:,} -> {params[1]:,}; MACs/image {macs[0]:,} -> {macs[1]:,}")
-    print(f"  deployed top-1 {100 * accuracy:.2f}%; max |deployed - trained| over {len(images)} test images = {error:.2e}")
+    print(
+        f"  deployed top-1 {100 * accuracy:.2f}%; max |deployed - trained| over {len(images)} test images = {error:.2e}"
+    )
     torch.testing.assert_close(folded, reference, rtol=1e-4, atol=1e-4)
     print("deployed outputs match")
     print(f"wrote {paths['md']}, {paths['csv']} and {paths['png']}; {time.perf_counter() - start:.0f} s in all")

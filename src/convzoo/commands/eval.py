@@ -24,8 +24,14 @@ def run(args: argparse.Namespace) -> int:
     from convzoo.train.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(
-        args.checkpoint, model=args.model, conv=args.conv, data=args.data, data_dir=args.data_dir,
-        split=args.split, ema=args.ema, device=args.device,
+        args.checkpoint,
+        model=args.model,
+        conv=args.conv,
+        data=args.data,
+        data_dir=args.data_dir,
+        split=args.split,
+        ema=args.ema,
+        device=args.device,
     )
     if args.json:
         print(json.dumps(report, indent=2))

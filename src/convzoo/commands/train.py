@@ -82,16 +82,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Train a model. Values come from the defaults, then --recipe, then the flags.",
     )
     parser.add_argument("--recipe", default=None, help=HELP["recipe"])
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                        help="continue the run in --output (or the checkpoint/run folder PATH)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="PATH",
+        help="continue the run in --output (or the checkpoint/run folder PATH)",
+    )
     parser.add_argument("--list-recipes", action="store_true", help="list bundled recipes and exit")
     add_config_flags(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from convzoo.train import distributed
     from convzoo.train.config import list_recipes, load_recipe, make_config
-    from convzoo.train.engine import TrainingDiverged, train
+    from convzoo.train.engine import TrainingDivergedError, train
 
     if args.list_recipes:
         for name in list_recipes():
@@ -100,10 +107,14 @@ def run(args: argparse.Namespace) -> int:
     config = make_config(args.recipe, **config_overrides(args))
     try:
         result = train(config, resume=args.resume)
-    except TrainingDiverged as error:
+    except TrainingDivergedError as error:
         print(f"convzoo train: {error}", file=sys.stderr)
         return 1
-    if result.final is not None and (result.run_dir / "results.json").exists():
-        print(f"top-1 {result.final.top1:.4f}  top-5 {result.final.top5:.4f}  "
-              f"({result.images_per_second:,.0f} images/s); run folder {result.run_dir}")
+    finally:
+        distributed.cleanup()
+    if result.is_main and result.final is not None:
+        print(
+            f"top-1 {result.final.top1:.4f}  top-5 {result.final.top5:.4f}  "
+            f"({result.images_per_second:,.0f} images/s); run folder {result.run_dir}"
+        )
     return 0

@@ -31,7 +31,9 @@ class ImageSet:
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
         self.labels = self.labels.long()
         if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
-            raise ValueError(f"labels must lie in [0, {len(self.classes)}), got [{self.labels.min()}, {self.labels.max()}]")
+            raise ValueError(
+                f"labels must lie in [0, {len(self.classes)}), got [{self.labels.min()}, {self.labels.max()}]"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -58,8 +58,9 @@ def digits(split: str, *, image_size: int | None = 32, **_: object) -> ImageSet:
     return ImageSet(images[keep], labels[keep], [str(c) for c in range(10)])
 
 
-def fake(split: str, *, image_size: int | None = 32, num_classes: int | None = 10, size: int | None = None,
-         **_: object) -> ImageSet:
+def fake(
+    split: str, *, image_size: int | None = 32, num_classes: int | None = 10, size: int | None = None, **_: object
+) -> ImageSet:
     """Deterministic synthetic images: a class-dependent colour plus noise, so models can learn it."""
     classes = num_classes or 10
     count = size or (512 if split == "train" else 128)
@@ -125,8 +126,9 @@ def _decode_files(files: list[tuple[Path, int]], image_size: int | None) -> Tens
     return images
 
 
-def imagefolder(split: str, *, data_dir: Path | None, image_size: int | None = None, cache_dir: Path | None = None,
-                **_: object) -> ImageSet:
+def imagefolder(
+    split: str, *, data_dir: Path | None, image_size: int | None = None, cache_dir: Path | None = None, **_: object
+) -> ImageSet:
     """Any ``root/{train,test}/<class>/<image>`` tree (test may be named val); decoded once, then cached."""
     if data_dir is None:
         raise FileNotFoundError("--data-dir is required for imagefolder data (root/train/<class>/<image>)")
@@ -136,8 +138,11 @@ def imagefolder(split: str, *, data_dir: Path | None, image_size: int | None = N
     classes, files = _list_images(_split_dir(root, split))
     stats = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in files]
     key = cache_key("imagefolder", str(root.resolve()), split, image_size, stats)
-    return _cached(cache_dir, f"imagefolder-{split}-{key}", lambda: ImageSet(
-        _decode_files(files, image_size), torch.tensor([label for _, label in files]), classes))
+    return _cached(
+        cache_dir,
+        f"imagefolder-{split}-{key}",
+        lambda: ImageSet(_decode_files(files, image_size), torch.tensor([label for _, label in files]), classes),
+    )
 
 
 def _cached(cache_dir: Path | None, name: str, build: Callable[[], ImageSet]) -> ImageSet:
@@ -154,8 +159,15 @@ def _cached(cache_dir: Path | None, name: str, build: Callable[[], ImageSet]) ->
 
 # ---------------------------------------------------------------- torchvision and ImageNet32 formats
 def _torchvision(name: str) -> Callable[..., ImageSet]:
-    def load(split: str, *, data_dir: Path | None, image_size: int | None = None, download: bool = False,
-             cache_dir: Path | None = None, **_: object) -> ImageSet:
+    def load(
+        split: str,
+        *,
+        data_dir: Path | None,
+        image_size: int | None = None,
+        download: bool = False,
+        cache_dir: Path | None = None,
+        **_: object,
+    ) -> ImageSet:
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir(name)
         if (root / "train").is_dir():  # an ImageFolder copy, e.g. ../shared/data/cifar10-jpeg
             return imagefolder(split, data_dir=root, image_size=image_size, cache_dir=cache_dir)
@@ -180,8 +192,9 @@ def _torchvision(name: str) -> Callable[..., ImageSet]:
     return load
 
 
-def imagenet32(split: str, *, data_dir: Path | None, image_size: int | None = None, cache_dir: Path | None = None,
-               **_: object) -> ImageSet:
+def imagenet32(
+    split: str, *, data_dir: Path | None, image_size: int | None = None, cache_dir: Path | None = None, **_: object
+) -> ImageSet:
     """Downsampled ImageNet 32x32 (Chrabaszcz et al. 2017), npz batches: ``train_data_batch_<i>.npz``,
     ``val_data.npz`` with ``data`` (N, 3072) uint8 in CHW order and ``labels`` 1..1000. Read with
     ``allow_pickle=False``; the pickled variant of the release is refused."""
@@ -200,7 +213,7 @@ def imagenet32(split: str, *, data_dir: Path | None, image_size: int | None = No
         for path in files:
             with np.load(path, allow_pickle=False) as batch:
                 data = batch["data"]
-                side = int(round((data.shape[1] // 3) ** 0.5))
+                side = round((data.shape[1] // 3) ** 0.5)
                 images.append(torch.from_numpy(np.ascontiguousarray(data)).view(-1, 3, side, side))
                 labels.append(torch.from_numpy(batch["labels"].astype(np.int64)) - 1)
         return ImageSet(resize_images(torch.cat(images), image_size), torch.cat(labels), [str(c) for c in range(1000)])

@@ -5,6 +5,8 @@ from convzoo.ops import (
     cpwc,  # noqa: F401  (registers "cpwc")
     dilated,  # noqa: F401  (registers "dds", "pyramid")
     doconv,  # noqa: F401  (registers "doconv")
+    multiception,  # noqa: F401  (registers "multiception")
+    separable,  # noqa: F401  (registers "dsconv", "mixconv")
 )
 from convzoo.ops.cac import CAConv2d, has_cac_layers
 from convzoo.ops.cac_cost import CACLoss, CACStatistics, cac_statistics
@@ -13,7 +15,9 @@ from convzoo.ops.conv_spec import ConvSpec
 from convzoo.ops.cpwc import CPWCGroupingPlan, CPWConv2d, cpwc_grouping_plan
 from convzoo.ops.dilated import DilatedSeparableConv2d, PyramidDilatedConv2d
 from convzoo.ops.doconv import DOConv2d
+from convzoo.ops.multiception import FusedMulticeptionConv2d, MulticeptionConv2d, MulticeptionOfficial
 from convzoo.ops.registry import ConvKind, get_conv_kind, list_convs, register_conv
+from convzoo.ops.separable import DSConv2d, MixConv2d
 
 __all__ = [
     "CACLoss",
@@ -25,7 +29,12 @@ __all__ = [
     "ConvKind",
     "ConvSpec",
     "DOConv2d",
+    "DSConv2d",
     "DilatedSeparableConv2d",
+    "FusedMulticeptionConv2d",
+    "MixConv2d",
+    "MulticeptionConv2d",
+    "MulticeptionOfficial",
     "PyramidDilatedConv2d",
     "cac_statistics",
     "cpwc_grouping_plan",

@@ -18,8 +18,9 @@ geometric centre; for even ``k`` the geometric centre falls between two taps and
 earlier one (for dilation 1 that is the pixel ``padding='same'`` aligns the output with). Every
 output position therefore reads a real pixel of its own window (the authors' code crops the
 1×1 output from the top-left, reading a corner pixel and zeroing the top and left borders).
-Where a kernel dimension is shorter than 3 the Sobel taps reach one step past the window; the
-mean map is extended there by replicate padding.
+Where a kernel dimension is shorter than 3 a Sobel tap falls one step outside the window; the
+(padded) mean map is extended there by replicate padding. Grouped convs are supported: Σw is taken
+per group and the channel mean spans all input channels.
 
 **Training.** The forward pass uses the hard mask ``m = [γG + β > 0]``. Its gradient is the
 straight-through estimator: backward treats ``∂m/∂M = 1``, so ``∂L/∂M = Σ_c ∂L/∂y · (y_kxk - y_1x1)``
@@ -88,14 +89,16 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
         [mean[:, top + ch + (r - 1) * dh :: sh, left + cw + (c - 1) * dw :: sw][:, :out_h, :out_w] for c in range(3)]
         for r in range(3)
     ]
-    grad_x = (tap[0][2] - tap[0][0]) + 2 * (tap[1][2] - tap[1][0]) + (tap[2][2] - tap[2][0])  # [1 2 1]^T ⊗ [-1 0 1]
-    grad_y = (tap[2][0] - tap[0][0]) + 2 * (tap[2][1] - tap[0][1]) + (tap[2][2] - tap[0][2])  # its transpose
-    return torch.sqrt(grad_x * grad_x + grad_y * grad_y)
+    diff = [tap[r][2] - tap[r][0] for r in range(3)]  # [-1 0 1] along x, per row of taps
+    smooth = [torch.add(tap[r][0] + tap[r][2], tap[r][1], alpha=2) for r in (0, 2)]  # [1 2 1] along x
+    grad_x = torch.add(diff[0] + diff[2], diff[1], alpha=2)  # [1 2 1]^T ⊗ [-1 0 1]
+    grad_y = smooth[1] - smooth[0]  # [-1 0 1]^T ⊗ [1 2 1]
+    return torch.hypot(grad_x, grad_y)
 
 
 def score_logits(spec: ConvSpec, x: Tensor, gamma: Tensor, beta: Tensor, out_size: tuple[int, int]) -> Tensor:
     """γ·G + β for every output position, (B, H', W'); a window is sharp iff this is > 0 (i.e. M > 0.5)."""
-    return gamma * gradient_map(spec, x, out_size) + beta
+    return torch.addcmul(beta, gamma, gradient_map(spec, x, out_size))
 
 
 def centre_pixels(spec: ConvSpec, padded: Tensor, out_size: tuple[int, int]) -> Tensor:
@@ -182,8 +185,8 @@ class CAConv2d(CACStatsMixin, nn.Module):
         gamma_init: keyword-only initial γ (default 0).
         beta_init: keyword-only initial β (default 1). With γ >= 0 and β > 0 every window
             starts sharp (ρ = 1) and the layer computes exactly ``nn.Conv2d``.
-        sparse_threshold: keyword-only; the inference form (``fuse()``) runs the sparse path
-            when the fraction of sharp windows in a batch is at most this, else the dense one.
+        sparse_threshold: keyword-only; the inference form (``fuse()``) runs the block-sparse path
+            when the fraction of output blocks holding a sharp window is at most this, else the dense one.
 
     Shapes:
         input (B, C_in, H, W) -> output (B, C_out, H', W') exactly as ``nn.Conv2d``.
@@ -365,3 +368,15 @@ def has_cac_layers(model: nn.Module) -> bool:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     return any(isinstance(m, CACStatsMixin) for m in model.modules())
+
+
+_COST_NAMES = ("CACLoss", "CACStatistics", "cac_statistics", "calibrate_sharp_ratio_")
+
+
+def __getattr__(name: str) -> object:
+    """``convzoo.ops.cac.CACLoss`` etc. (the agreed interface), defined in ``cac_cost`` to keep this module small."""
+    if name in _COST_NAMES:
+        from convzoo.ops import cac_cost
+
+        return getattr(cac_cost, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

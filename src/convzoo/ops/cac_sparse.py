@@ -13,10 +13,12 @@ nothing (that is what the authors' code does). :class:`CACSparseConv2d` is block
    are written back as ``where(sharp, k×k, 1×1)``; the result is a (B, C_out, H', W') tensor with
    channels-last strides (no copy back).
 
-Cost: (active blocks)·(k×k conv of a block) + 1×1 everywhere + the gathers. Above a fraction of
-sharp windows (``threshold``, measured in ``benchmarks/bench_cac.py``) the dense conv is faster and
-the module runs it instead (plus the 1×1 where a window is smooth). Both paths equal the dense
-masked form of the training layer.
+Cost: (active blocks)·(k×k conv of a block with its halo) + 1×1 everywhere + gathers and copies,
+so it is the fraction of *active blocks* (not ρ itself) that sets the time: 25 % sharp windows
+spread evenly over the map activate nearly every block. Above a fraction of active blocks
+(``threshold``, measured in ``benchmarks/bench_cac.py``) the dense conv is faster and the module
+runs it instead (plus the 1×1 where a window is smooth, nothing more when every window is sharp).
+Both paths equal the dense masked form of the training layer.
 """
 
 from __future__ import annotations
@@ -38,13 +40,15 @@ from convzoo.ops.cac import (
 )
 from convzoo.ops.conv_spec import ConvSpec
 
-DEFAULT_SPARSE_THRESHOLD = 0.5
-"""Fraction of sharp windows above which the dense conv is faster (3×3, 64->64, 32×32, batch 64, CPU)."""
+DEFAULT_SPARSE_THRESHOLD = 0.7
+"""Fraction of active blocks above which the dense conv is faster.
+
+Measured by ``benchmarks/bench_cac.py`` (3×3, 64->64, 32×32, batch 64, CPU): the sparse and dense
+paths crossed at about 0.7 active 4×4 blocks, on NCHW and channels-last inputs alike.
+"""
 
 DEFAULT_TILE = 4
 """Output block size of the sparse path (blocks of 4×4 outputs, 6×6 inputs for a 3×3 kernel)."""
-
-_CHANNELS_LAST = torch.channels_last
 
 
 def check_threshold(value: object) -> float:
@@ -72,14 +76,15 @@ class CACSparseConv2d(CACStatsMixin, nn.Module):
     Args:
         spec: the conv geometry.
         weight, bias, gamma, beta: the trained tensors (copied).
-        threshold: run the dense path when the fraction of sharp windows in the batch exceeds this.
+        threshold: run the dense path when the fraction of active blocks (blocks holding a sharp
+            window) in the batch exceeds this.
         tile: output block size of the sparse path.
 
     Shapes:
         input (B, C_in, H, W) -> output (B, C_out, H', W'), with channels-last strides.
 
     After each call ``last_path`` is ``"sparse"`` or ``"dense"`` and ``last_active`` the fraction of
-    active blocks (sparse path).
+    active blocks.
     """
 
     convzoo_kind = "cac"
@@ -138,6 +143,27 @@ class CACSparseConv2d(CACStatsMixin, nn.Module):
             tile=tile,
         )
 
+    @torch.no_grad()
+    def fuse_batchnorm(self, bn: nn.BatchNorm2d) -> CACSparseConv2d:
+        """This layer followed by eval-mode ``bn``, as one CACSparseConv2d (exact).
+
+        Both branches are linear in (W, b) and Σ(s·W) = s·Σw, so BN's per-channel scale s and shift
+        t fold into the kernel and bias; the score map reads only the input and is unchanged.
+        (``convzoo.deploy`` folds BN only into ``nn.Conv2d``; this is the hook to fold it here.)
+        """
+        if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
+            raise TypeError(f"bn must be an nn.BatchNorm2d with running statistics, got {type(bn).__name__}")
+        if bn.num_features != self.spec.out_channels:
+            raise ValueError(f"bn has {bn.num_features} features, the layer {self.spec.out_channels} output channels")
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
+        bias = shift if self.bias is None else self.bias * scale + shift
+        spec = ConvSpec.create(**{**self.spec.conv_kwargs(), "bias": True})
+        weight = self.weight * scale.reshape(-1, 1, 1, 1)
+        return CACSparseConv2d(spec, weight, bias, self.gamma, self.beta, threshold=self.threshold, tile=self.tile)
+
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C_in, H, W) -> (B, C_out, H', W'), equal to the CAConv2d it came from."""
         if x.dim() != 4:
@@ -146,12 +172,25 @@ class CACSparseConv2d(CACStatsMixin, nn.Module):
         mask = score_logits(self.spec, x, self.gamma, self.beta, out_size) > 0
         counts = mask.flatten(1).sum(1)
         self.last_mask, self.last_sharp_count, self.last_output_size = mask, counts, out_size
-        n_sharp = int(counts.sum())
-        if n_sharp > self.threshold * mask.numel():
-            self.last_path, self.last_active = "dense", None
-            return self._dense(x, mask, out_size, all_sharp=n_sharp == mask.numel())
+        grid = self._block_mask(mask)
+        active = grid.any(dim=(3, 4))  # (B, blocks_h, blocks_w)
+        self.last_active = int(active.sum()) / active.numel()
+        if self.last_active > self.threshold:
+            self.last_path = "dense"
+            return self._dense(x, mask, out_size, all_sharp=bool(int(counts.sum()) == mask.numel()))
         self.last_path = "sparse"
-        return self._sparse(x, mask, out_size)
+        return self._sparse(x, grid, active, out_size)
+
+    def _block_mask(self, mask: Tensor) -> Tensor:
+        """mask (B, H', W') -> (B, blocks_h, blocks_w, tile, tile), padded with False to whole blocks."""
+        batch, out_h, out_w = mask.shape
+        tile = self.tile
+        blocks_h, blocks_w = math.ceil(out_h / tile), math.ceil(out_w / tile)
+        if (blocks_h * tile, blocks_w * tile) != (out_h, out_w):
+            grid = mask.new_zeros(batch, blocks_h * tile, blocks_w * tile)
+            grid[:, :out_h, :out_w] = mask
+            mask = grid
+        return mask.view(batch, blocks_h, tile, blocks_w, tile).permute(0, 1, 3, 2, 4)
 
     def _smooth(self, padded: Tensor, out_size: tuple[int, int]) -> Tensor:
         """The 1×1 conv Σw at every window centre: padded (B, C, Hp, Wp) -> (B, C_out, H', W')."""
@@ -159,14 +198,13 @@ class CACSparseConv2d(CACStatsMixin, nn.Module):
         return F.conv2d(centres, summed_kernel(self.weight), self.bias, 1, 0, 1, self.groups)
 
     def _dense(self, x: Tensor, mask: Tensor, out_size: tuple[int, int], *, all_sharp: bool) -> Tensor:
-        x = x.contiguous(memory_format=_CHANNELS_LAST)  # oneDNN's fast layout
         if all_sharp:
             return self.spec.conv2d(x, self.weight, self.bias)
         padded = pad_input(self.spec, x)
         sharp = F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return torch.where(mask.unsqueeze(1), sharp, self._smooth(padded, out_size))
 
-    def _sparse(self, x: Tensor, mask: Tensor, out_size: tuple[int, int]) -> Tensor:
+    def _sparse(self, x: Tensor, grid: Tensor, active: Tensor, out_size: tuple[int, int]) -> Tensor:
         batch, c_in = x.shape[:2]
         c_out, tile = self.spec.out_channels, self.tile
         (out_h, out_w), (kh, kw), (sh, sw), (dh, dw) = out_size, self.kernel_size, self.stride, self.dilation
@@ -175,13 +213,20 @@ class CACSparseConv2d(CACStatsMixin, nn.Module):
 
         # Padded input, channels last, with zero rows/cols so that every block's input fits (they
         # only feed outputs beyond H' x W', which are cropped).
-        padded = pad_input(self.spec, x)
-        pad_h, pad_w = padded.shape[-2:]
+        left, right, top, bottom = self.spec.explicit_padding
+        pad_h, pad_w = x.shape[2] + top + bottom, x.shape[3] + left + right
         full_h, full_w = max(pad_h, (tiles_h - 1) * tile * sh + in_h), max(pad_w, (tiles_w - 1) * tile * sw + in_w)
         buffer = x.new_empty(batch, full_h, full_w, c_in)
-        buffer[:, :pad_h, :pad_w] = padded.permute(0, 2, 3, 1)
-        buffer[:, pad_h:] = 0
-        buffer[:, :pad_h, pad_w:] = 0
+        if self.padding_mode == "zeros":  # one copy: x into the interior, zeros around it
+            buffer[:, top : top + x.shape[2], left : left + x.shape[3]] = x.permute(0, 2, 3, 1)
+            buffer[:, :top] = 0
+            buffer[:, top + x.shape[2] :] = 0
+            buffer[:, top : top + x.shape[2], :left] = 0
+            buffer[:, top : top + x.shape[2], left + x.shape[3] :] = 0
+        else:
+            buffer[:, :pad_h, :pad_w] = pad_input(self.spec, x).permute(0, 2, 3, 1)
+            buffer[:, pad_h:] = 0
+            buffer[:, :pad_h, pad_w:] = 0
 
         # 1x1 conv on every window centre -> output buffer (B, tiles_h*tile, tiles_w*tile, C_out).
         smooth = self._smooth(buffer[:, :pad_h, :pad_w].permute(0, 3, 1, 2), out_size).permute(0, 2, 3, 1)
@@ -191,11 +236,7 @@ class CACSparseConv2d(CACStatsMixin, nn.Module):
             out = x.new_empty(batch, tiles_h * tile, tiles_w * tile, c_out)
             out[:, :out_h, :out_w] = smooth
 
-        grid = mask.new_zeros(batch, tiles_h * tile, tiles_w * tile)
-        grid[:, :out_h, :out_w] = mask
-        grid = grid.view(batch, tiles_h, tile, tiles_w, tile).permute(0, 1, 3, 2, 4)  # (B, th, tw, tile, tile)
-        b, i, j = grid.any(dim=(3, 4)).nonzero(as_tuple=True)
-        self.last_active = b.numel() / (batch * tiles_h * tiles_w)
+        b, i, j = active.nonzero(as_tuple=True)
         if b.numel():
             blocks = buffer.as_strided(
                 (batch, tiles_h, tiles_w, in_h, in_w, c_in),
@@ -204,9 +245,12 @@ class CACSparseConv2d(CACStatsMixin, nn.Module):
             sharp = F.conv2d(
                 blocks.permute(0, 3, 1, 2), self.weight, self.bias, self.stride, 0, self.dilation, self.groups
             )
-            out_blocks = out.view(batch, tiles_h, tile, tiles_w, tile, c_out).permute(0, 1, 3, 2, 4, 5)
-            keep = grid[b, i, j].unsqueeze(-1)  # (n, tile, tile, 1)
-            out_blocks[b, i, j] = torch.where(keep, sharp.permute(0, 2, 3, 1), out_blocks[b, i, j])
+            # Scatter only the sharp windows of the active blocks (they are all the sharp windows).
+            keep = grid[b, i, j]  # (n, tile, tile)
+            sharp = sharp.permute(0, 2, 3, 1)[keep]  # (n_sharp, C_out), in block order
+            positions = torch.arange(out.numel() // c_out, device=x.device)
+            positions = positions.view(batch, tiles_h, tile, tiles_w, tile).permute(0, 1, 3, 2, 4)[b, i, j][keep]
+            out.view(-1, c_out).index_copy_(0, positions, sharp)
         return out[:, :out_h, :out_w].permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:

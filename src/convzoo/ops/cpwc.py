@@ -30,11 +30,15 @@ Deploy: there is no ``fuse()``. The only exact merge of the PWC with the context
 dense 3x3 conv (the PWC at the kernel centre plus the block-sparse stage-1 kernels), which
 needs 9x the PWC's MACs; stage 2 cannot merge with stage 1 into a 5x5 conv because stage 2
 zero-pads stage 1's *output*, which differs from a 5x5 conv at the borders. The only free
-fold (stage 2's residual) is already part of the training form.
+fold (stage 2's residual) is already part of the training form. A BatchNorm after a CPWC does
+fold exactly (:meth:`CPWConv2d.fuse_batchnorm`), but ``deploy()`` folds BNs only into
+``nn.Conv2d``.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -359,6 +363,36 @@ class CPWConv2d(nn.Module):
             if conv.bias is not None:
                 module.bias.copy_(conv.bias)
         return module
+
+    @torch.no_grad()
+    def fuse_batchnorm(self, bn: nn.BatchNorm2d) -> CPWConv2d:
+        """A CPWConv2d (with bias) computing ``bn(self(x))`` for an eval-mode ``bn``, exactly.
+
+        The output is linear in the PWC kernel and in the last context conv, so the BN scale
+        ``s`` multiplies the PWC kernel and stage 2's ``W2 + I`` (stage 1's kernels without
+        stage 2), and the bias becomes ``s * b + beta - s * mean``. ``deploy()`` folds BNs only
+        into ``nn.Conv2d``; call this for the BN after a CPWC.
+        """
+        if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.num_features != self.out_channels:
+            raise ValueError(f"bn must be a BatchNorm2d({self.out_channels}) with running statistics, got {bn!r}")
+        scale = bn.running_var.add(bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0)
+        new = copy.deepcopy(self)
+        if new.bias is None:
+            new.bias = nn.Parameter(torch.zeros_like(shift))
+        new.spec = dataclasses.replace(new.spec, bias=True)
+        new.bias.copy_(new.bias * scale + shift)
+        if new.weight is not None:
+            new.weight.mul_(scale.view(-1, 1, 1, 1))
+        if new.stage2_weight is not None:
+            identity = new.stage2_identity
+            new.stage2_weight.copy_((new.stage2_weight + identity) * scale.view(-1, 1, 1, 1) - identity)
+        else:
+            filters = torch.tensor(self.plan.connection_filters, device=scale.device)
+            new.stage1_weight.mul_(scale[filters].view(-1, 1, 1, 1))
+        return new
 
     def extra_repr(self) -> str:
         s = self.spec.describe().replace(" k1x1", "").replace(" g1", "")

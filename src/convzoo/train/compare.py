@@ -18,7 +18,7 @@ from torch import nn
 
 from convzoo.train.checkpoint import load_checkpoint
 from convzoo.train.config import TrainConfig, make_config
-from convzoo.train.engine import CHECKPOINT_NAME, build_model, prepare_data, train
+from convzoo.train.engine import CHECKPOINT_NAME, DataBundle, TrainingDivergedError, build_model, prepare_data, train
 
 
 @dataclass
@@ -106,25 +106,44 @@ def compare(
             skipped.append((conv, str(reason)))
             continue
         row = CompareRow(conv, sum(p.numel() for p in network.parameters()), *_macs(network, shape))
-        for seed in range(seeds):
-            run_dir = output / f"{conv}-s{seed}"
-            config = _with(base, conv=conv, seed=seed, output=str(run_dir))
-            summary = _finished(run_dir, config.epochs)
-            if summary is None:
-                resume = "auto" if (run_dir / CHECKPOINT_NAME).is_file() else None
-                log(f"training {model} conv={conv} seed={seed} ({config.epochs} epochs) -> {run_dir}")
-                train(config, resume=resume, data=bundle)
-                summary = json.loads((run_dir / "results.json").read_text())
-            else:
-                log(f"reusing finished run {run_dir}")
-            row.top1.append(100 * summary["top1"])
-            row.top5.append(100 * summary["top5"])
-            row.train_seconds.append(summary["train_seconds"])
-            row.images_per_s.append(summary["images_per_s"])
-            row.run_dirs.append(run_dir)
-            log(f"  {conv} seed {seed}: top-1 {row.top1[-1]:.2f}%")
+        try:
+            _train_seeds(row, model, base, bundle, seeds, output, log)
+        except TrainingDivergedError as error:  # one unstable operator must not sink the whole table
+            log(f"note: dropping {conv}: {error}")
+            skipped.append((conv, f"training diverged: {error}"))
+            continue
         rows.append(row)
     return Comparison(rows, skipped, output)
+
+
+def _train_seeds(
+    row: CompareRow,
+    model: str,
+    base: TrainConfig,
+    bundle: DataBundle,
+    seeds: int,
+    output: Path,
+    log: Callable[[str], None],
+) -> None:
+    """Train (or reuse / resume) every seed of ``row.conv`` and append its results to ``row``."""
+    conv = row.conv
+    for seed in range(seeds):
+        run_dir = output / f"{conv}-s{seed}"
+        config = _with(base, conv=conv, seed=seed, output=str(run_dir))
+        summary = _finished(run_dir, config.epochs)
+        if summary is None:
+            resume = "auto" if (run_dir / CHECKPOINT_NAME).is_file() else None
+            log(f"training {model} conv={conv} seed={seed} ({config.epochs} epochs) -> {run_dir}")
+            train(config, resume=resume, data=bundle)
+            summary = json.loads((run_dir / "results.json").read_text())
+        else:
+            log(f"reusing finished run {run_dir}")
+        row.top1.append(100 * summary["top1"])
+        row.top5.append(100 * summary["top5"])
+        row.train_seconds.append(summary["train_seconds"])
+        row.images_per_s.append(summary["images_per_s"])
+        row.run_dirs.append(run_dir)
+        log(f"  {conv} seed {seed}: top-1 {row.top1[-1]:.2f}%")
 
 
 def _macs(network: nn.Module, shape: tuple[int, int, int]) -> tuple[int, int]:
@@ -148,7 +167,16 @@ def _with(config: TrainConfig, **changes: Any) -> TrainConfig:
     return TrainConfig(**{**config.to_dict(), **changes})
 
 
-HEADER = ("conv", "params", "MACs (M)", "deployed MACs (M)", "train time (s)", "images/s", "top-1 (%)", "Δ top-1 vs standard")
+HEADER = (
+    "conv",
+    "params",
+    "MACs (M)",
+    "deployed MACs (M)",
+    "train time (s)",
+    "images/s",
+    "top-1 (%)",
+    "Δ top-1 vs standard",
+)
 
 
 def table_rows(comparison: Comparison) -> list[list[str]]:
@@ -157,16 +185,18 @@ def table_rows(comparison: Comparison) -> list[list[str]]:
     rows = []
     for row in comparison.rows:
         delta = "" if reference is None or row.conv == "standard" else f"{row.top1_mean - reference:+.2f}"
-        rows.append([
-            row.conv,
-            f"{row.params:,}",
-            f"{row.macs / 1e6:.2f}",
-            f"{row.deployed_macs / 1e6:.2f}",
-            f"{statistics.fmean(row.train_seconds):.1f}",
-            f"{statistics.fmean(row.images_per_s):,.0f}",
-            f"{row.top1_mean:.2f} ± {row.top1_std:.2f}",
-            delta,
-        ])
+        rows.append(
+            [
+                row.conv,
+                f"{row.params:,}",
+                f"{row.macs / 1e6:.2f}",
+                f"{row.deployed_macs / 1e6:.2f}",
+                f"{statistics.fmean(row.train_seconds):.1f}",
+                f"{statistics.fmean(row.images_per_s):,.0f}",
+                f"{row.top1_mean:.2f} ± {row.top1_std:.2f}",
+                delta,
+            ]
+        )
     return rows
 
 
@@ -187,12 +217,35 @@ def write_outputs(comparison: Comparison, title: str) -> dict[str, Path]:
     paths["md"].write_text(markdown(comparison, title))
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["conv", "params", "macs", "deployed_macs", "train_seconds_mean", "images_per_s_mean", "top1_mean",
-                         "top1_std", "seeds", "top1_per_seed"])
+        writer.writerow(
+            [
+                "conv",
+                "params",
+                "macs",
+                "deployed_macs",
+                "train_seconds_mean",
+                "images_per_s_mean",
+                "top1_mean",
+                "top1_std",
+                "seeds",
+                "top1_per_seed",
+            ]
+        )
         for row in comparison.rows:
-            writer.writerow([row.conv, row.params, row.macs, row.deployed_macs, statistics.fmean(row.train_seconds),
-                             statistics.fmean(row.images_per_s), row.top1_mean, row.top1_std, len(row.top1),
-                             " ".join(f"{v:.2f}" for v in row.top1)])
+            writer.writerow(
+                [
+                    row.conv,
+                    row.params,
+                    row.macs,
+                    row.deployed_macs,
+                    statistics.fmean(row.train_seconds),
+                    statistics.fmean(row.images_per_s),
+                    row.top1_mean,
+                    row.top1_std,
+                    len(row.top1),
+                    " ".join(f"{v:.2f}" for v in row.top1),
+                ]
+            )
     plot_accuracy_vs_macs(comparison, paths["png"], title)
     return paths
 

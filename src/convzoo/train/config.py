@@ -93,8 +93,18 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        nonnegative = ("lr", "weight_decay", "warmup_epochs", "min_lr", "label_smoothing", "checkpoint_every",
-                       "cac_lambda", "train_subset", "test_subset", "momentum")
+        nonnegative = (
+            "lr",
+            "weight_decay",
+            "warmup_epochs",
+            "min_lr",
+            "label_smoothing",
+            "checkpoint_every",
+            "cac_lambda",
+            "train_subset",
+            "test_subset",
+            "momentum",
+        )
         for name in nonnegative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -103,7 +113,9 @@ class TrainConfig:
         if self.label_smoothing >= 1.0:
             raise ValueError(f"label_smoothing must be < 1, got {self.label_smoothing}")
         if self.warmup_epochs >= self.epochs and self.scheduler != "constant":
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs}); pass a smaller --warmup-epochs")
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs}); pass a smaller --warmup-epochs"
+            )
         if self.scheduler == "multistep" and not self.milestones:
             raise ValueError("scheduler 'multistep' needs milestones (epochs), e.g. milestones: [82, 123]")
         if sorted(self.milestones) != list(self.milestones):
@@ -119,7 +131,14 @@ class TrainConfig:
 
     def output_dir(self) -> Path:
         """``output`` with ``{model}``, ``{conv}``, ``{data}``, ``{seed}`` filled in."""
-        return Path(self.output.format(**{k: str(v).replace(":", "_") for k, v in self.to_dict().items()}))
+        fields = {k: str(v).replace(":", "_") for k, v in self.to_dict().items()}
+        try:
+            return Path(self.output.format(**fields))
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(
+                f"output {self.output!r} may only use the placeholders {{model}}, {{conv}}, {{data}}, {{seed}} "
+                "(or any other config key)"
+            ) from None
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -72,12 +72,3 @@ def all_reduce_sum(values: Tensor) -> Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
-
-
-def broadcast_object(value: object) -> object:
-    """Rank 0's ``value`` on every process (identity on one process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        holder = [value]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-    return value

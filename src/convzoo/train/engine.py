@@ -13,7 +13,8 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECK_EVERY = 10  # steps between finiteness checks of the running loss (each one syncs the device)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -59,7 +60,7 @@ class TrainResult:
     checkpoint: Path
     model: nn.Module
     params: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    is_main: bool = True
 
 
 def prepare_data(config: TrainConfig) -> DataBundle:
@@ -97,9 +98,16 @@ def cost_aware_loss(model: nn.Module, lam: float) -> nn.Module | None:
         from convzoo.ops import cac
     except ImportError:
         return None
-    if not cac.has_cac_layers(model):
+    has_cac_layers, loss = getattr(cac, "has_cac_layers", None), getattr(cac, "CACLoss", None)
+    if has_cac_layers is None or not has_cac_layers(model):
         return None
-    return cac.CACLoss(model, lam=lam)
+    if loss is None:
+        warnings.warn(
+            "the model has CAC layers but convzoo.ops.cac has no CACLoss: training with the task loss only",
+            stacklevel=2,
+        )
+        return None
+    return loss(model, lam=lam)
 
 
 def check_compatible(meta: dict[str, Any], config: TrainConfig, num_classes: int, path: Path) -> None:
@@ -117,8 +125,11 @@ def load_weights(model: nn.Module, weights: dict[str, Tensor], path: Path) -> No
     unexpected = sorted(set(weights) - set(own))
     wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
     if missing or unexpected or wrong:
-        parts = [f"{label} {names[:3]}{'...' if len(names) > 3 else ''}" for label, names in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
+        parts = [
+            f"{label} {names[:3]}{'...' if len(names) > 3 else ''}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if names
+        ]
         raise ValueError(f"checkpoint {path} does not fit this model: {'; '.join(parts)}")
     model.load_state_dict(weights)
 
@@ -215,8 +226,15 @@ class Trainer:
         common = {"device": self.device, "memory_format": self.memory_format}
         train_augment = BatchAugment(data.mean, data.std, config.augment)
         self.train_loader = TensorLoader(
-            data.train, per_rank, train_augment, shuffle=True, drop_last=True, seed=config.seed,
-            rank=self.dist.rank, world_size=world, **common,
+            data.train,
+            per_rank,
+            train_augment,
+            shuffle=True,
+            drop_last=True,
+            seed=config.seed,
+            rank=self.dist.rank,
+            world_size=world,
+            **common,
         )
         test_augment = BatchAugment(data.mean, data.std, "none")
         self.test_loader = TensorLoader(data.test, 256, test_augment, shuffle=False, drop_last=False, **common)
@@ -306,9 +324,12 @@ class Trainer:
     def _check_finite(self, loss_sum: Tensor, epoch: int, step: int) -> float:
         total = distributed.all_reduce_sum(loss_sum.detach().double().reshape(1)).item()
         if not math.isfinite(total):
-            kept = f"the last good checkpoint {self.checkpoint_path} is kept" if self.checkpoint_path.exists() else (
-                "no checkpoint was written yet")
-            raise TrainingDiverged(
+            kept = (
+                f"the last good checkpoint {self.checkpoint_path} is kept"
+                if self.checkpoint_path.exists()
+                else ("no checkpoint was written yet")
+            )
+            raise TrainingDivergedError(
                 f"loss became {total} in epoch {epoch + 1} near step {step + 1}; stopping ({kept}). "
                 "Try a lower --lr, more --warmup-epochs or --amp off."
             )
@@ -326,8 +347,13 @@ class Trainer:
         if self.dist.is_main and self.config.progress:
             from tqdm import tqdm
 
-            progress = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{self.config.epochs}",
-                            leave=False, dynamic_ncols=True)
+            progress = tqdm(
+                total=steps,
+                initial=start_step,
+                desc=f"epoch {epoch + 1}/{self.config.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+            )
         start = time.perf_counter()
         for step, (inputs, labels) in enumerate(loader, start=start_step):
             self.schedule.set_step(epoch * steps + step)
@@ -385,8 +411,9 @@ class Trainer:
                     final = evaluate(self.core, self.test_loader, self.data.num_classes, autocast_dtype=self.amp_dtype)
                     row.update(test_loss=final.loss, test_top1=final.top1, test_top5=final.top5)
                     if self.ema is not None:
-                        ema_result = evaluate(self.ema.module, self.test_loader, self.data.num_classes,
-                                              autocast_dtype=self.amp_dtype)
+                        ema_result = evaluate(
+                            self.ema.module, self.test_loader, self.data.num_classes, autocast_dtype=self.amp_dtype
+                        )
                         row.update(ema_top1=ema_result.top1, ema_top5=ema_result.top5)
                 row.update(epoch_seconds=seconds, images_per_s=rates[-1])
                 logger.log_epoch(row)
@@ -399,9 +426,15 @@ class Trainer:
         if final is None:  # nothing left to train: evaluate what the checkpoint holds
             final = evaluate(self.core, self.test_loader, self.data.num_classes, autocast_dtype=self.amp_dtype)
         if main:
-            summary = {"top1": final.top1, "top5": final.top5, "loss": final.loss, "per_class": final.per_class,
-                       "classes": self.data.train.classes, "train_seconds": train_seconds,
-                       "images_per_s": sum(rates) / len(rates) if rates else 0.0}
+            summary = {
+                "top1": final.top1,
+                "top5": final.top5,
+                "loss": final.loss,
+                "per_class": final.per_class,
+                "classes": self.data.train.classes,
+                "train_seconds": train_seconds,
+                "images_per_s": sum(rates) / len(rates) if rates else 0.0,
+            }
             (self.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
         self.core.eval()
         return TrainResult(
@@ -413,6 +446,7 @@ class Trainer:
             checkpoint=self.checkpoint_path,
             model=self.core,
             params=sum(p.numel() for p in self.core.parameters()),
+            is_main=main,
         )
 
 

@@ -50,17 +50,33 @@ def evaluate_checkpoint(
     target = resolve_device(device)
     network.to(target)
     images = load_imageset(
-        data or meta["data"], split, data_dir=data_dir or config.data_dir, image_size=config.image_size,
+        data or meta["data"],
+        split,
+        data_dir=data_dir or config.data_dir,
+        image_size=config.image_size,
         cache_dir=config.cache_dir,
     )
+    subset = config.test_subset if split == "test" else config.train_subset
+    if subset and data is None:  # the same slice the run was evaluated on
+        images = images.subset(subset)
     if images.image_shape != tuple(meta["image_shape"]):
-        raise ValueError(f"data images are {images.image_shape} but the checkpoint was trained on {meta['image_shape']}")
-    loader = TensorLoader(images, 256, BatchAugment(meta["mean"], meta["std"], "none"), shuffle=False,
-                          drop_last=False, device=target)
+        raise ValueError(
+            f"data images are {images.image_shape} but the checkpoint was trained on {meta['image_shape']}"
+        )
+    loader = TensorLoader(
+        images, 256, BatchAugment(meta["mean"], meta["std"], "none"), shuffle=False, drop_last=False, device=target
+    )
     result = evaluate(network, loader, int(meta["num_classes"]))
     classes = meta.get("classes") or images.classes
     return {
-        "model": meta["model"], "conv": meta["conv"], "data": data or meta["data"], "split": split,
-        "count": result.count, "top1": result.top1, "top5": result.top5, "loss": result.loss,
-        "classes": classes[: len(result.per_class)], "per_class": result.per_class[: len(classes)],
+        "model": meta["model"],
+        "conv": meta["conv"],
+        "data": data or meta["data"],
+        "split": split,
+        "count": result.count,
+        "top1": result.top1,
+        "top5": result.top5,
+        "loss": result.loss,
+        "classes": classes[: len(result.per_class)],
+        "per_class": result.per_class[: len(classes)],
     }

@@ -40,7 +40,7 @@ class LRSchedule:
     def __init__(self, optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> None:
         self.kind = config.scheduler
         total = config.epochs * steps_per_epoch
-        warmup = int(round(config.warmup_epochs * steps_per_epoch))
+        warmup = round(config.warmup_epochs * steps_per_epoch)
         warm = {"warmup_t": warmup, "warmup_lr_init": config.lr * 0.01 if warmup else 0.0, "t_in_epochs": False}
         self.timm: Any = None
         self.torch: torch.optim.lr_scheduler.OneCycleLR | None = None

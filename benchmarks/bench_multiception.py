@@ -1,0 +1,162 @@
+"""Multiception speed on cifar_resnet20 (batch 128, CPU) and the stride-placement training comparison.
+
+Speed: training step and inference of the standard-conv model, the authors' official form
+(stride in the 1x1, full-resolution depthwise convs), convzoo's MulticeptionConv2d (stride in
+the depthwise step, channels-last depthwise on CPU) and its deploy form, as ratios to the
+standard model measured in the same process (interleaved medians).
+
+Training comparison: the same initial weights trained with the stride in the depthwise step
+(convzoo) and in the 1x1 step (official) on a fixed slice of CIFAR-10 (../shared/data/cifar10-jpeg),
+then test accuracy of each.
+
+    python benchmarks/bench_multiception.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import convzoo
+from common import (
+    inference_fn,
+    interleaved_median_times,
+    markdown_table,
+    train_step_fn,
+    write_results,
+)
+from convzoo.ops.multiception import MulticeptionConv2d, MulticeptionOfficial
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
+
+
+def to_official(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every MulticeptionConv2d replaced by the authors' form (same weights)."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MulticeptionConv2d):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, MulticeptionOfficial.from_multiception(module))
+    return model
+
+
+def speed(batch: int, repeats: int) -> str:
+    x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    standard = convzoo.create_model("cifar_resnet20")
+    fast = convzoo.create_model("cifar_resnet20", conv="multiception")
+    official = to_official(fast)
+    train = interleaved_median_times(
+        {
+            "standard": train_step_fn(standard, x, t),
+            "official": train_step_fn(official, x, t),
+            "convzoo": train_step_fn(fast, x, t),
+        },
+        warmup=2,
+        repeats=repeats,
+    )
+    infer = interleaved_median_times(
+        {
+            "standard": inference_fn(convzoo.deploy(standard), x),
+            "official": inference_fn(official, x),
+            "convzoo": inference_fn(fast, x),
+            "convzoo deployed": inference_fn(convzoo.deploy(fast), x),
+        },
+        warmup=2,
+        repeats=repeats,
+    )
+    rows = [
+        ["training step", name, f"{seconds * 1e3:.0f}", f"{seconds / train['standard']:.2f}x"]
+        for name, seconds in train.items()
+    ]
+    rows += [
+        ["inference (standard: BN folded)", name, f"{seconds * 1e3:.0f}", f"{seconds / infer['standard']:.2f}x"]
+        for name, seconds in infer.items()
+    ]
+    targets = "Targets: training step <= 1.5x standard; deployed inference <= 1.0x standard (deployed)."
+    return markdown_table(["what", "model", "ms (median)", "vs standard"], rows) + "\n\n" + targets
+
+
+def load_slice(split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` images of each class (sorted by file name), normalised, as tensors."""
+    from PIL import Image
+    from torchvision.transforms.functional import normalize, pil_to_tensor
+
+    images, labels = [], []
+    for label, folder in enumerate(sorted(p for p in (DATA / split).iterdir() if p.is_dir())):
+        for path in sorted(folder.iterdir())[:per_class]:
+            images.append(pil_to_tensor(Image.open(path).convert("RGB")))
+            labels.append(label)
+    x = torch.stack(images).float() / 255
+    x = normalize(x, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
+    return x, torch.tensor(labels)
+
+
+def train_and_test(model: nn.Module, data: tuple, epochs: int, batch: int, seed: int) -> tuple[float, float]:
+    """SGD (Nesterov, lr 0.05, cosine) with random flips; returns (final train loss, test accuracy %)."""
+    (x, y), (xt, yt) = data
+    generator = torch.Generator().manual_seed(seed)
+    steps = epochs * ((len(x) + batch - 1) // batch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=2e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    loss = torch.tensor(0.0)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), batch):
+            index = order[i : i + batch]
+            flip = torch.rand(len(index), generator=generator) < 0.5
+            inputs = torch.where(flip[:, None, None, None], x[index].flip(3), x[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(inputs), y[index])
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    model.eval()
+    with torch.inference_mode():
+        predictions = torch.cat([model(xt[i : i + 500]).argmax(1) for i in range(0, len(xt), 500)])
+    correct = (predictions == yt).sum().item()
+    return loss.item(), 100.0 * correct / len(xt)
+
+
+def stride_experiment(per_class: int, test_per_class: int, epochs: int, seeds: int) -> str:
+    data = (load_slice("train", per_class), load_slice("test", test_per_class))
+    rows = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        fast = convzoo.create_model("cifar_resnet20", conv="multiception")
+        official = to_official(fast)
+        for name, model in (("stride in depthwise (convzoo)", fast), ("stride in 1x1 (official)", official)):
+            start = time.perf_counter()
+            loss, accuracy = train_and_test(model, data, epochs, 128, seed)
+            rows.append([seed, name, f"{loss:.3f}", f"{accuracy:.1f}", f"{time.perf_counter() - start:.0f}"])
+    setup = (
+        f"cifar_resnet20 + Multiception (authors' schedule), {10 * per_class} training / {10 * test_per_class} test "
+        f"images (first files of each class), {epochs} epochs, batch 128, SGD Nesterov lr 0.05 cosine, "
+        "same initial weights for both forms."
+    )
+    return setup + "\n\n" + markdown_table(["seed", "form", "final train loss", "test acc %", "seconds"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller training slice")
+    parser.add_argument("--skip-training", action="store_true", help="speed only")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    body = "## Speed (cifar_resnet20, batch 128, CPU)\n\n" + speed(128, 3 if args.quick else 10)
+    if not args.skip_training:
+        per_class, epochs, seeds = (100, 2, 1) if args.quick else (1000, 10, 2)
+        body += "\n\n## Stride placement: training comparison\n\n" + stride_experiment(per_class, 50, epochs, seeds)
+    write_results("multiception", "Multiception: speed and stride placement", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Multiception, its official reference form, its deploy form, and the DSConv / MixConv baselines."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import convzoo
+from convzoo.ops.multiception import (
+    FusedMulticeptionConv2d,
+    MulticeptionConv2d,
+    MulticeptionOfficial,
+    multiception_parameter_count,
+)
+from convzoo.ops.separable import DSConv2d, MixConv2d
+from convzoo.testing import count_parameters, randomize_batchnorm_
+
+F64 = {"dtype": torch.float64}
+
+
+def _randomized(module: nn.Module) -> nn.Module:
+    randomize_batchnorm_(module)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 1 and p.shape[0] == getattr(module, "out_channels", -1):
+                p.add_(torch.randn_like(p) * 0.1)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("kernels", "stride", "size"),
+    [((3, 5, 7), 1, (9, 11)), ((3, 5), 2, (9, 10)), ((3, 3), 2, (8, 7)), ((3,), 3, (10, 10)), ((1, 5), (2, 1), (7, 9))],
+)
+def test_stride_in_depthwise_equals_official_in_eval(kernels, stride, size) -> None:
+    fast = _randomized(MulticeptionConv2d(4, 6, 3, stride, kernels=kernels, **F64)).eval()
+    official = MulticeptionOfficial.from_multiception(fast).eval()
+    x = torch.randn(3, 4, *size, **F64)
+    y = fast(x)
+    torch.testing.assert_close(y, official(x), rtol=1e-12, atol=1e-12)
+    s = fast.stride
+    assert y.shape == (3, 6, (size[0] - 1) // s[0] + 1, (size[1] - 1) // s[1] + 1)
+
+
+def test_stride_one_training_mode_matches_official_outputs_grads_and_stats() -> None:
+    fast = _randomized(MulticeptionConv2d(3, 5, kernels=(3, 5, 7), **F64)).train()
+    official = MulticeptionOfficial.from_multiception(fast).train()
+    x = torch.randn(4, 3, 8, 8, **F64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    g = torch.randn(4, 5, 8, 8, **F64)
+    fast(x).backward(g)
+    official(x2).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
+    for (name, a), b in zip(fast.named_parameters(), official.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for a, b in zip(fast.buffers(), official.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+def test_stride_two_training_mode_differs_only_through_bn_statistics() -> None:
+    fast = _randomized(MulticeptionConv2d(3, 5, 3, 2, kernels=(3, 5), **F64)).train()
+    official = MulticeptionOfficial.from_multiception(fast).train()
+    x = torch.randn(4, 3, 8, 8, **F64)
+    assert not torch.allclose(fast(x), official(x))  # BN(K*C) sees a quarter of the positions
+
+
+@pytest.mark.parametrize(("kernels", "stride"), [((3, 5, 7), 1), ((3, 5), 2), ((3, 3), 1), ((7, 3), (1, 2))])
+def test_fuse_is_one_depthwise_and_one_pointwise_and_exact(kernels, stride) -> None:
+    module = _randomized(MulticeptionConv2d(4, 6, 3, stride, kernels=kernels, **F64)).eval()
+    fused = module.fuse()
+    convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 2
+    assert convs[0].groups == 4 and convs[0].out_channels == 4 * len(kernels)
+    assert convs[1].kernel_size == (1, 1)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(3, 4, 9, 10, **F64)
+    expected = module(x)
+    torch.testing.assert_close(fused(x), expected, rtol=1e-12, atol=1e-12)  # eager fast path
+    torch.testing.assert_close(fused.pointwise(fused.depthwise(x)), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(MulticeptionOfficial.from_multiception(module).fuse()(x), expected)
+
+
+def test_fused_fast_path_chunks_and_falls_back_when_windows_are_not_zero(monkeypatch) -> None:
+    from convzoo.ops import multiception
+
+    module = _randomized(MulticeptionConv2d(2, 3, kernels=(3, 5), **F64)).eval()
+    fused = module.fuse()
+    x = torch.randn(5, 2, 6, 6, **F64)
+    monkeypatch.setattr(multiception, "_CHUNK_BYTES", 1)  # one image per chunk
+    torch.testing.assert_close(fused(x), module(x), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        fused.depthwise.weight[0, 0, 0, 0] = 1.0  # a tap outside the 3x3 window of branch 0
+    torch.testing.assert_close(fused(x), fused.pointwise(fused.depthwise(x)), rtol=1e-12, atol=1e-12)
+
+
+def test_single_3x3_kernel_is_dsconv_with_bn_in_folded() -> None:
+    module = _randomized(MulticeptionConv2d(4, 6, 3, 2, kernels=(3,), **F64)).eval()
+    ds = DSConv2d(4, 6, 3, 2, **F64).eval()
+    scale = module.bn_in.weight / torch.sqrt(module.bn_in.running_var + module.bn_in.eps)
+    shift = module.bn_in.bias - module.bn_in.running_mean * scale
+    with torch.no_grad():
+        ds.depthwise.weight.copy_(module.branches[0].weight)
+        ds.pointwise.weight.copy_(module.pointwise.weight * scale[None, :, None, None])
+        ds.pointwise.bias.copy_(module.pointwise.bias + module.pointwise.weight.flatten(1) @ shift)
+        ds.bn_out.load_state_dict(module.bn_out.state_dict())
+    x = torch.randn(2, 4, 7, 7, **F64)
+    torch.testing.assert_close(ds(x), module(x), rtol=1e-12, atol=1e-12)
+    assert count_parameters(module) == count_parameters(ds) + 2 * 4  # BN(in) affine
+
+
+def test_parameter_count_by_hand() -> None:
+    # C=4, C_out=6, kernels (3, 5): depthwise 4*(9+25)=136, BN(8) 16, 1x1 8*6+6=54, BN(6) 12 -> 218
+    module = MulticeptionConv2d(4, 6, kernels=(3, 5))
+    assert count_parameters(module) == 218 == multiception_parameter_count(4, 6, (3, 5))
+    assert count_parameters(module.fuse()) == 4 * 2 * 25 + 8 * 6 + 6
+    # DSConv: 4*9 + 4*6 + 6 + 12 = 78; MixConv (3,5,7) over 4 channels split 2/1/1: 2*9+25+49 = 92 (+ 24+6+12)
+    assert count_parameters(DSConv2d(4, 6)) == 78
+    assert count_parameters(MixConv2d(4, 6, kernels=(3, 5, 7))) == 92 + 42
+
+
+@pytest.mark.parametrize("cls", [DSConv2d, MixConv2d])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_baselines_fuse_exactly(cls, stride) -> None:
+    module = _randomized(cls(6, 5, 3, stride, **F64)).eval()
+    x = torch.randn(2, 6, 9, 8, **F64)
+    fused = module.fuse()
+    torch.testing.assert_close(fused(x), module(x), rtol=1e-12, atol=1e-12)
+    assert fused[0] is module.depthwise
+    assert fused(x).shape == (2, 5, (9 - 1) // stride + 1, (8 - 1) // stride + 1)
+
+
+def test_mixconv_splits_channels_across_depthwise_kernels() -> None:
+    module = MixConv2d(7, 4, kernels=(3, 5, 7))
+    convs = list(module.depthwise.values())
+    assert [(c.in_channels, c.groups, c.kernel_size[0]) for c in convs] == [(3, 3, 3), (2, 2, 5), (2, 2, 7)]
+
+
+def test_deploy_and_reparameterize_on_a_converted_model() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, 2, 1))
+    model = convzoo.convert(model, "multiception", kernels=(3, 5)).to(torch.float64)
+    randomize_batchnorm_(model)
+    x = torch.randn(2, 3, 9, 9, **F64)
+    expected = model.eval()(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fx trace that finds conv-BN pairs must succeed
+        deployed = convzoo.deploy(model)
+    assert not any(isinstance(m, MulticeptionConv2d) for m in deployed.modules())
+    assert sum(isinstance(m, FusedMulticeptionConv2d) for m in deployed.modules()) == 2
+    torch.testing.assert_close(deployed(x), expected, rtol=1e-10, atol=1e-10)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+
+
+def test_from_conv_keeps_geometry_device_dtype_and_converts_only_centred_dense_convs() -> None:
+    conv = nn.Conv2d(4, 6, 5, 2, 2, **F64)
+    module = MulticeptionConv2d.from_conv(conv, kernels=(3, 5))
+    assert (module.kernel_size, module.stride, module.padding) == ((5, 5), (2, 2), (2, 2))
+    assert module.pointwise.weight.dtype == torch.float64
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=0), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 4, 1))
+    with pytest.warns(UserWarning, match="no layer was replaced"):
+        convzoo.convert(model, "multiception")
+    with pytest.warns(UserWarning, match="no layer was replaced"):
+        reasons = dict(convzoo.conversion_report(convzoo.convert(model, "dsconv")).skipped)
+    assert "centred padding" in reasons["0"] and "grouped" in reasons["1"] and "1x1" in reasons["2"]
+
+
+@pytest.mark.parametrize("cls", [MulticeptionConv2d, MixConv2d])
+def test_bad_kernels(cls) -> None:
+    with pytest.raises(ValueError, match=r"kernels must be odd.*got 4"):
+        cls(4, 4, kernels=(3, 4))
+    with pytest.raises(ValueError, match="empty"):
+        cls(4, 4, kernels=())
+    with pytest.raises(TypeError, match="kernels must hold ints"):
+        cls(4, 4, kernels=(3.0,))
+    with pytest.raises(TypeError, match="kernels must be a non-empty sequence"):
+        cls(4, 4, kernels=3)
+
+
+@pytest.mark.parametrize("cls", [MulticeptionConv2d, DSConv2d, MixConv2d])
+def test_bad_geometry(cls) -> None:
+    with pytest.raises(ValueError, match=r"unsupported padding 0"):
+        cls(4, 4, 3, 1, 0)
+    with pytest.raises(ValueError, match=r"unsupported padding 'valid'"):
+        cls(4, 4, 3, 1, "valid")
+    with pytest.raises(ValueError, match="padding='same' requires stride=1"):
+        cls(4, 4, 3, 2, "same")
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        cls(4, 4, 2)
+    with pytest.raises(ValueError, match="in_channels must be a positive int"):
+        cls(0, 4)
+    assert cls(4, 4, 3, 1, "same").padding == cls(4, 4, 3, 1, 1).padding == (1, 1)
+
+
+def test_mixconv_needs_a_channel_per_kernel() -> None:
+    with pytest.raises(ValueError, match="in_channels=2 cannot be split across 3 kernels"):
+        MixConv2d(2, 4, kernels=(3, 5, 7))
+
+
+def test_channels_last_input_keeps_its_memory_format() -> None:
+    module = MulticeptionConv2d(4, 6, kernels=(3, 5)).eval()
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert module(x).is_contiguous(memory_format=torch.channels_last)
+    assert module(x.contiguous()).is_contiguous()
+    assert module.fuse()(x.contiguous()).is_contiguous()
+
+
+def test_export_of_deploy_form() -> None:
+    module = _randomized(MulticeptionConv2d(4, 6, 3, 2, kernels=(3, 5))).eval()
+    fused = module.fuse()
+    x = torch.randn(2, 4, 8, 8)
+    exported = torch.export.export(fused, (x,))
+    torch.testing.assert_close(exported.module()(x), module(x), rtol=1e-5, atol=1e-5)
