@@ -146,6 +146,34 @@ def test_untraceable_model_falls_back_to_sequential_pairs() -> None:
         assert find_conv_bn_pairs(model) == [("body.0", "body.1")]
 
 
+class ScaledConv(nn.Module):
+    """A non-Conv2d module with its own exact BN fold, to test the fuse_batchnorm protocol."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64)
+
+    def forward(self, x):
+        return 2.0 * self.conv(x)
+
+    def fuse_batchnorm(self, bn: nn.BatchNorm2d) -> nn.Module:
+        scaled = nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64)
+        with torch.no_grad():
+            scaled.weight.copy_(2.0 * self.conv.weight)
+            scaled.bias.copy_(2.0 * self.conv.bias)
+        return torch.nn.utils.fusion.fuse_conv_bn_eval(scaled.eval(), bn)
+
+
+def test_modules_with_fuse_batchnorm_absorb_the_following_bn() -> None:
+    model = nn.Sequential(ScaledConv(), nn.BatchNorm2d(4, dtype=torch.float64), nn.ReLU())
+    randomize_batchnorm_(model).eval()
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    expected = model(x)
+    deployed = deploy(model)
+    assert type(deployed[0]) is nn.Conv2d and isinstance(deployed[1], nn.Identity)
+    torch.testing.assert_close(deployed(x), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_bn_without_running_stats_is_not_folded() -> None:
     model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3, track_running_stats=False)).eval()
     assert find_conv_bn_pairs(model) == []

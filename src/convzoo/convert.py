@@ -212,13 +212,15 @@ class _PairTracer(fx.Tracer):
     """Traces module-level dataflow; convs, BNs and convzoo operators stay leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, nn.Conv2d | nn.BatchNorm2d) or operator_kind(m) is not None:
+        if isinstance(m, nn.Conv2d | nn.BatchNorm2d) or operator_kind(m) is not None or _accepts_bn(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
 def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv, bn) module names where the BN takes the conv's output and nothing else does.
+
+    "conv" is a plain ``nn.Conv2d`` or a module with a ``fuse_batchnorm(bn)`` method.
 
     Uses an ``torch.fx`` trace of the module graph; if the model cannot be traced,
     falls back to adjacent (conv, BN) pairs inside ``nn.Sequential`` containers, which
@@ -246,11 +248,22 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         source = node.args[0]
         if not isinstance(source, fx.Node) or source.op != "call_module":
             continue
-        if type(modules[source.target]) is not nn.Conv2d or len(source.users) != 1:
+        if not _accepts_bn(modules[source.target]) or len(source.users) != 1:
             continue
         if calls[source.target] == 1 and calls[node.target] == 1:
             pairs.append((source.target, node.target))
     return pairs
+
+
+def _accepts_bn(module: nn.Module) -> bool:
+    """A plain nn.Conv2d, or any module offering ``fuse_batchnorm(bn) -> module`` (e.g. CAC's sparse form)."""
+    return type(module) is nn.Conv2d or callable(getattr(module, "fuse_batchnorm", None))
+
+
+def _fuse_pair(source: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
+    if type(source) is nn.Conv2d:
+        return fuse_conv_bn_eval(source, bn)
+    return source.fuse_batchnorm(bn)
 
 
 def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -260,7 +273,7 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
             continue
         children = list(module.named_children())
         for (conv_name, conv), (bn_name, bn) in itertools.pairwise(children):
-            if type(conv) is nn.Conv2d and _foldable(bn):
+            if _accepts_bn(conv) and _foldable(bn):
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + conv_name, prefix + bn_name))
     return pairs
@@ -274,13 +287,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Fold each eval-mode BatchNorm into the conv that alone feeds it, in place.
 
-    The fused conv comes from ``torch.nn.utils.fusion.fuse_conv_bn_eval``; the BN becomes
-    ``nn.Identity``. Returns ``model``.
+    A plain ``nn.Conv2d`` is fused with ``torch.nn.utils.fusion.fuse_conv_bn_eval``; any other
+    module that offers ``fuse_batchnorm(bn)`` (an exact fold of its own) is replaced by what that
+    returns. The BN becomes ``nn.Identity``. Returns ``model``.
     """
     model.eval()
     for conv_name, bn_name in find_conv_bn_pairs(model):
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        _set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn))
+        _set_submodule(model, conv_name, _fuse_pair(conv, bn))
         _set_submodule(model, bn_name, _bn_replacement(bn))
     return model
 

@@ -55,3 +55,14 @@ def test_evaluation_order_covers_every_sample_once() -> None:
 def test_bad_batch_size() -> None:
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         TensorLoader(_data(), 0, BatchAugment([0.0] * 3, [1.0] * 3))
+
+
+def test_chunking_does_not_change_batches() -> None:
+    data, augment = _data(), BatchAugment([100.0] * 3, [50.0] * 3, "crop_flip")
+    one_by_one = TensorLoader(data, 8, augment, seed=4, chunk_bytes=1)
+    chunked = TensorLoader(data, 8, augment, seed=4, chunk_bytes=3 * 8 * 3 * 6 * 6 * 4)  # three batches a chunk
+    for start in (0, 2):
+        for (x, y), (xc, yc) in zip(_batches(one_by_one, 1, start), _batches(chunked, 1, start)):
+            assert torch.equal(x, xc) and torch.equal(y, yc)
+    partial = TensorLoader(_data(21), 8, augment, shuffle=False, drop_last=False, chunk_bytes=1 << 20)
+    assert [len(y) for _, y in partial] == [8, 8, 5]

@@ -118,9 +118,11 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
 
 def is_tracing() -> bool:
     """True under fx symbolic tracing, TorchScript tracing, torch.compile or torch.export."""
-    from torch.fx._symbolic_trace import is_fx_tracing
+    from torch.fx import _symbolic_trace
 
-    return is_fx_tracing() or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+    # is_fx_tracing() also fires (with a warning) under torch.export; that case is is_compiling()
+    fx_tracing = getattr(_symbolic_trace, "is_fx_tracing_symbolic_tracing", _symbolic_trace.is_fx_tracing)
+    return fx_tracing() or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
