@@ -37,6 +37,21 @@ from convzoo.ops.multiception import MulticeptionConv2d, MulticeptionOfficial
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 
 
+NOTES = """## Notes
+
+- `official` is the authors' form (`MulticeptionOfficial`: full-resolution depthwise convs, stride in the
+  1x1, NCHW). `convzoo` is `MulticeptionConv2d` (stride in the depthwise convs, depthwise step
+  channels-last on CPU); `convzoo deployed` is `convzoo.deploy()` of it (`FusedMulticeptionConv2d`).
+- Design measurements (per-op, 1 thread, CPU time, min of repeats, on a shared machine): the NCHW
+  depthwise *weight gradient* for 7x7 kernels is ~25x the 3x3 one (oneDNN), channels-last cuts it ~4x;
+  a single depthwise conv with channel multiplier K is 5-20x slower than K separate depthwise convs
+  on CPU (oneDNN's generic grouped path), so neither training nor the eager CPU deploy path uses it;
+  folding BN(K*C) into the 1x1 with batch statistics in training was slower than a plain BN.
+- Deploy, whole model (1 thread, CPU time): standard 1.00, canonical `pointwise(depthwise(x))` 4.7x,
+  branch windows channels-last 2.3x, + batch chunks (intermediate in cache) 1.44x.
+"""
+
+
 def to_official(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every MulticeptionConv2d replaced by the authors' form (same weights)."""
     model = copy.deepcopy(model)
@@ -155,7 +170,7 @@ def main() -> None:
     if not args.skip_training:
         per_class, epochs, seeds = (100, 2, 1) if args.quick else (1000, 10, 2)
         body += "\n\n## Stride placement: training comparison\n\n" + stride_experiment(per_class, 50, epochs, seeds)
-    write_results("multiception", "Multiception: speed and stride placement", body)
+    write_results("multiception", "Multiception: speed and stride placement", body + "\n\n" + NOTES)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def is_tracing() -> bool:
     from torch.fx import _symbolic_trace
 
     # is_fx_tracing() also fires (with a warning) under torch.export; that case is is_compiling()
-    fx_tracing = getattr(_symbolic_trace, "is_fx_tracing_symbolic_tracing", _symbolic_trace.is_fx_tracing)
+    fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
     return fx_tracing() or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
