@@ -15,9 +15,9 @@ import argparse
 
 import torch
 import torchvision
-from common import inference_fn, interleaved_median_times, markdown_table, train_step_fn, write_results
 
 import convzoo
+from common import inference_fn, interleaved_median_times, markdown_table, train_step_fn, write_results
 
 CASES = {
     "cifar_resnet20 (batch 128, 32x32)": (lambda: convzoo.create_model("cifar_resnet20"), (128, 3, 32, 32)),

@@ -1,8 +1,8 @@
 """Run every benchmark script (benchmarks/bench_*.py) in turn; each writes benchmarks/results/<name>.md.
 
-    python benchmarks/run_all.py            # full runs
-    python benchmarks/run_all.py --quick    # fewer repeats
-    python benchmarks/run_all.py doconv cac # only these
+python benchmarks/run_all.py            # full runs
+python benchmarks/run_all.py --quick    # fewer repeats
+python benchmarks/run_all.py doconv cac # only these
 """
 
 from __future__ import annotations
