@@ -300,3 +300,14 @@ def test_cost_api_is_reachable_from_the_cac_module() -> None:
     assert cac.CACLoss is cac_cost.CACLoss and cac.cac_statistics is cac_cost.cac_statistics
     with pytest.raises(AttributeError, match="module 'convzoo.ops.cac' has no attribute 'nothing'"):
         _ = cac.nothing
+
+
+def test_backward_is_finite_on_flat_inputs() -> None:
+    """G = 0 on flat regions (e.g. the digits' background); the score map must not make gradients NaN."""
+    layer = CAConv2d(3, 4, 3, padding=1, dtype=torch.float64)
+    x = torch.zeros(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        x[:, :, 2:5, 2:5] = 1.0  # flat background with one square
+    layer(x).square().sum().backward()
+    for name, grad in [("x", x.grad), ("gamma", layer.gamma.grad), ("beta", layer.beta.grad), ("w", layer.weight.grad)]:
+        assert torch.isfinite(grad).all(), name

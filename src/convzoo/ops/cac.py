@@ -70,9 +70,12 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
         out_size: (H', W'), the conv's output size for this input.
 
     Returns:
-        G of shape (B, H', W'), >= 0.
+        G of shape (B, H', W'), >= 0. G is computed from ``x.detach()``: the score map passes no gradient
+        back into the features (only γ and β learn through the straight-through estimator), which also
+        keeps backward finite where G = 0 (``hypot``'s gradient is undefined there; flat image regions
+        such as the digits' background hit it on the first step).
     """
-    mean = pad_input(spec, x.mean(dim=1, keepdim=True))  # padding commutes with the channel mean
+    mean = pad_input(spec, x.detach().mean(dim=1, keepdim=True))  # padding commutes with the channel mean
     margins = []
     for k, d in zip(spec.kernel_size, spec.dilation):
         centre = (k - 1) // 2
