@@ -30,7 +30,7 @@ from torch import nn
 import convzoo
 from common import inference_fn, interleaved_median_times, markdown_table, train_step_fn, write_results
 from convzoo import CPWConv2d
-from convzoo.profile import count_macs
+from convzoo.profiling import count_macs
 
 BATCH, SIZE, TARGET = 16, 64, 1.3
 

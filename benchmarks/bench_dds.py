@@ -20,7 +20,7 @@ from torch import nn
 import convzoo
 from common import interleaved_median_times, markdown_table, write_results
 from convzoo.ops.dilated import DEFAULT_DEPLOY_FORM, PyramidDilatedConv2d
-from convzoo.profile import count_macs
+from convzoo.profiling import count_macs
 from convzoo.testing import count_parameters
 
 
@@ -132,7 +132,7 @@ def main() -> None:
     )
     body = (
         f"CPU inference, batch {args.batch}, {args.size}x{args.size}, median of {repeats} interleaved runs "
-        f"after {warmup} warm-up runs. MACs per image from `convzoo.profile.count_macs`.\n\n"
+        f"after {warmup} warm-up runs. MACs per image from `convzoo.profiling.count_macs`.\n\n"
         f"## ddsnet vs MobileNetV2\n\n{network}\n\n"
         f"## Pyramid conv (dilations 1, 2, 3, split): branch form vs folded form\n\n"
         f"Every distinct ddsnet layer shape{' (every third, --quick)' if args.quick else ''}; the operator alone "

@@ -236,7 +236,7 @@ def test_timm_models_convert_and_deploy_exactly(name) -> None:
 
 
 def test_deployed_resnet_has_baseline_parameters_and_macs() -> None:
-    from convzoo.profile import count_macs, count_parameters
+    from convzoo.profiling import count_macs, count_parameters
 
     baseline = deploy(convzoo.create_model("cifar_resnet20"))
     deployed = deploy(convzoo.create_model("cifar_resnet20", conv="doconv"))

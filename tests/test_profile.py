@@ -12,7 +12,7 @@ from torch import nn
 
 import convzoo
 from convzoo.ops.registry import get_conv_kind
-from convzoo.profile import count_macs, count_parameters, profile_model, register_op_macs
+from convzoo.profiling import count_macs, count_parameters, profile_model, register_op_macs
 
 
 def _kind(name: str):

@@ -4,7 +4,6 @@ Swap (``convert`` / ``create_model``), train and compare (``convzoo`` command),
 deploy (``deploy``): see the README.
 """
 
-from convzoo import profile
 from convzoo.convert import (
     ConversionReport,
     conversion_report,
@@ -33,7 +32,8 @@ from convzoo.ops import (
     list_convs,
     register_conv,
 )
-from convzoo.profile import ProfileReport, count_macs, count_parameters, profile_model
+from convzoo.profiling import ProfileReport, count_macs, count_parameters, profile_model
+from convzoo.profiling import profile_model as profile
 
 __version__ = "0.1.0"
 

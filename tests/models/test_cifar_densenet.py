@@ -9,7 +9,7 @@ import torch
 
 import convzoo
 from convzoo.models.cifar_densenet import CifarDenseNet, DenseLayer
-from convzoo.profile import count_macs, count_parameters
+from convzoo.profiling import count_macs, count_parameters
 from convzoo.testing import randomize_batchnorm_
 
 

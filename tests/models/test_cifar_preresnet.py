@@ -7,7 +7,7 @@ import torch
 
 import convzoo
 from convzoo.models.cifar_preresnet import CifarPreResNet, PreActBasicBlock, PreActBottleneck
-from convzoo.profile import count_macs, count_parameters
+from convzoo.profiling import count_macs, count_parameters
 from convzoo.testing import randomize_batchnorm_
 
 

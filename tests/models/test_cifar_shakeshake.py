@@ -9,7 +9,7 @@ import torch
 
 import convzoo
 from convzoo.models.cifar_shakeshake import CifarShakeShake, ShakeBlock, ShakeShakeFunction, shake_shake
-from convzoo.profile import count_parameters
+from convzoo.profiling import count_parameters
 from convzoo.testing import randomize_batchnorm_
 
 

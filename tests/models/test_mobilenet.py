@@ -12,7 +12,7 @@ from torch import fx, nn
 import convzoo
 from convzoo.models.mobilenet import InvertedResidual, make_divisible
 from convzoo.ops.dilated import PyramidDilatedConv2d
-from convzoo.profile import count_macs
+from convzoo.profiling import count_macs
 from convzoo.testing import count_parameters, randomize_batchnorm_
 
 IMAGENET_MODELS = ["mobilenetv1", "mobilenetv2", "mobilenetv2_x1_2", "ddsnet"]

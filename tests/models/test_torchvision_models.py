@@ -8,7 +8,7 @@ import torchvision
 
 import convzoo
 from convzoo.models.registry import get_model_entry
-from convzoo.profile import count_macs, count_parameters
+from convzoo.profiling import count_macs, count_parameters
 
 PLAIN = {
     "resnet18": "resnet18",

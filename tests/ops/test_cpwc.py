@@ -12,7 +12,7 @@ from torch import nn
 
 import convzoo
 from convzoo.ops.cpwc import CPWConv2d, cpwc_grouping_plan
-from convzoo.profile import count_macs, count_parameters
+from convzoo.profiling import count_macs, count_parameters
 from convzoo.testing import randomize_batchnorm_
 
 TIGHT = {"rtol": 1e-12, "atol": 1e-12}

@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         reference, folded = model(images), deployed(images)
     error = (reference - folded).abs().max().item()
     accuracy = (folded.argmax(1) == data.test.labels).float().mean().item()
-    params = convzoo.profile.count_parameters(model), convzoo.profile.count_parameters(deployed)
-    macs = convzoo.profile.count_macs(model), convzoo.profile.count_macs(deployed)
+    params = convzoo.profiling.count_parameters(model), convzoo.profiling.count_parameters(deployed)
+    macs = convzoo.profiling.count_macs(model), convzoo.profiling.count_macs(deployed)
     print(f"best: {best.conv} ({best.top1_mean:.2f}% top-1); deployed from {run_dir}")
     print(f"  parameters {params[0]:,} -> {params[1]:,}; MACs/image {macs[0]:,} -> {macs[1]:,}")
     print(

@@ -146,7 +146,7 @@ class CACStatsMixin:
         return positions * (rho * sharp + (1 - rho) * smooth + SCORE_MACS_PER_POSITION)
 
     def convzoo_macs(self, input: Tensor, output: Tensor) -> int:
-        """Effective MACs of the call that produced ``output`` (whole batch), for ``convzoo.profile``."""
+        """Effective MACs of the call that produced ``output`` (whole batch), for ``convzoo.profiling``."""
         return round(float(self.effective_macs_per_image().sum()))
 
 

@@ -151,7 +151,7 @@ def _macs(network: nn.Module, shape: tuple[int, int, int]) -> tuple[int, int]:
     import warnings
 
     from convzoo.convert import deploy
-    from convzoo.profile import count_macs
+    from convzoo.profiling import count_macs
 
     macs = count_macs(network, shape)
     try:
