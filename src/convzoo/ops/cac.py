@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convzoo.ops.conv_spec import ConvSpec, PaddingArg
+from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg
 from convzoo.ops.registry import needs_spatial_kernel, register_conv
 
 SCORE_MACS_PER_POSITION = 13
@@ -179,7 +179,7 @@ def _check_real(value: object, name: str) -> float:
     description="CAC: content-aware k x k conv, 1x1 summed kernel on smooth windows; deploys to a sparse path",
     skip_reason=needs_spatial_kernel,
 )
-class CAConv2d(CACStatsMixin, nn.Module):
+class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
     """Content-aware convolution with ``nn.Conv2d``'s interface (any groups, padding mode, stride, dilation).
 
     Args:
@@ -247,16 +247,6 @@ class CAConv2d(CACStatsMixin, nn.Module):
         self.last_output_size: tuple[int, int] | None = None
         self._ste = _Transient()
         self.reset_parameters()
-
-    # nn.Conv2d-compatible attributes ------------------------------------------------
-    in_channels = property(lambda self: self.spec.in_channels)
-    out_channels = property(lambda self: self.spec.out_channels)
-    kernel_size = property(lambda self: self.spec.kernel_size)
-    stride = property(lambda self: self.spec.stride)
-    padding = property(lambda self: self.spec.padding)
-    dilation = property(lambda self: self.spec.dilation)
-    groups = property(lambda self: self.spec.groups)
-    padding_mode = property(lambda self: self.spec.padding_mode)
 
     def reset_parameters(self) -> None:
         """W and bias as ``nn.Conv2d`` initialises them; γ, β from ``gamma_init`` / ``beta_init``."""

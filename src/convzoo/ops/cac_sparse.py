@@ -38,7 +38,7 @@ from convzoo.ops.cac import (
     score_logits,
     summed_kernel,
 )
-from convzoo.ops.conv_spec import ConvSpec
+from convzoo.ops.conv_spec import ConvAttributes, ConvSpec
 
 DEFAULT_SPARSE_THRESHOLD = 0.7
 """Fraction of active blocks above which the dense conv is faster.
@@ -67,7 +67,7 @@ def check_tile(value: object) -> int:
     return value
 
 
-class CACSparseConv2d(CACStatsMixin, nn.Module):
+class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
     """Inference form of :class:`~convzoo.ops.cac.CAConv2d`: block-sparse below ``threshold`` sharp windows.
 
     Built by ``CAConv2d.fuse()`` (so ``convzoo.deploy`` selects it). It is the deployed form of
@@ -118,15 +118,6 @@ class CACSparseConv2d(CACStatsMixin, nn.Module):
         self.last_output_size: tuple[int, int] | None = None
         self.last_path: str | None = None
         self.last_active: float | None = None
-
-    in_channels = property(lambda self: self.spec.in_channels)
-    out_channels = property(lambda self: self.spec.out_channels)
-    kernel_size = property(lambda self: self.spec.kernel_size)
-    stride = property(lambda self: self.spec.stride)
-    padding = property(lambda self: self.spec.padding)
-    dilation = property(lambda self: self.spec.dilation)
-    groups = property(lambda self: self.spec.groups)
-    padding_mode = property(lambda self: self.spec.padding_mode)
 
     @classmethod
     def from_cac(cls, layer: CAConv2d, *, threshold: float | None = None, tile: int = DEFAULT_TILE) -> CACSparseConv2d:

@@ -222,6 +222,24 @@ class ConvSpec:
         )
 
 
+class ConvAttributes:
+    """``nn.Conv2d``'s read-only geometry attributes for a module that holds ``self.spec: ConvSpec``.
+
+    Tools that read ``in_channels``, ``kernel_size``, ``stride`` ... from a conv keep working on
+    convzoo operators that mix this in.
+    """
+
+    spec: ConvSpec
+    in_channels = property(lambda self: self.spec.in_channels)
+    out_channels = property(lambda self: self.spec.out_channels)
+    kernel_size = property(lambda self: self.spec.kernel_size)
+    stride = property(lambda self: self.spec.stride)
+    padding = property(lambda self: self.spec.padding)
+    dilation = property(lambda self: self.spec.dilation)
+    groups = property(lambda self: self.spec.groups)
+    padding_mode = property(lambda self: self.spec.padding_mode)
+
+
 def conv_signature(conv: nn.Conv2d) -> str:
     """A short description of any nn.Conv2d, used in conversion reports."""
     return ConvSpec.from_conv(conv).describe()

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convzoo.ops.conv_spec import ConvSpec, check_channels, to_pair
+from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, check_channels, to_pair
 from convzoo.ops.registry import needs_pointwise, register_conv
 
 CONTEXT_KERNEL = 3
@@ -174,7 +174,7 @@ def _check_flag(value: object, name: str) -> bool:
     skip_reason=needs_pointwise,
     zoo_default=True,
 )
-class CPWConv2d(nn.Module):
+class CPWConv2d(ConvAttributes, nn.Module):
     """Contextual pointwise convolution: a drop-in for a 1x1 ``nn.Conv2d`` with ``groups=1``.
 
     Args:
@@ -258,15 +258,6 @@ class CPWConv2d(nn.Module):
             channels = torch.tensor(self.plan.connection_channels, dtype=torch.long, device=device)
         self.register_buffer("stage1_channels", channels, persistent=False)
         self.reset_parameters()
-
-    # nn.Conv2d-compatible attributes (of the replaced 1x1 conv) -----------------------
-    in_channels = property(lambda self: self.spec.in_channels)
-    out_channels = property(lambda self: self.spec.out_channels)
-    kernel_size = property(lambda self: self.spec.kernel_size)
-    stride = property(lambda self: self.spec.stride)
-    padding = property(lambda self: self.spec.padding)
-    dilation = property(lambda self: self.spec.dilation)
-    groups = property(lambda self: self.spec.groups)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

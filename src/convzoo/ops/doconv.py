@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from convzoo.ops.conv_spec import ConvSpec, PaddingArg
+from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg
 from convzoo.ops.registry import needs_spatial_kernel, register_conv
 
 
@@ -44,7 +44,7 @@ def identity_init(kernel_area: int, d_mul: int, *, device=None, dtype=None) -> t
     description="DO-Conv / DO-DConv / DO-GConv: depthwise over-parameterized k x k conv, folds into nn.Conv2d",
     skip_reason=needs_spatial_kernel,
 )
-class DOConv2d(nn.Module):
+class DOConv2d(ConvAttributes, nn.Module):
     """Depthwise over-parameterized convolution with ``nn.Conv2d``'s interface.
 
     Args:
@@ -102,16 +102,6 @@ class DOConv2d(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
-
-    # nn.Conv2d-compatible attributes ------------------------------------------------
-    in_channels = property(lambda self: self.spec.in_channels)
-    out_channels = property(lambda self: self.spec.out_channels)
-    kernel_size = property(lambda self: self.spec.kernel_size)
-    stride = property(lambda self: self.spec.stride)
-    padding = property(lambda self: self.spec.padding)
-    dilation = property(lambda self: self.spec.dilation)
-    groups = property(lambda self: self.spec.groups)
-    padding_mode = property(lambda self: self.spec.padding_mode)
 
     def reset_parameters(self) -> None:
         """W as nn.Conv2d initialises its kernel (same fan-in when d_mul = M*N); D' = 0."""
