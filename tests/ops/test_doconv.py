@@ -53,7 +53,7 @@ def feature_composition(module: DOConv2d, x: torch.Tensor) -> torch.Tensor:
     x, padding = spec.pad(x)
     depthwise = module.D.permute(0, 2, 1).reshape(c_in * d_mul, 1, *module.kernel_size)
     features = F.conv2d(x, depthwise, None, spec.stride, padding, spec.dilation, groups=c_in)
-    pointwise = module.W.reshape(module.out_channels, -1, 1, 1)
+    pointwise = module.W_paper.reshape(module.out_channels, -1, 1, 1)
     return F.conv2d(features, pointwise, module.bias, groups=module.groups)
 
 
@@ -114,7 +114,8 @@ def test_identity_init_tiles_identities_and_zero_fills() -> None:
 
 def test_parameters_and_initial_state() -> None:
     do = DOConv2d(4, 8, (3, 5), groups=2, d_mul=20)
-    assert do.W.shape == (8, 2, 20)
+    assert do.W.shape == (4, 20, 4)  # input-major: (C_in, D_mul, C_out/groups)
+    assert do.W_paper.shape == (8, 2, 20)
     assert do.d_delta.shape == (4, 15, 20)
     assert do.d_delta.abs().sum() == 0
     assert set(do.state_dict()) == {"W", "d_delta", "bias"}
