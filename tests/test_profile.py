@@ -257,3 +257,28 @@ def test_top_level_api() -> None:
 def test_errors(call, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+def test_multiception_counts_every_branch_and_the_pointwise() -> None:
+    _kind("multiception")
+    c, c_out, side, stride = 6, 10, 9, 2
+    module = convzoo.MulticeptionConv2d(c, c_out, 3, stride, kernels=(3, 5, 7))
+    out = _out(side, 3, stride, 1, 1)  # stride taken in the depthwise step, 'same' padding
+    per_pixel = (9 + 25 + 49) * c + 3 * c * c_out  # three depthwise branches, then 1x1 over 3C channels
+    assert count_macs(module, (c, side, side)) == per_pixel * out * out
+    # depthwise kernels, BN(3C) affine, 1x1 weight + bias, BN(C_out) affine
+    assert count_parameters(module) == (9 + 25 + 49) * c + 2 * 3 * c + 3 * c * c_out + c_out + 2 * c_out
+    deployed = convzoo.deploy(module)
+    assert count_macs(deployed, (c, side, side)) == per_pixel * out * out
+
+
+def test_dsconv_and_mixconv_are_depthwise_then_pointwise() -> None:
+    _kind("dsconv")
+    _kind("mixconv")
+    c, c_out, side = 7, 5, 8
+    dsconv = convzoo.DSConv2d(c, c_out, 3, 1)
+    assert count_macs(dsconv, (c, side, side)) == (9 * c + c * c_out) * side * side
+    mixconv = convzoo.MixConv2d(c, c_out, 3, 1, kernels=(3, 5))
+    splits = (4, 3)  # timm's split: equal parts, the first takes the remainder
+    depthwise = 9 * splits[0] + 25 * splits[1]
+    assert count_macs(mixconv, (c, side, side)) == (depthwise + c * c_out) * side * side
