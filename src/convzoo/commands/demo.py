@@ -19,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="the README's main job: a short compare on digits, then deploy")
     parser.add_argument("--convs", default=DEFAULT_CONVS, help="kinds to compare (unregistered ones are skipped)")
     parser.add_argument(
-        "--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs per run (default {DEFAULT_EPOCHS}; the recipe has 6)"
+        "--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs per run (default {DEFAULT_EPOCHS}; recipe: 6)"
     )
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--output", default=None, help="folder for runs and tables (default runs/demo-<time>)")
