@@ -164,12 +164,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller training slice")
     parser.add_argument("--skip-training", action="store_true", help="speed only")
+    parser.add_argument(
+        "--stride-only", action="store_true", help="only the training comparison (results/multiception_stride.md)"
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of the training comparison (default 10)")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    per_class, epochs, seeds = (100, 2, 1) if args.quick else (1000, 10, 2)
+    epochs = args.epochs or epochs
+    heading = "## Stride placement: training comparison\n\n"
+    if args.stride_only:
+        stride = heading + stride_experiment(per_class, 50, epochs, seeds)
+        write_results("multiception_stride", "Multiception: stride in the depthwise vs the pointwise step", stride)
+        return
     body = "## Speed (cifar_resnet20, batch 128, CPU)\n\n" + speed(128, 3 if args.quick else 10)
     if not args.skip_training:
-        per_class, epochs, seeds = (100, 2, 1) if args.quick else (1000, 10, 2)
-        body += "\n\n## Stride placement: training comparison\n\n" + stride_experiment(per_class, 50, epochs, seeds)
+        body += "\n\n" + heading + stride_experiment(per_class, 50, epochs, seeds)
     write_results("multiception", "Multiception: speed and stride placement", body + "\n\n" + NOTES)
 
 
