@@ -18,11 +18,11 @@ r(k - 1)/2 on each side, which is why kernels must be odd.
 
 Deploy: the split pyramid folds exactly into one depthwise conv with a (k - 1)·max(r) + 1
 kernel that is zero except at each branch's dilated taps (:func:`fold_dilated_kernels`).
-That kernel does ((k-1)·max(r)+1)² / k² = 5.4x the MACs (k = 3, r = 1, 2, 3), yet on CPU it
-took 0.04-0.97x the branch form's time at every ddsnet layer shape (224 input, batch 8), and the
-whole deployed ddsnet ran 1.5x faster with it, because a depthwise conv is memory-bound and the
-branch form pays for three kernel launches, the channel slices and the concatenation, and keeps
-its BatchNorm unfolded (benchmarks/results/dds.md). So ``fuse()`` returns the folded ``nn.Conv2d`` for ``split=True``;
+That kernel does ((k-1)·max(r)+1)² / k² = 5.4x the MACs (k = 3, r = 1, 2, 3), yet on a quiet CPU it
+took 0.65-1.33x the branch form's time per ddsnet pyramid shape (faster at 6 of 7; 224 input, batch 8)
+and the whole deployed ddsnet ran equally fast either way: a depthwise conv is memory-bound, and the
+branch form pays for three kernel launches, the channel slices and the concatenation, and keeps its
+BatchNorm unfolded (benchmarks/results/dds.md). So ``fuse()`` returns the folded ``nn.Conv2d`` for ``split=True``;
 ``fuse(form="branches")`` returns :class:`DepthwiseBranches` (plain ``nn.Conv2d`` branches), which is
 also the only deploy form of ``split=False``. Both are exact.
 """
