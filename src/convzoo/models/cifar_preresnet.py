@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from convzoo.models.materialize import materialize, reset_zoo_parameters_
 from convzoo.models.registry import register_model
+from convzoo.models.stages import residual_stages
 
 
 class PreActBasicBlock(nn.Module):
@@ -115,16 +116,11 @@ class CifarPreResNet(nn.Module):
         n = (depth - 2) // (3 * per_block)
         block_cls = _BLOCKS[block]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        channels = widths[0]
-        stages = []
-        for index, width in enumerate(widths):
-            blocks = []
-            for block_index in range(n):
-                stride = 2 if index > 0 and block_index == 0 else 1
-                blocks.append(block_cls(channels, width, stride))
-                channels = width * block_cls.expansion
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        stage_out = [width * block_cls.expansion for width in widths]
+        self.layer1, self.layer2, self.layer3 = residual_stages(
+            widths[0], stage_out, n, lambda stage, c_in, stride: block_cls(c_in, widths[stage], stride)
+        )
+        channels = stage_out[-1]
         self.bn = nn.BatchNorm2d(channels)
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)

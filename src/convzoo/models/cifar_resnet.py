@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from convzoo.models.init import init_weights
 from convzoo.models.registry import register_model
+from convzoo.models.stages import residual_stages
 
 
 class BasicBlock(nn.Module):
@@ -68,16 +69,13 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        stages = []
-        channels = widths[0]
-        for index, width in enumerate(widths):
-            blocks = []
-            for block_index in range(depth_per_stage):
-                stride = 2 if index > 0 and block_index == 0 else 1
-                blocks.append(BasicBlock(channels, width, stride, skip=skip))
-                channels = width
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = residual_stages(
+            widths[0],
+            widths,
+            depth_per_stage,
+            lambda stage, c_in, stride: BasicBlock(c_in, widths[stage], stride, skip=skip),
+        )
+        channels = widths[-1]
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         init_weights(self, zero_init_last_bn=zero_init_residual, last_bn_names=("bn2",))

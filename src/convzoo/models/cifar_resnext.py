@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from convzoo.models.materialize import materialize, reset_zoo_parameters_
 from convzoo.models.registry import register_model
+from convzoo.models.stages import residual_stages
 
 
 class ResNeXtBottleneck(nn.Module):
@@ -86,17 +87,15 @@ class CifarResNeXt(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
-        channels = 64
-        stages = []
-        for index, out_channels in enumerate(widths):
-            width = cardinality * base_width * 2**index
-            blocks = []
-            for block_index in range(n):
-                stride = 2 if index > 0 and block_index == 0 else 1
-                blocks.append(ResNeXtBottleneck(channels, out_channels, stride, cardinality, width))
-                channels = out_channels
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = residual_stages(
+            64,
+            widths,
+            n,
+            lambda stage, c_in, stride: ResNeXtBottleneck(
+                c_in, widths[stage], stride, cardinality, cardinality * base_width * 2**stage
+            ),
+        )
+        channels = widths[-1]
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         self.zero_init_residual = zero_init_residual

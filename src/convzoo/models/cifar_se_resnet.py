@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from convzoo.models.cifar_resnet import BasicBlock
 from convzoo.models.materialize import materialize, reset_zoo_parameters_
 from convzoo.models.registry import register_model
+from convzoo.models.stages import residual_stages
 
 
 class SqueezeExcite(nn.Module):
@@ -85,16 +86,13 @@ class CifarSEResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        channels = widths[0]
-        stages = []
-        for index, width in enumerate(widths):
-            blocks = []
-            for block_index in range(n):
-                stride = 2 if index > 0 and block_index == 0 else 1
-                blocks.append(SEBasicBlock(channels, width, stride, reduction=reduction))
-                channels = width
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = residual_stages(
+            widths[0],
+            widths,
+            n,
+            lambda stage, c_in, stride: SEBasicBlock(c_in, widths[stage], stride, reduction=reduction),
+        )
+        channels = widths[-1]
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         self.zero_init_residual = zero_init_residual

@@ -17,6 +17,7 @@ from torch import Tensor, fx, nn
 
 from convzoo.models.materialize import materialize, reset_zoo_parameters_
 from convzoo.models.registry import register_model
+from convzoo.models.stages import residual_stages
 
 
 class ShakeShakeFunction(torch.autograd.Function):
@@ -138,17 +139,11 @@ class CifarShakeShake(nn.Module):
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        channels = 16
-        stages = []
-        for index in range(3):
-            width = base_width * 2**index
-            blocks = []
-            for block_index in range(n):
-                stride = 2 if index > 0 and block_index == 0 else 1
-                blocks.append(ShakeBlock(channels, width, stride))
-                channels = width
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        stage_out = [base_width * 2**stage for stage in range(3)]
+        self.layer1, self.layer2, self.layer3 = residual_stages(
+            16, stage_out, n, lambda stage, c_in, stride: ShakeBlock(c_in, stage_out[stage], stride)
+        )
+        channels = stage_out[-1]
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
