@@ -197,8 +197,9 @@ fraction of active blocks, which is what its time follows).
 
 ## Model: deployed CAC cifar_resnet20, batch 64, per-layer ρ ramped from shallow to deep
 
-"std" is the deployed standard model (BN folded into its convs). `convzoo.deploy` does not fold BN into
-CAC layers; the last two columns fold it with `CACSparseConv2d.fuse_batchnorm` (exact).
+"std" is the deployed standard model (BN folded into its convs). `convzoo.deploy` folds the BN after each CAC
+layer through `CACSparseConv2d.fuse_batchnorm` (exact), so the last two columns, which fold it explicitly,
+time the same form again.
 
 {model_table}
 """
