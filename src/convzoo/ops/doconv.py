@@ -57,22 +57,33 @@ class _ComposeKernel(torch.autograd.Function):
 
     ``W`` is stored input-major, (C_in, D_mul, C_out/g), so per input channel the product is
     D[c] (M*N x D_mul) @ W[c] (D_mul x C_out/g): the long dimension is the matmul's N, which CPU
-    GEMMs run ~4x faster than the transposed orientation, and no operand or gradient is ever
-    copied: the composed kernel is a strided view that conv2d reads directly, and W's gradient
-    comes out of its ``bmm`` already in W's layout (autograd would otherwise re-copy it).
+    GEMMs run ~4x faster than the transposed orientation (writing the output-major result
+    directly through strided ``bmm(out=)`` operands measured 2-3x slower). W's gradient comes out
+    of its ``bmm`` already in W's layout. The one layout change each way, (C_in*M*N, C_out) <->
+    (C_out, C_in*M*N), is done as a 2-D transpose, which torch copies in cache blocks.
     """
 
     @staticmethod
     def forward(ctx, W: torch.Tensor, D: torch.Tensor, groups: int) -> torch.Tensor:  # noqa: N803
         ctx.save_for_backward(W, D)
         ctx.groups = groups
+        composed = torch.bmm(D, W)  # (C_in, M*N, C_out/g)
+        if groups == 1:
+            # (C_in*M*N, C_out) -> (C_out, C_in*M*N) as a 2-D transpose, which torch copies in cache
+            # blocks (~2.5x faster than the equivalent 3-D permute for the large layers)
+            c_in, area, c_out = composed.shape
+            return composed.view(c_in * area, c_out).t().contiguous().view(c_out, c_in, area)
         # one copy here rather than one in each of conv2d's forward and backward (oneDNN wants it dense)
-        return _from_input_major(torch.bmm(D, W), groups).contiguous()  # (C_out, C_in/g, M*N)
+        return _from_input_major(composed, groups).contiguous()  # (C_out, C_in/g, M*N)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         W, D = ctx.saved_tensors
-        grad = _to_input_major(grad, ctx.groups)  # (C_in, M*N, C_out/g)
+        if ctx.groups == 1:  # blocked 2-D transpose to a dense (C_in, M*N, C_out): both bmms then stream
+            c_out, c_in, area = grad.shape
+            grad = grad.reshape(c_out, c_in * area).t().contiguous().view(c_in, area, c_out)
+        else:
+            grad = _to_input_major(grad, ctx.groups)  # (C_in, M*N, C_out/g)
         grad_w = torch.bmm(D.transpose(1, 2), grad) if ctx.needs_input_grad[0] else None
         # (W grad^T)^T rather than grad W^T: the same product, ~1.5x faster for the strided grad view
         grad_d = torch.bmm(W, grad.transpose(1, 2)).transpose(1, 2) if ctx.needs_input_grad[1] else None
