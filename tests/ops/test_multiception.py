@@ -95,6 +95,46 @@ def test_fused_fast_path_chunks_and_falls_back_when_windows_are_not_zero(monkeyp
     torch.testing.assert_close(fused(x), fused.pointwise(fused.depthwise(x)), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("algorithm", ["canonical", "branch", "dense", "auto"])
+@pytest.mark.parametrize(
+    ("kernels", "stride", "size"), [((3, 5, 7), 1, (9, 11)), ((3, 5), 2, (8, 7)), ((5, 3), 1, (6, 6))]
+)
+def test_every_fused_algorithm_equals_the_canonical_form(algorithm, kernels, stride, size) -> None:
+    module = _randomized(MulticeptionConv2d(4, 6, 3, stride, kernels=kernels, **F64)).eval()
+    fused = module.fuse()
+    fused.algorithm = algorithm
+    x = torch.randn(3, 4, *size, **F64)
+    expected = fused.pointwise(fused.depthwise(x))
+    torch.testing.assert_close(fused(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(expected, module(x), rtol=1e-12, atol=1e-12)
+    if algorithm == "auto":
+        assert fused.last_algorithm in ("branch", "dense")
+        assert len(fused._algorithms) == 1
+        fused(x.contiguous(memory_format=torch.channels_last))  # a new layout is tuned separately
+        assert len(fused._algorithms) == 2
+    else:
+        assert fused.last_algorithm == algorithm
+
+
+def test_dense_algorithm_multiplies_the_two_convs_out_and_follows_weight_updates() -> None:
+    module = _randomized(MulticeptionConv2d(3, 5, kernels=(3, 5), **F64)).eval()
+    fused = module.fuse()
+    dense = fused.dense_weight()
+    assert dense.shape == (5, 3, 5, 5)
+    # by hand for one entry: W[o, c] = sum_j P[o, c*K + j] * D[c*K + j]
+    o, c = 4, 1
+    by_hand = sum(fused.pointwise.weight[o, c * 2 + j, 0, 0] * fused.depthwise.weight[c * 2 + j, 0] for j in range(2))
+    torch.testing.assert_close(dense[o, c], by_hand, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        fused.pointwise.weight.mul_(2.0)
+    torch.testing.assert_close(fused.dense_weight(), 2.0 * dense, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_fused_algorithm() -> None:
+    with pytest.raises(ValueError, match="algorithm must be one of .*'fastest'"):
+        FusedMulticeptionConv2d(4, 6, kernels=(3, 5), algorithm="fastest")
+
+
 def test_single_3x3_kernel_is_dsconv_with_bn_in_folded() -> None:
     module = _randomized(MulticeptionConv2d(4, 6, 3, 2, kernels=(3,), **F64)).eval()
     ds = DSConv2d(4, 6, 3, 2, **F64).eval()

@@ -26,11 +26,13 @@ Parameters of one layer: ``C * sum(k_j**2)`` (depthwise) + ``2*K*C`` (BN(K*C)) +
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convzoo.ops.autotune import AlgorithmCache
 from convzoo.ops.conv_spec import ConvSpec, PaddingArg, check_channels, to_pair
 from convzoo.ops.registry import needs_dense_spatial, register_conv
 
@@ -41,6 +43,9 @@ SCHEDULES: dict[str, tuple[tuple[int, ...], ...]] = {
     "code": ((3, 5, 7), (3, 5), (3, 3)),
     "paper": ((3, 5, 7), (3, 5), (3,)),
 }
+
+FUSED_ALGORITHMS = ("auto", "canonical", "branch", "dense")
+"""How :class:`FusedMulticeptionConv2d` computes its output in eager mode (all exact)."""
 
 # On CPU, the deploy form runs in batch chunks whose K*C intermediate is about this size, so it
 # stays in cache between the depthwise and the 1x1 conv.
@@ -267,10 +272,19 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
 
     Output channel ``c*K + j`` of ``depthwise`` is branch j on input channel c; taps outside each
     branch's centred k_j x k_j window are zero. The module is exactly ``pointwise(depthwise(x))``,
-    which is what fx / TorchScript / torch.export see. In eager mode on CPU it computes the same
-    function faster: only the non-zero centred window of each branch is convolved (the zero taps
-    are checked, once per weight version), in channels-last layout and in batch chunks small
-    enough for the K*C intermediate to stay in cache.
+    which is what fx / TorchScript / torch.export see, so exported graphs hold one depthwise and
+    one 1x1 conv. In eager mode it runs the fastest of these exact forms (``algorithm``):
+
+    * ``"canonical"``: ``pointwise(depthwise(x))`` as written;
+    * ``"branch"`` (CPU): only the non-zero centred window of each branch is convolved (the zero
+      taps are checked, once per weight version), in channels-last layout and in batch chunks
+      small enough for the K*C intermediate to stay in cache;
+    * ``"dense"``: the two convs multiplied out into one dense k_max x k_max conv C_in -> C_out,
+      ``W[o, c] = sum_j P[o, c*K + j] * D[c*K + j]`` (cached per weight version). It has more MACs,
+      but for few channels oneDNN runs it about as fast as the 3x3 conv that Multiception replaced;
+    * ``"auto"`` (default): time the candidates of the device (CPU: branch, dense; otherwise:
+      canonical, dense) on the first input of each shape / layout / dtype, like
+      ``torch.backends.cudnn.benchmark``, and keep the winner (``last_algorithm`` tells which ran).
 
     Shapes:
         (B, C_in, H, W) -> (B, C_out, floor((H - 1) / s) + 1, floor((W - 1) / s) + 1)
@@ -285,16 +299,23 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
         padding: PaddingArg | None = None,
         *,
         kernels: Sequence[int] = (3, 5, 7),
+        algorithm: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, kernels)
+        if algorithm not in FUSED_ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {FUSED_ALGORITHMS}, got {algorithm!r}")
+        self.algorithm = algorithm
         factory = {"device": device, "dtype": dtype}
         c, k_count, k_max = self.in_channels, len(self.kernels), max(self.kernels)
         self.depthwise = nn.Conv2d(c, c * k_count, k_max, self.stride, k_max // 2, groups=c, bias=False, **factory)
         self.pointwise = nn.Conv2d(c * k_count, self.out_channels, 1, bias=True, **factory)
         self._window_check: tuple[int, int, bool] | None = None
+        self._dense_cache: tuple[tuple[int, ...], Tensor] | None = None
+        self._algorithms = AlgorithmCache()
+        self.last_algorithm: str | None = None
 
     def _windows_hold_all_taps(self) -> bool:
         """Whether every tap outside each branch's centred window is zero (cached per weight version)."""
@@ -330,13 +351,45 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
             outputs.append(F.conv2d(z, weight, self.pointwise.bias))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, C_in, H, W) -> (B, C_out, H', W')."""
-        if is_tracing() or x.device.type != "cpu" or not self._windows_hold_all_taps():
-            return self.pointwise(self.depthwise(x))
+    def dense_weight(self) -> Tensor:
+        """The two convs multiplied out: (C_out, C_in, k_max, k_max), cached per weight version."""
+        dw, pw = self.depthwise.weight, self.pointwise.weight
+        key = (dw.data_ptr(), dw._version, pw.data_ptr(), pw._version)
+        if self._dense_cache is None or self._dense_cache[0] != key:
+            c, k_count, k_max = self.in_channels, len(self.kernels), max(self.kernels)
+            depthwise = dw.detach().reshape(c, k_count, k_max, k_max)
+            pointwise = pw.detach().reshape(self.out_channels, c, k_count)
+            self._dense_cache = (key, torch.einsum("ocj,cjhw->ochw", pointwise, depthwise).contiguous())
+        return self._dense_cache[1]
+
+    def _dense_forward(self, x: Tensor) -> Tensor:
+        k_max = max(self.kernels)
+        return F.conv2d(x, self.dense_weight(), self.pointwise.bias, self.stride, k_max // 2)
+
+    def _branch_layout_forward(self, x: Tensor) -> Tensor:
         fmt = memory_format_of(x)
         y = self._branch_forward(x.contiguous(memory_format=torch.channels_last))
         return y.contiguous(memory_format=fmt)
+
+    def _run(self, algorithm: str, x: Tensor) -> Tensor:
+        if algorithm == "branch" and self._windows_hold_all_taps():
+            return self._branch_layout_forward(x)
+        if algorithm == "dense":
+            return self._dense_forward(x)
+        return self.pointwise(self.depthwise(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, C_in, H, W) -> (B, C_out, H', W')."""
+        if is_tracing():
+            return self.pointwise(self.depthwise(x))
+        algorithm = self.algorithm
+        if algorithm == "auto":
+            names = ("branch", "dense") if x.device.type == "cpu" else ("canonical", "dense")
+            if "branch" in names and not self._windows_hold_all_taps():
+                names = ("canonical", "dense")
+            algorithm = self._algorithms.choose(x, {name: partial(self._run, name, x) for name in names})
+        self.last_algorithm = algorithm
+        return self._run(algorithm, x)
 
 
 class MulticeptionOfficial(_MulticeptionBase):

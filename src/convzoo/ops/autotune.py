@@ -1,0 +1,77 @@
+"""Pick the fastest of several exact implementations of one op, once per input signature.
+
+Like ``torch.backends.cudnn.benchmark``: the first call with a new input shape / dtype / device /
+memory format times every candidate on that very input and remembers the winner; later calls
+with the same signature run the winner directly. The candidates compute the same function (they
+differ only in floating-point rounding order), so the choice never changes a result beyond that.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+Signature = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, str]
+
+
+def input_signature(x: Tensor) -> Signature:
+    """What the speed of a conv-like op depends on: shape, strides (layout), dtype and device type."""
+    return tuple(x.shape), tuple(x.stride()), x.dtype, x.device.type
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_candidates(candidates: Mapping[str, Callable[[], Tensor]], device: torch.device, repeats: int = 3) -> str:
+    """Run each candidate once to warm up, then ``repeats`` times; return the name with the least best time.
+
+    Args:
+        candidates: name -> zero-argument callable computing the op on the input being tuned for.
+        device: where the work runs (CUDA work is synchronized around each timing).
+        repeats: timed runs per candidate (the minimum counts: it is the least disturbed by noise).
+    """
+    if not candidates:
+        raise ValueError("candidates must hold at least one implementation, got none")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    best: dict[str, float] = {}
+    with torch.no_grad():
+        for name, run in candidates.items():
+            run()
+            times = []
+            for _ in range(repeats):
+                _synchronize(device)
+                start = time.perf_counter()
+                run()
+                _synchronize(device)
+                times.append(time.perf_counter() - start)
+            best[name] = min(times)
+    return min(best, key=best.__getitem__)
+
+
+class AlgorithmCache:
+    """Remembers, per input signature, which candidate :func:`time_candidates` found fastest."""
+
+    def __init__(self) -> None:
+        self._choices: dict[Signature, str] = {}
+
+    def choose(self, x: Tensor, candidates: Mapping[str, Callable[[], Tensor]]) -> str:
+        """The cached choice for ``x``'s signature, timing ``candidates`` on ``x`` the first time."""
+        key = input_signature(x)
+        if key not in self._choices:
+            self._choices[key] = (
+                next(iter(candidates)) if len(candidates) == 1 else time_candidates(candidates, x.device)
+            )
+        return self._choices[key]
+
+    def clear(self) -> None:
+        """Forget every choice (call after changing the weights or the hardware)."""
+        self._choices.clear()
+
+    def __len__(self) -> int:
+        return len(self._choices)
