@@ -66,3 +66,14 @@ def test_bad_arguments() -> None:
         time_candidates({}, torch.device("cpu"))
     with pytest.raises(ValueError, match="repeats must be a positive int, got 0"):
         time_candidates({"a": lambda: torch.zeros(1)}, torch.device("cpu"), repeats=0)
+
+
+def test_nothing_is_timed_or_cached_under_a_dispatch_mode() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cache = AlgorithmCache()
+    calls: dict[str, int] = {}
+    candidates = {"first": _counting("first", calls), "second": _counting("second", calls)}
+    with FlopCounterMode(display=False):
+        assert cache.choose(torch.zeros(3), candidates) == "first"
+    assert calls == {} and len(cache) == 0

@@ -4,6 +4,9 @@ Like ``torch.backends.cudnn.benchmark``: the first call with a new input shape /
 memory format times every candidate on that very input and remembers the winner; later calls
 with the same signature run the winner directly. The candidates compute the same function (they
 differ only in floating-point rounding order), so the choice never changes a result beyond that.
+
+Under a torch dispatch mode (``FlopCounterMode``, fake tensors, convzoo's profiler) nothing is
+timed, because time there means nothing: the first candidate runs and no choice is cached.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 Signature = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, str]
 
@@ -61,7 +65,12 @@ class AlgorithmCache:
         self._choices: dict[Signature, str] = {}
 
     def choose(self, x: Tensor, candidates: Mapping[str, Callable[[], Tensor]]) -> str:
-        """The cached choice for ``x``'s signature, timing ``candidates`` on ``x`` the first time."""
+        """The cached choice for ``x``'s signature, timing ``candidates`` on ``x`` the first time.
+
+        Under a dispatch mode: the cached choice if there is one, else the first candidate (untimed).
+        """
+        if is_in_torch_dispatch_mode():
+            return self._choices.get(input_signature(x), next(iter(candidates)))
         key = input_signature(x)
         if key not in self._choices:
             self._choices[key] = (

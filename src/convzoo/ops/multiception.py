@@ -351,6 +351,16 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
             outputs.append(F.conv2d(z, weight, self.pointwise.bias))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
+    def convzoo_macs(self, input: Tensor, output: Tensor) -> int:
+        """MACs of the batch by the deploy form's formula, whichever algorithm ran (``convzoo.profile``).
+
+        Per output position: each branch's non-zero k_j x k_j window on C_in channels, then the
+        1x1 over K*C_in channels: ``C_in * sum(k_j**2) + K * C_in * C_out``.
+        """
+        per_position = self.in_channels * sum(k * k for k in self.kernels)
+        per_position += len(self.kernels) * self.in_channels * self.out_channels
+        return per_position * output.shape[0] * output.shape[-2] * output.shape[-1]
+
     def dense_weight(self) -> Tensor:
         """The two convs multiplied out: (C_out, C_in, k_max, k_max), cached per weight version."""
         dw, pw = self.depthwise.weight, self.pointwise.weight
