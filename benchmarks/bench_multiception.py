@@ -32,7 +32,7 @@ from common import (
     train_step_fn,
     write_results,
 )
-from convzoo.ops.multiception import MulticeptionConv2d, MulticeptionOfficial
+from convzoo.ops.multiception import FusedMulticeptionConv2d, MulticeptionConv2d, MulticeptionOfficial
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 
@@ -41,7 +41,10 @@ NOTES = """## Notes
 
 - `official` is the authors' form (`MulticeptionOfficial`: full-resolution depthwise convs, stride in the
   1x1, NCHW). `convzoo` is `MulticeptionConv2d` (stride in the depthwise convs, depthwise step
-  channels-last on CPU); `convzoo deployed` is `convzoo.deploy()` of it (`FusedMulticeptionConv2d`).
+  channels-last on CPU); `convzoo deployed` is `convzoo.deploy()` of it (`FusedMulticeptionConv2d`,
+  `algorithm="auto"`); `branch only` pins every layer to the branch-window form (the previous default).
+  Rows in channels-last convert the whole model and its input (`model.to(memory_format=torch.channels_last)`)
+  and are compared with the standard model converted alike.
 - Design measurements (per-op, 1 thread, CPU time, min of repeats, on a shared machine): the NCHW
   depthwise *weight gradient* for 7x7 kernels is ~25x the 3x3 one (oneDNN), channels-last cuts it ~4x;
   a single depthwise conv with channel multiplier K is 5-20x slower than K separate depthwise convs
@@ -62,40 +65,74 @@ def to_official(model: nn.Module) -> nn.Module:
     return model
 
 
+def _channels_last(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
+def _pinned(model: nn.Module, algorithm: str) -> nn.Module:
+    """A copy of a deployed model whose FusedMulticeptionConv2d layers all run ``algorithm``."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, FusedMulticeptionConv2d):
+            module.algorithm = algorithm
+    return model
+
+
 def speed(batch: int, repeats: int) -> str:
     x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     standard = convzoo.create_model("cifar_resnet20")
     fast = convzoo.create_model("cifar_resnet20", conv="multiception")
     official = to_official(fast)
+    deployed, deployed_standard = convzoo.deploy(fast), convzoo.deploy(standard)
+    with torch.no_grad():  # tune the "auto" layers before timing (like a cudnn.benchmark warm-up)
+        deployed(x)
+        chosen = [m.last_algorithm for m in deployed.modules() if isinstance(m, FusedMulticeptionConv2d)]
+        deployed_cl = _channels_last(deployed)
+        deployed_cl(x_cl)
+        chosen_cl = [m.last_algorithm for m in deployed_cl.modules() if isinstance(m, FusedMulticeptionConv2d)]
     train = interleaved_median_times(
         {
             "standard": train_step_fn(standard, x, t),
             "official": train_step_fn(official, x, t),
             "convzoo": train_step_fn(fast, x, t),
+            "standard CL": train_step_fn(_channels_last(standard), x_cl, t),
+            "convzoo CL": train_step_fn(_channels_last(fast), x_cl, t),
         },
         warmup=2,
         repeats=repeats,
     )
     infer = interleaved_median_times(
         {
-            "standard": inference_fn(convzoo.deploy(standard), x),
+            "standard": inference_fn(deployed_standard, x),
             "official": inference_fn(official, x),
             "convzoo": inference_fn(fast, x),
-            "convzoo deployed": inference_fn(convzoo.deploy(fast), x),
+            "convzoo deployed (branch only)": inference_fn(_pinned(deployed, "branch"), x),
+            "convzoo deployed": inference_fn(deployed, x),
+            "standard CL": inference_fn(_channels_last(deployed_standard), x_cl),
+            "convzoo deployed CL": inference_fn(deployed_cl, x_cl),
         },
         warmup=2,
         repeats=repeats,
     )
-    rows = [
-        ["training step", name, f"{seconds * 1e3:.0f}", f"{seconds / train['standard']:.2f}x"]
-        for name, seconds in train.items()
-    ]
-    rows += [
-        ["inference (standard: BN folded)", name, f"{seconds * 1e3:.0f}", f"{seconds / infer['standard']:.2f}x"]
-        for name, seconds in infer.items()
-    ]
-    targets = "Targets: training step <= 1.5x standard; deployed inference <= 1.0x standard (deployed)."
-    return markdown_table(["what", "model", "ms (median)", "vs standard"], rows) + "\n\n" + targets
+
+    def rows_of(what: str, times: dict[str, float]) -> list[list[str]]:
+        rows = []
+        for name, seconds in times.items():
+            layout = "channels-last" if name.endswith(" CL") else "NCHW"
+            baseline = times["standard CL" if layout == "channels-last" else "standard"]
+            model = name.removesuffix(" CL")
+            rows.append([what, model, layout, f"{seconds * 1e3:.0f}", f"{seconds / baseline:.2f}x"])
+        return rows
+
+    rows = rows_of("training step", train) + rows_of("inference (standard: BN folded)", infer)
+    header = ["what", "model", "layout", "ms (median)", "vs standard (same layout)"]
+    return (
+        markdown_table(header, rows)
+        + "\n\nTargets: training step <= 1.5x standard; deployed inference <= 1.0x standard (deployed)."
+        + f"\n\nAlgorithms `algorithm='auto'` chose per Multiception layer (NCHW): {', '.join(chosen)}; "
+        + f"(channels-last): {', '.join(chosen_cl)}."
+    )
 
 
 def load_slice(split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
