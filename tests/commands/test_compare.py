@@ -67,3 +67,32 @@ def test_demo_runs_and_deployed_outputs_match(tmp_path: Path, capsys: pytest.Cap
     assert main(["demo", "--convs", "standard,doconv", "--epochs", "2", "--output", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "deployed outputs match" in out and (tmp_path / "demo" / "compare.md").is_file()
+
+
+def test_content_aware_rows_report_the_trained_models_effective_macs(tmp_path: Path) -> None:
+    import torch
+
+    from convzoo.models import create_model
+    from convzoo.ops.cac import CAConv2d
+    from convzoo.ops.cac_cost import cac_statistics
+    from convzoo.train.compare import compare, table_rows
+
+    options = dict(zip([a.removeprefix("--").replace("-", "_") for a in TINY[::2]], TINY[1::2], strict=True))
+    options = {k: (v if k in ("data", "device") else False if v == "false" else int(v)) for k, v in options.items()}
+    result = compare("test_tiny", ["standard", "cac"], output=tmp_path / "c", log=lambda _: None, **options)
+    standard, cac = result.rows
+    assert standard.effective_macs == [] and standard.trained_macs == standard.deployed_macs
+    assert len(cac.effective_macs) == 1
+
+    # the effective cost lies between the same network with every window smooth and every window sharp
+    network = create_model("test_tiny", conv="cac").eval()
+    images = [torch.randn(4, 3, 8, 8)]
+    all_sharp = float(cac_statistics(network, images).image_macs.mean())
+    with torch.no_grad():
+        for layer in network.modules():
+            if isinstance(layer, CAConv2d):
+                layer.beta.fill_(-1e4)
+    all_smooth = float(cac_statistics(network, images).image_macs.mean())
+    assert all_smooth < all_sharp
+    assert all_smooth <= cac.trained_macs <= all_sharp
+    assert table_rows(result)[1][4] == f"{cac.trained_macs / 1e6:.2f}"

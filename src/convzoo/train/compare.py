@@ -18,7 +18,15 @@ from torch import nn
 
 from convzoo.train.checkpoint import load_checkpoint
 from convzoo.train.config import TrainConfig, make_config
-from convzoo.train.engine import CHECKPOINT_NAME, DataBundle, TrainingDivergedError, build_model, prepare_data, train
+from convzoo.train.engine import (
+    CHECKPOINT_NAME,
+    DataBundle,
+    TrainingDivergedError,
+    build_model,
+    load_weights,
+    prepare_data,
+    train,
+)
 
 
 @dataclass
@@ -34,6 +42,13 @@ class CompareRow:
     top5: list[float] = field(default_factory=list)
     images_per_s: list[float] = field(default_factory=list)
     run_dirs: list[Path] = field(default_factory=list)
+    effective_macs: list[float] = field(default_factory=list)
+
+    @property
+    def trained_macs(self) -> float:
+        """MACs per image of the trained, deployed model: for content-aware kinds (CAC) the test-set mean
+        of each seed's effective MACs (eq. 17 of the CAC paper), else ``deployed_macs``."""
+        return statistics.fmean(self.effective_macs) if self.effective_macs else float(self.deployed_macs)
 
     @property
     def top1_mean(self) -> float:
@@ -143,7 +158,29 @@ def _train_seeds(
         row.train_seconds.append(summary["train_seconds"])
         row.images_per_s.append(summary["images_per_s"])
         row.run_dirs.append(run_dir)
+        effective = _effective_macs(run_dir, bundle)
+        if effective is not None:
+            row.effective_macs.append(effective)
         log(f"  {conv} seed {seed}: top-1 {row.top1[-1]:.2f}%")
+
+
+def _effective_macs(run_dir: Path, bundle: DataBundle) -> float | None:
+    """Mean effective MACs per test image of the trained model in ``run_dir`` if it has CAC layers, else None."""
+    from convzoo.data import BatchAugment, TensorLoader
+    from convzoo.models import create_model
+    from convzoo.ops.cac import CACStatsMixin
+    from convzoo.ops.cac_cost import cac_statistics
+
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    meta = checkpoint.meta
+    network = create_model(meta["model"], conv=meta["conv"], num_classes=int(meta["num_classes"]))
+    if not any(isinstance(module, CACStatsMixin) for module in network.modules()):
+        return None
+    load_weights(network, checkpoint.model, run_dir)
+    loader = TensorLoader(
+        bundle.test, 256, BatchAugment(bundle.mean, bundle.std, "none"), shuffle=False, drop_last=False
+    )
+    return float(cac_statistics(network, loader).image_macs.mean())
 
 
 def _macs(network: nn.Module, shape: tuple[int, int, int]) -> tuple[int, int]:
@@ -172,6 +209,7 @@ HEADER = (
     "params",
     "MACs (M)",
     "deployed MACs (M)",
+    "trained MACs (M)",
     "train time (s)",
     "images/s",
     "top-1 (%)",
@@ -191,6 +229,7 @@ def table_rows(comparison: Comparison) -> list[list[str]]:
                 f"{row.params:,}",
                 f"{row.macs / 1e6:.2f}",
                 f"{row.deployed_macs / 1e6:.2f}",
+                f"{row.trained_macs / 1e6:.2f}",
                 f"{statistics.fmean(row.train_seconds):.1f}",
                 f"{statistics.fmean(row.images_per_s):,.0f}",
                 f"{row.top1_mean:.2f} ± {row.top1_std:.2f}",
@@ -204,7 +243,12 @@ def markdown(comparison: Comparison, title: str) -> str:
     lines = [f"## {title}", "", "| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(comparison)]
     seeds = max((len(r.top1) for r in comparison.rows), default=0)
-    lines += ["", f"top-1: mean ± std over {seeds} seed(s), final epoch; MACs per image, eval mode."]
+    lines += [
+        "",
+        f"top-1: mean ± std over {seeds} seed(s), final epoch; MACs per image, eval mode. Trained MACs: the "
+        "deployed MACs, except for content-aware kinds (cac), whose cost follows the input: there, the mean over "
+        "the test images and seeds of the trained model's effective MACs (CAC eq. 17).",
+    ]
     lines += [f"Skipped {conv}: {reason}" for conv, reason in comparison.skipped]
     return "\n".join(lines) + "\n"
 
@@ -223,6 +267,7 @@ def write_outputs(comparison: Comparison, title: str) -> dict[str, Path]:
                 "params",
                 "macs",
                 "deployed_macs",
+                "trained_macs",
                 "train_seconds_mean",
                 "images_per_s_mean",
                 "top1_mean",
@@ -238,6 +283,7 @@ def write_outputs(comparison: Comparison, title: str) -> dict[str, Path]:
                     row.params,
                     row.macs,
                     row.deployed_macs,
+                    row.trained_macs,
                     statistics.fmean(row.train_seconds),
                     statistics.fmean(row.images_per_s),
                     row.top1_mean,
@@ -258,9 +304,10 @@ def plot_accuracy_vs_macs(comparison: Comparison, path: Path, title: str) -> Non
 
     figure, axis = plt.subplots(figsize=(6, 4.5))
     for row in comparison.rows:
-        axis.errorbar(row.macs / 1e6, row.top1_mean, yerr=row.top1_std, fmt="o", capsize=3)
-        axis.annotate(row.conv, (row.macs / 1e6, row.top1_mean), textcoords="offset points", xytext=(5, 5))
-    axis.set(xlabel="MACs per image (M)", ylabel="top-1 accuracy (%)", title=title)
+        macs = row.trained_macs / 1e6
+        axis.errorbar(macs, row.top1_mean, yerr=row.top1_std, fmt="o", capsize=3)
+        axis.annotate(row.conv, (macs, row.top1_mean), textcoords="offset points", xytext=(5, 5))
+    axis.set(xlabel="MACs per image, trained and deployed (M)", ylabel="top-1 accuracy (%)", title=title)
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
