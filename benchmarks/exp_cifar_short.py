@@ -34,6 +34,20 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 # dds is absent: its paper replaces depthwise convs, and cifar_resnet20 has none (convert() says so).
 CONVS = "standard,doconv,cpwc,multiception,dsconv,mixconv,cac"
 
+NOTES = """### Notes
+
+- Setup: test top-1 on the full 10,000-image test set after the last epoch (also evaluated every
+  `--eval-every` epochs); the training images are the first N of each class when `--train-subset` is set.
+  The committed run trained two 1-thread processes side by side (the docstring's commands), so images/s
+  are per 1-thread process on a 2-core machine that was also running other work at times: compare them
+  within a column, not with `bench_*` figures.
+- `dds` is absent: it replaces depthwise convs, and cifar_resnet20 has none.
+- `cac` trains with its cost-aware loss (lambda 0.3, the paper's). Fifteen epochs are far shorter than the
+  paper's 400: the cost term pulls the sharp ratio down early, so the trained model is much cheaper (the
+  trained-MACs column: the test-set mean of its effective MACs) and much less accurate. Use the `cac-cifar`
+  recipe, or `--cac-lambda 0` for the accuracy of the layer alone, to reproduce the paper's trade-off.
+"""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,6 +101,7 @@ def main() -> None:
             )
     speed = markdown_table(["conv", "run", "training images/s per epoch", "mean"], rows)
     body = markdown(comparison, title) + "\n### Training throughput\n\n" + speed + f"\n\nRuns and tables: `{output}`."
+    body += "\n\n" + NOTES
     write_results("exp_cifar_short_smoke" if smoke else "exp_cifar_short", title, body)
 
 

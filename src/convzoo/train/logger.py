@@ -17,6 +17,7 @@ class RunLogger:
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.csv_path = self.run_dir / "metrics.csv"
         self.rows: list[dict[str, Any]] = []
+        self._header: list[str] = []
         self.tb: Any = None
         if not enabled:
             return
@@ -31,26 +32,34 @@ class RunLogger:
         except (ImportError, ModuleNotFoundError):
             self.tb = None
 
+    def _columns(self) -> list[str]:
+        """Every key of every row, in order of first appearance (epochs without evaluation lack test_*)."""
+        return list(dict.fromkeys(key for row in self.rows for key in row))
+
     def _rewrite(self) -> None:
         if not self.rows:
             self.csv_path.unlink(missing_ok=True)
             return
+        self._header = self._columns()
         with self.csv_path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
+            writer = csv.DictWriter(handle, fieldnames=self._header, restval="")
             writer.writeheader()
             writer.writerows(self.rows)
 
     def log_epoch(self, row: dict[str, Any]) -> None:
-        """Record one epoch's summary (``epoch`` is 1-based)."""
+        """Record one epoch's summary (``epoch`` is 1-based); missing columns are written empty.
+
+        A row with a column the file's header lacks (the first evaluated epoch) rewrites the file
+        with the wider header, so every row stays aligned with it.
+        """
         if not self.enabled:
             return
         self.rows.append(row)
-        new_file = not self.csv_path.is_file()
+        if not self.csv_path.is_file() or any(key not in self._header for key in row):
+            self._rewrite()
+            return
         with self.csv_path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
+            csv.DictWriter(handle, fieldnames=self._header, restval="").writerow(row)
         if self.tb is not None:
             for key, value in row.items():
                 if key != "epoch" and isinstance(value, int | float):
