@@ -95,7 +95,7 @@ def test_fused_fast_path_chunks_and_falls_back_when_windows_are_not_zero(monkeyp
     torch.testing.assert_close(fused(x), fused.pointwise(fused.depthwise(x)), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("algorithm", ["canonical", "branch", "dense", "auto"])
+@pytest.mark.parametrize("algorithm", ["canonical", "branch", "accumulate", "dense", "auto"])
 @pytest.mark.parametrize(
     ("kernels", "stride", "size"), [((3, 5, 7), 1, (9, 11)), ((3, 5), 2, (8, 7)), ((5, 3), 1, (6, 6))]
 )
@@ -108,7 +108,7 @@ def test_every_fused_algorithm_equals_the_canonical_form(algorithm, kernels, str
     torch.testing.assert_close(fused(x), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(expected, module(x), rtol=1e-12, atol=1e-12)
     if algorithm == "auto":
-        assert fused.last_algorithm in ("branch", "dense")
+        assert fused.last_algorithm in ("branch", "accumulate", "dense")
         assert len(fused._algorithms) == 1
         fused(x.contiguous(memory_format=torch.channels_last))  # a new layout is tuned separately
         assert len(fused._algorithms) == 2
@@ -128,6 +128,22 @@ def test_dense_algorithm_multiplies_the_two_convs_out_and_follows_weight_updates
     with torch.no_grad():
         fused.pointwise.weight.mul_(2.0)
     torch.testing.assert_close(fused.dense_weight(), 2.0 * dense, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("algorithm", ["branch", "accumulate", "dense", "auto"])
+def test_every_fused_algorithm_passes_gradients_to_the_input_and_the_weights(algorithm) -> None:
+    module = _randomized(MulticeptionConv2d(3, 4, 3, 2, kernels=(3, 5), **F64)).eval()
+    fused, reference = module.fuse().requires_grad_(True), module.fuse().requires_grad_(True)
+    assert not any(p.requires_grad for p in module.fuse().parameters())  # frozen unless asked
+    fused.algorithm, reference.algorithm = algorithm, "canonical"
+    x = torch.randn(2, 3, 7, 7, **F64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    g = torch.randn(2, 4, 4, 4, **F64)
+    fused(x).backward(g)
+    reference(x_ref).backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    for (name, a), b in zip(fused.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_bad_fused_algorithm() -> None:

@@ -44,7 +44,7 @@ SCHEDULES: dict[str, tuple[tuple[int, ...], ...]] = {
     "paper": ((3, 5, 7), (3, 5), (3,)),
 }
 
-FUSED_ALGORITHMS = ("auto", "canonical", "branch", "dense")
+FUSED_ALGORITHMS = ("auto", "canonical", "branch", "accumulate", "dense")
 """How :class:`FusedMulticeptionConv2d` computes its output in eager mode (all exact)."""
 
 # On CPU, the deploy form runs in batch chunks whose K*C intermediate is about this size, so it
@@ -243,7 +243,10 @@ class MulticeptionConv2d(_MulticeptionBase):
 
     @torch.no_grad()
     def fuse(self) -> FusedMulticeptionConv2d:
-        """The inference form: one depthwise conv (multiplier K) + one 1x1 conv, both BNs folded (exact in eval)."""
+        """The inference form: one depthwise conv (multiplier K) + one 1x1 conv, both BNs folded (exact in eval).
+
+        Its parameters come frozen (``requires_grad=False``), as an inference form's are.
+        """
         c, k_count, k_max = self.in_channels, len(self.kernels), max(self.kernels)
         like = {"device": self.pointwise.weight.device, "dtype": self.pointwise.weight.dtype}
         fused = FusedMulticeptionConv2d(
@@ -264,7 +267,9 @@ class MulticeptionConv2d(_MulticeptionBase):
         fused.pointwise.weight.copy_(weight[:, :, None, None])
         fused.pointwise.bias.copy_(out_scale * bias + out_shift)
         fused.train(self.training)
-        return fused
+        # an inference form, frozen like CACSparseConv2d: its fast window forms need no autograd graph
+        # (call requires_grad_(True) to fine-tune it; the exact canonical form then runs)
+        return fused.requires_grad_(False)
 
 
 class FusedMulticeptionConv2d(_MulticeptionBase):
@@ -279,12 +284,18 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
     * ``"branch"`` (CPU): only the non-zero centred window of each branch is convolved (the zero
       taps are checked, once per weight version), in channels-last layout and in batch chunks
       small enough for the K*C intermediate to stay in cache;
+    * ``"accumulate"`` (CPU): the same branch windows, each followed by its share of the 1x1 as a
+      matrix product accumulated in place into the output (no K*C concatenation);
     * ``"dense"``: the two convs multiplied out into one dense k_max x k_max conv C_in -> C_out,
       ``W[o, c] = sum_j P[o, c*K + j] * D[c*K + j]`` (cached per weight version). It has more MACs,
       but for few channels oneDNN runs it about as fast as the 3x3 conv that Multiception replaced;
-    * ``"auto"`` (default): time the candidates of the device (CPU: branch, dense; otherwise:
+    * ``"auto"`` (default): time the candidates of the device (CPU: branch, accumulate, dense; otherwise:
       canonical, dense) on the first input of each shape / layout / dtype, like
       ``torch.backends.cudnn.benchmark``, and keep the winner (``last_algorithm`` tells which ran).
+
+    When autograd records a graph (an input or a parameter requires grad, grad mode on), every
+    algorithm but "dense" (multiplied out with autograd) runs "canonical": the window forms skip
+    the zero taps, which are parameters of this module too, so only these two give all gradients.
 
     Shapes:
         (B, C_in, H, W) -> (B, C_out, floor((H - 1) / s) + 1, floor((W - 1) / s) + 1)
@@ -372,18 +383,53 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
             self._dense_cache = (key, torch.einsum("ocj,cjhw->ochw", pointwise, depthwise).contiguous())
         return self._dense_cache[1]
 
+    def _needs_grad(self, x: Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
     def _dense_forward(self, x: Tensor) -> Tensor:
         k_max = max(self.kernels)
-        return F.conv2d(x, self.dense_weight(), self.pointwise.bias, self.stride, k_max // 2)
+        if self._needs_grad(x):  # multiply out with autograd (the cached weight is detached)
+            c, k_count = self.in_channels, len(self.kernels)
+            depthwise = self.depthwise.weight.reshape(c, k_count, k_max, k_max)
+            weight = torch.einsum(
+                "ocj,cjhw->ochw", self.pointwise.weight.reshape(self.out_channels, c, k_count), depthwise
+            )
+        else:
+            weight = self.dense_weight()
+        return F.conv2d(x, weight, self.pointwise.bias, self.stride, k_max // 2)
 
     def _branch_layout_forward(self, x: Tensor) -> Tensor:
         fmt = memory_format_of(x)
         y = self._branch_forward(x.contiguous(memory_format=torch.channels_last))
         return y.contiguous(memory_format=fmt)
 
+    def _accumulate_forward(self, x: Tensor) -> Tensor:
+        """Branch windows (channels-last), each followed by its share of the 1x1 as a GEMM accumulated
+        in place into one (B, H', W', C_out) buffer: no K*C concatenation, no output copy."""
+        c, k_count, k_max = self.in_channels, len(self.kernels), max(self.kernels)
+        grid = self.depthwise.weight.reshape(c, k_count, k_max, k_max)
+        # the 1x1 weight's columns are channel-major (c*K + j): branch j's share is P[:, j::K]
+        pointwise = self.pointwise.weight.reshape(self.out_channels, c, k_count)
+        fmt = memory_format_of(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        out_h, out_w = (x.shape[2] - 1) // self.stride[0] + 1, (x.shape[3] - 1) // self.stride[1] + 1
+        out = x.new_empty(x.shape[0], out_h, out_w, self.out_channels)
+        rows = out.view(-1, self.out_channels)
+        for j, k in enumerate(self.kernels):
+            o = (k_max - k) // 2
+            z = F.conv2d(x, grid[:, j : j + 1, o : o + k, o : o + k], None, self.stride, k // 2, 1, c)
+            z = z.permute(0, 2, 3, 1).reshape(-1, c)  # channels-last: a view
+            if j == 0:
+                torch.addmm(self.pointwise.bias, z, pointwise[:, :, j].t(), out=rows)
+            else:
+                rows.addmm_(z, pointwise[:, :, j].t())
+        return out.permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+
     def _run(self, algorithm: str, x: Tensor) -> Tensor:
         if algorithm == "branch" and self._windows_hold_all_taps():
             return self._branch_layout_forward(x)
+        if algorithm == "accumulate" and self._windows_hold_all_taps():
+            return self._accumulate_forward(x)
         if algorithm == "dense":
             return self._dense_forward(x)
         return self.pointwise(self.depthwise(x))
@@ -393,8 +439,12 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
         if is_tracing():
             return self.pointwise(self.depthwise(x))
         algorithm = self.algorithm
+        if algorithm != "dense" and self._needs_grad(x):
+            # the window forms skip the zero taps, which are parameters too: only these two give their gradients
+            self.last_algorithm = "canonical"
+            return self.pointwise(self.depthwise(x))
         if algorithm == "auto":
-            names = ("branch", "dense") if x.device.type == "cpu" else ("canonical", "dense")
+            names = ("branch", "accumulate", "dense") if x.device.type == "cpu" else ("canonical", "dense")
             if "branch" in names and not self._windows_hold_all_taps():
                 names = ("canonical", "dense")
             algorithm = self._algorithms.choose(x, {name: partial(self._run, name, x) for name in names})
