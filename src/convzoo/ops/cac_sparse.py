@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from convzoo.ops.cac import (
     CAConv2d,
     CACStatsMixin,
+    centre_offset,
     centre_pixels,
     pad_input,
     score_logits,
@@ -188,6 +189,18 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         centres = centre_pixels(self.spec, padded, out_size)
         return F.conv2d(centres, summed_kernel(self.weight), self.bias, 1, 0, 1, self.groups)
 
+    def _smooth_channels_last(self, padded: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """The 1×1 conv Σw at every window centre, channels last: (B, Hp, Wp, C) -> contiguous (B, H', W', C_out).
+
+        The centre pixels are copied once into a dense channels-last tensor, where oneDNN's 1×1 conv
+        is ~2x faster than a matrix product and ~5x faster than on the strided view itself.
+        """
+        ch, cw = centre_offset(self.spec)
+        (sh, sw), (out_h, out_w) = self.stride, out_size
+        centres = padded[:, ch::sh, cw::sw][:, :out_h, :out_w].contiguous().permute(0, 3, 1, 2)
+        smooth = F.conv2d(centres, summed_kernel(self.weight), self.bias, 1, 0, 1, self.groups)
+        return smooth.permute(0, 2, 3, 1).contiguous()
+
     def _dense(self, x: Tensor, mask: Tensor, out_size: tuple[int, int], *, all_sharp: bool) -> Tensor:
         if all_sharp:
             return self.spec.conv2d(x, self.weight, self.bias)
@@ -220,8 +233,8 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
             buffer[:, :pad_h, pad_w:] = 0
 
         # 1x1 conv on every window centre -> output buffer (B, tiles_h*tile, tiles_w*tile, C_out).
-        smooth = self._smooth(buffer[:, :pad_h, :pad_w].permute(0, 3, 1, 2), out_size).permute(0, 2, 3, 1)
-        if (tiles_h * tile, tiles_w * tile) == (out_h, out_w) and smooth.is_contiguous():
+        smooth = self._smooth_channels_last(buffer[:, :pad_h, :pad_w], out_size)
+        if (tiles_h * tile, tiles_w * tile) == (out_h, out_w):
             out = smooth
         else:
             out = x.new_empty(batch, tiles_h * tile, tiles_w * tile, c_out)
@@ -229,19 +242,24 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
 
         b, i, j = active.nonzero(as_tuple=True)
         if b.numel():
-            blocks = buffer.as_strided(
-                (batch, tiles_h, tiles_w, in_h, in_w, c_in),
-                (full_h * full_w * c_in, tile * sh * full_w * c_in, tile * sw * c_in, full_w * c_in, c_in, 1),
-            )[b, i, j]  # (n, in_h, in_w, C): the active blocks with their halo
+            # Gather the active blocks with their halo as whole pixels (rows of C contiguous floats) with
+            # one index_select: (n, in_h, in_w, C). Advanced indexing of a strided 6-D view is ~6x slower.
+            rows_in = torch.arange(in_h, device=x.device)
+            cols_in = torch.arange(in_w, device=x.device)
+            top_left = (b * full_h + i * (tile * sh)) * full_w + j * (tile * sw)  # (n,)
+            pixels = top_left[:, None, None] + rows_in[None, :, None] * full_w + cols_in[None, None, :]
+            blocks = buffer.view(-1, c_in).index_select(0, pixels.flatten()).view(-1, in_h, in_w, c_in)
             sharp = F.conv2d(
                 blocks.permute(0, 3, 1, 2), self.weight, self.bias, self.stride, 0, self.dilation, self.groups
             )
+            sharp = sharp.permute(0, 2, 3, 1).reshape(-1, c_out)  # (n*tile*tile, C_out), block-major
             # Scatter only the sharp windows of the active blocks (they are all the sharp windows).
-            keep = grid[b, i, j]  # (n, tile, tile)
-            sharp = sharp.permute(0, 2, 3, 1)[keep]  # (n_sharp, C_out), in block order
-            positions = torch.arange(out.numel() // c_out, device=x.device)
-            positions = positions.view(batch, tiles_h, tile, tiles_w, tile).permute(0, 1, 3, 2, 4)[b, i, j][keep]
-            out.view(-1, c_out).index_copy_(0, positions, sharp)
+            rows_out = torch.arange(tile, device=x.device)
+            out_w_full = tiles_w * tile
+            corner = (b * (tiles_h * tile) + i * tile) * out_w_full + j * tile  # (n,)
+            positions = corner[:, None, None] + rows_out[None, :, None] * out_w_full + rows_out[None, None, :]
+            keep = grid[b, i, j].flatten().nonzero().squeeze(1)  # sharp windows, in block order
+            out.view(-1, c_out).index_copy_(0, positions.flatten()[keep], sharp.index_select(0, keep))
         return out[:, :out_h, :out_w].permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
