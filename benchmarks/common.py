@@ -34,15 +34,21 @@ def median_time(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10)
 def interleaved_median_times(
     fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeats: int = 10
 ) -> dict[str, float]:
-    """Median seconds of each function, timing them round-robin so drift hits all alike."""
+    """Median seconds of each function, timing them round-robin so drift hits all alike.
+
+    Each round starts one function later than the previous one, so no function always runs right
+    after the same other one (which leaves caches and the allocator in its own state).
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
