@@ -164,12 +164,16 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         mask = score_logits(self.spec, x, self.gamma, self.beta, out_size) > 0
         counts = mask.flatten(1).sum(1)
         self.last_mask, self.last_sharp_count, self.last_output_size = mask, counts, out_size
+        if self.threshold < 1.0 and int(counts.sum()) == mask.numel():
+            # every window sharp, so every block active: the dense path's plain conv, no block bookkeeping
+            self.last_active, self.last_path = 1.0, "dense"
+            return self.spec.conv2d(x, self.weight, self.bias)
         grid = self._block_mask(mask)
         active = grid.any(dim=(3, 4))  # (B, blocks_h, blocks_w)
         self.last_active = int(active.sum()) / active.numel()
         if self.last_active > self.threshold:
             self.last_path = "dense"
-            return self._dense(x, mask, out_size, all_sharp=bool(int(counts.sum()) == mask.numel()))
+            return self._dense(x, mask, out_size, all_sharp=False)
         self.last_path = "sparse"
         return self._sparse(x, grid, active, out_size)
 
