@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from convzoo.train.checkpoint import load_checkpoint
     from convzoo.train.compare import compare, markdown, write_outputs
     from convzoo.train.config import make_config
-    from convzoo.train.engine import load_weights, prepare_data
+    from convzoo.train.engine import model_from_checkpoint, prepare_data
 
     output = args.output or time.strftime("runs/demo-%Y%m%d-%H%M%S")
     start = time.perf_counter()
@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     best = max(comparison.rows, key=lambda row: row.top1_mean)
     run_dir = best.run_dirs[max(range(len(best.top1)), key=best.top1.__getitem__)]
     checkpoint = load_checkpoint(run_dir / "checkpoint.safetensors")
-    model = convzoo.create_model("cifar_resnet20", conv=best.conv, num_classes=checkpoint.meta["num_classes"])
-    load_weights(model, checkpoint.model, run_dir)
+    model = model_from_checkpoint(checkpoint, run_dir)
     model.eval()
     deployed = convzoo.deploy(model)
     config = make_config("digits-quick", device=args.device)

@@ -33,7 +33,6 @@ from torch import Tensor, nn
 from convzoo.ops.cac import (
     CAConv2d,
     CACStatsMixin,
-    centre_offset,
     centre_pixels,
     pad_input,
     score_logits,
@@ -173,7 +172,7 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         self.last_active = int(active.sum()) / active.numel()
         if self.last_active > self.threshold:
             self.last_path = "dense"
-            return self._dense(x, mask, out_size, all_sharp=False)
+            return self._dense(x, mask, out_size)
         self.last_path = "sparse"
         return self._sparse(x, grid, active, out_size)
 
@@ -189,25 +188,17 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         return mask.view(batch, blocks_h, tile, blocks_w, tile).permute(0, 1, 3, 2, 4)
 
     def _smooth(self, padded: Tensor, out_size: tuple[int, int]) -> Tensor:
-        """The 1×1 conv Σw at every window centre: padded (B, C, Hp, Wp) -> (B, C_out, H', W')."""
+        """The 1×1 conv Σw at every window centre: padded (B, C, Hp, Wp) -> (B, C_out, H', W').
+
+        A channels-last ``padded`` (the sparse path's buffer) gets its centre pixels copied densely
+        first: oneDNN's 1×1 conv runs ~5x faster on them than on the strided view.
+        """
         centres = centre_pixels(self.spec, padded, out_size)
+        if padded.stride(1) == 1:
+            centres = centres.contiguous(memory_format=torch.channels_last)
         return F.conv2d(centres, summed_kernel(self.weight), self.bias, 1, 0, 1, self.groups)
 
-    def _smooth_channels_last(self, padded: Tensor, out_size: tuple[int, int]) -> Tensor:
-        """The 1×1 conv Σw at every window centre, channels last: (B, Hp, Wp, C) -> contiguous (B, H', W', C_out).
-
-        The centre pixels are copied once into a dense channels-last tensor, where oneDNN's 1×1 conv
-        is ~2x faster than a matrix product and ~5x faster than on the strided view itself.
-        """
-        ch, cw = centre_offset(self.spec)
-        (sh, sw), (out_h, out_w) = self.stride, out_size
-        centres = padded[:, ch::sh, cw::sw][:, :out_h, :out_w].contiguous().permute(0, 3, 1, 2)
-        smooth = F.conv2d(centres, summed_kernel(self.weight), self.bias, 1, 0, 1, self.groups)
-        return smooth.permute(0, 2, 3, 1).contiguous()
-
-    def _dense(self, x: Tensor, mask: Tensor, out_size: tuple[int, int], *, all_sharp: bool) -> Tensor:
-        if all_sharp:
-            return self.spec.conv2d(x, self.weight, self.bias)
+    def _dense(self, x: Tensor, mask: Tensor, out_size: tuple[int, int]) -> Tensor:
         padded = pad_input(self.spec, x)
         sharp = F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return torch.where(mask.unsqueeze(1), sharp, self._smooth(padded, out_size))
@@ -237,8 +228,8 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
             buffer[:, :pad_h, pad_w:] = 0
 
         # 1x1 conv on every window centre -> output buffer (B, tiles_h*tile, tiles_w*tile, C_out).
-        smooth = self._smooth_channels_last(buffer[:, :pad_h, :pad_w], out_size)
-        if (tiles_h * tile, tiles_w * tile) == (out_h, out_w):
+        smooth = self._smooth(buffer[:, :pad_h, :pad_w].permute(0, 3, 1, 2), out_size).permute(0, 2, 3, 1)
+        if (tiles_h * tile, tiles_w * tile) == (out_h, out_w) and smooth.is_contiguous():
             out = smooth
         else:
             out = x.new_empty(batch, tiles_h * tile, tiles_w * tile, c_out)

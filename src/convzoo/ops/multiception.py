@@ -372,31 +372,32 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
         per_position += len(self.kernels) * self.in_channels * self.out_channels
         return per_position * output.shape[0] * output.shape[-2] * output.shape[-1]
 
+    def _multiplied_out(self, depthwise: Tensor, pointwise: Tensor) -> Tensor:
+        """W[o, c] = sum_j P[o, c*K + j] * D[c*K + j]: (C_out, C_in, k_max, k_max)."""
+        c, k_count, k_max = self.in_channels, len(self.kernels), max(self.kernels)
+        return torch.einsum(
+            "ocj,cjhw->ochw",
+            pointwise.reshape(self.out_channels, c, k_count),
+            depthwise.reshape(c, k_count, k_max, k_max),
+        ).contiguous()
+
     def dense_weight(self) -> Tensor:
-        """The two convs multiplied out: (C_out, C_in, k_max, k_max), cached per weight version."""
+        """The two convs multiplied out: (C_out, C_in, k_max, k_max), detached, cached per weight version."""
         dw, pw = self.depthwise.weight, self.pointwise.weight
         key = (dw.data_ptr(), dw._version, pw.data_ptr(), pw._version)
         if self._dense_cache is None or self._dense_cache[0] != key:
-            c, k_count, k_max = self.in_channels, len(self.kernels), max(self.kernels)
-            depthwise = dw.detach().reshape(c, k_count, k_max, k_max)
-            pointwise = pw.detach().reshape(self.out_channels, c, k_count)
-            self._dense_cache = (key, torch.einsum("ocj,cjhw->ochw", pointwise, depthwise).contiguous())
+            self._dense_cache = (key, self._multiplied_out(dw.detach(), pw.detach()))
         return self._dense_cache[1]
 
     def _needs_grad(self, x: Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def _dense_forward(self, x: Tensor) -> Tensor:
-        k_max = max(self.kernels)
         if self._needs_grad(x):  # multiply out with autograd (the cached weight is detached)
-            c, k_count = self.in_channels, len(self.kernels)
-            depthwise = self.depthwise.weight.reshape(c, k_count, k_max, k_max)
-            weight = torch.einsum(
-                "ocj,cjhw->ochw", self.pointwise.weight.reshape(self.out_channels, c, k_count), depthwise
-            )
+            weight = self._multiplied_out(self.depthwise.weight, self.pointwise.weight)
         else:
             weight = self.dense_weight()
-        return F.conv2d(x, weight, self.pointwise.bias, self.stride, k_max // 2)
+        return F.conv2d(x, weight, self.pointwise.bias, self.stride, max(self.kernels) // 2)
 
     def _branch_layout_forward(self, x: Tensor) -> Tensor:
         fmt = memory_format_of(x)

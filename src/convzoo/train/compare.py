@@ -23,7 +23,7 @@ from convzoo.train.engine import (
     DataBundle,
     TrainingDivergedError,
     build_model,
-    load_weights,
+    model_from_checkpoint,
     prepare_data,
     train,
 )
@@ -122,7 +122,7 @@ def compare(
             continue
         row = CompareRow(conv, sum(p.numel() for p in network.parameters()), *_macs(network, shape))
         try:
-            _train_seeds(row, model, base, bundle, seeds, output, log)
+            _train_seeds(row, model, base, bundle, seeds, output, log, content_aware=_content_aware(network))
         except TrainingDivergedError as error:  # one unstable operator must not sink the whole table
             log(f"note: dropping {conv}: {error}")
             skipped.append((conv, f"training diverged: {error}"))
@@ -139,8 +139,13 @@ def _train_seeds(
     seeds: int,
     output: Path,
     log: Callable[[str], None],
+    *,
+    content_aware: bool,
 ) -> None:
-    """Train (or reuse / resume) every seed of ``row.conv`` and append its results to ``row``."""
+    """Train (or reuse / resume) every seed of ``row.conv`` and append its results to ``row``.
+
+    ``content_aware``: the model has CAC layers, so each seed's effective MACs are measured too.
+    """
     conv = row.conv
     for seed in range(seeds):
         run_dir = output / f"{conv}-s{seed}"
@@ -158,25 +163,24 @@ def _train_seeds(
         row.train_seconds.append(summary["train_seconds"])
         row.images_per_s.append(summary["images_per_s"])
         row.run_dirs.append(run_dir)
-        effective = _effective_macs(run_dir, bundle)
-        if effective is not None:
-            row.effective_macs.append(effective)
+        if content_aware:
+            row.effective_macs.append(_effective_macs(run_dir, bundle))
         log(f"  {conv} seed {seed}: top-1 {row.top1[-1]:.2f}%")
 
 
-def _effective_macs(run_dir: Path, bundle: DataBundle) -> float | None:
-    """Mean effective MACs per test image of the trained model in ``run_dir`` if it has CAC layers, else None."""
-    from convzoo.data import BatchAugment, TensorLoader
-    from convzoo.models import create_model
+def _content_aware(network: nn.Module) -> bool:
+    """Whether ``network``'s cost follows its input (it has CAC layers)."""
     from convzoo.ops.cac import CACStatsMixin
+
+    return any(isinstance(module, CACStatsMixin) for module in network.modules())
+
+
+def _effective_macs(run_dir: Path, bundle: DataBundle) -> float:
+    """Mean effective MACs per test image (CAC eq. 17) of the trained content-aware model in ``run_dir``."""
+    from convzoo.data import BatchAugment, TensorLoader
     from convzoo.ops.cac_cost import cac_statistics
 
-    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
-    meta = checkpoint.meta
-    network = create_model(meta["model"], conv=meta["conv"], num_classes=int(meta["num_classes"]))
-    if not any(isinstance(module, CACStatsMixin) for module in network.modules()):
-        return None
-    load_weights(network, checkpoint.model, run_dir)
+    network = model_from_checkpoint(load_checkpoint(run_dir / CHECKPOINT_NAME), run_dir)
     loader = TensorLoader(
         bundle.test, 256, BatchAugment(bundle.mean, bundle.std, "none"), shuffle=False, drop_last=False
     )

@@ -134,6 +134,22 @@ def load_weights(model: nn.Module, weights: dict[str, Tensor], path: Path) -> No
     model.load_state_dict(weights)
 
 
+def model_from_checkpoint(checkpoint: Checkpoint, path: Path, *, ema: bool = False) -> nn.Module:
+    """The network a convzoo training checkpoint came from (model, conv, classes from its metadata), loaded.
+
+    ``ema`` loads the EMA weights instead (ValueError if the run kept none).
+    """
+    from convzoo.models import create_model
+
+    meta = checkpoint.meta
+    network = create_model(meta["model"], conv=meta["conv"], num_classes=int(meta["num_classes"]))
+    weights = checkpoint.ema if ema else checkpoint.model
+    if weights is None:
+        raise ValueError(f"checkpoint {path} has no EMA weights (trained without --ema)")
+    load_weights(network, weights, path)
+    return network
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """None (off), bf16 on CPU, fp16 or bf16 on CUDA (``auto``: bf16 on CPU, fp16 on CUDA)."""
     if amp == "off":

@@ -9,7 +9,7 @@ from convzoo.data import BatchAugment, TensorLoader, load_imageset
 from convzoo.train.checkpoint import load_checkpoint
 from convzoo.train.config import config_from_json
 from convzoo.train.distributed import resolve_device
-from convzoo.train.engine import load_weights
+from convzoo.train.engine import model_from_checkpoint
 from convzoo.train.metrics import evaluate
 
 
@@ -31,8 +31,6 @@ def evaluate_checkpoint(
     """
     import json
 
-    from convzoo.models import create_model
-
     path = Path(path)
     checkpoint = load_checkpoint(path)
     meta = checkpoint.meta
@@ -42,11 +40,7 @@ def evaluate_checkpoint(
         if wanted is not None and meta[key] != wanted:
             raise ValueError(f"checkpoint {path} is for {key}={meta[key]!r}, not {key}={wanted!r}")
     config = config_from_json(json.dumps(meta["config"]))
-    network = create_model(meta["model"], conv=meta["conv"], num_classes=int(meta["num_classes"]))
-    weights = checkpoint.ema if ema else checkpoint.model
-    if weights is None:
-        raise ValueError(f"checkpoint {path} has no EMA weights (trained without --ema)")
-    load_weights(network, weights, path)
+    network = model_from_checkpoint(checkpoint, path, ema=ema)
     target = resolve_device(device)
     network.to(target)
     images = load_imageset(
