@@ -16,6 +16,11 @@ from pathlib import Path
 
 import torch
 
+from convzoo.runtime import tune_cpu_allocator
+
+# every benchmark runs as `convzoo` commands do: freed memory kept for reuse (baseline and operator alike)
+ALLOCATOR_TUNED = tune_cpu_allocator()
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -89,7 +94,8 @@ def machine_line() -> str:
     """One line describing where the numbers were taken."""
     return (
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, Python {platform.python_version()}"
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"malloc {'tuned (convzoo.tune_cpu_allocator)' if ALLOCATOR_TUNED else 'default'}"
     )
 
 

@@ -34,6 +34,7 @@ from convzoo.ops import (
 )
 from convzoo.profiling import ProfileReport, count_macs, count_parameters, profile_model
 from convzoo.profiling import profile_model as profile
+from convzoo.runtime import tune_cpu_allocator
 
 __version__ = "0.1.0"
 
@@ -70,4 +71,5 @@ __all__ = [
     "register_conv",
     "register_model",
     "reparameterize",
+    "tune_cpu_allocator",
 ]

@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from convzoo.runtime import tune_cpu_allocator
+
 # Command modules under convzoo.commands, in help order.
 COMMANDS = ("convs", "models", "profile", "train", "eval", "compare", "demo")
 
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``convzoo`` console script."""
     args = build_parser().parse_args(argv)
+    tune_cpu_allocator()  # reuse freed memory across steps (see convzoo.runtime); CONVZOO_KEEP_ALLOCATOR=1 opts out
     try:
         return int(args.run(args) or 0)
     except (CLIError, ValueError, TypeError, FileNotFoundError) as error:

@@ -49,8 +49,14 @@ def _half_sharp(kwargs: dict, x: torch.Tensor, quantile: float = 0.5) -> CAConv2
 
 @pytest.mark.parametrize(("kwargs", "h", "w"), GEOMETRIES, ids=IDS)
 @pytest.mark.parametrize("quantile", [0.0, 0.4, 1.0])
-def test_sparse_and_dense_paths_equal_the_dense_masked_form(kwargs: dict, h: int, w: int, quantile: float) -> None:
+@pytest.mark.parametrize("algorithm", ["pixel", "block"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_sparse_and_dense_paths_equal_the_dense_masked_form(
+    kwargs: dict, h: int, w: int, quantile: float, algorithm: str, layout: str
+) -> None:
     x = torch.randn(2, 4, h, w, **F64)
+    if layout == "channels_last":  # the 1x1 then reads x itself wherever the centres lie inside it
+        x = x.contiguous(memory_format=torch.channels_last)
     cac = _half_sharp(kwargs, x, quantile)
     if quantile == 0.0:
         cac.beta.data.fill_(1.0)  # every window sharp
@@ -58,8 +64,8 @@ def test_sparse_and_dense_paths_equal_the_dense_masked_form(kwargs: dict, h: int
         cac.beta.data.fill_(-1e9)  # every window smooth
     with torch.no_grad():
         expected = cac(x)
-    sparse = cac.fuse()
-    assert isinstance(sparse, CACSparseConv2d)
+    sparse = CACSparseConv2d.from_cac(cac, algorithm=algorithm)
+    assert isinstance(cac.fuse(), CACSparseConv2d) and cac.fuse().algorithm == "pixel"
     for threshold, path in ((1.0, "sparse"), (0.0, "dense")):
         sparse.threshold = threshold
         with torch.no_grad():
@@ -77,7 +83,7 @@ def test_threshold_selects_the_path_by_fraction_of_active_blocks() -> None:
     cac = _half_sharp({"kernel_size": 3, "padding": 1}, x, 0.0)
     cac.gamma.data.fill_(1.0)
     cac.beta.data.fill_(-1e-9)  # sharp iff G > 0
-    sparse = CACSparseConv2d.from_cac(cac, threshold=0.7, tile=2)
+    sparse = CACSparseConv2d.from_cac(cac, threshold=0.7, tile=2, algorithm="block")
     sparse(x)
     # 2x2 blocks: only block row 0 (output rows 0-1, whose Sobel taps all read zeros) is inactive
     assert sparse.last_active == 0.75 and sparse.last_path == "dense"
@@ -86,13 +92,53 @@ def test_threshold_selects_the_path_by_fraction_of_active_blocks() -> None:
     assert sparse.last_path == "sparse"
 
 
+def test_pixel_threshold_selects_the_path_by_fraction_of_sharp_windows() -> None:
+    x = torch.randn(2, 4, 8, 8, **F64)
+    cac = _half_sharp({"kernel_size": 3, "padding": 1}, x, 0.5)
+    sparse = CACSparseConv2d.from_cac(cac, threshold=1.0)
+    sparse(x)
+    rho = float(sparse.last_rho().mean())
+    assert sparse.algorithm == "pixel" and sparse.last_active == pytest.approx(rho) and 0 < rho < 1
+    sparse.threshold = rho - 1e-6
+    sparse(x)
+    assert sparse.last_path == "dense"
+    sparse.threshold = rho
+    sparse(x)
+    assert sparse.last_path == "sparse"
+
+
+def test_pixel_path_in_several_column_chunks_is_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    import convzoo.ops.cac_sparse as cac_sparse
+
+    x = torch.randn(3, 4, 9, 10, **F64)
+    cac = _half_sharp({"kernel_size": 3, "stride": 2, "padding": 1, "groups": 2}, x, 0.3)
+    with torch.no_grad():
+        expected = cac(x)
+    sparse = CACSparseConv2d.from_cac(cac, threshold=1.0)
+    # 3 windows' columns per chunk: many chunks, the last one partial
+    monkeypatch.setattr(cac_sparse, "_COLUMN_CHUNK_BYTES", 3 * 9 * 4 * 8)
+    assert_close(sparse(x), expected, **TIGHT)
+    assert sparse.last_path == "sparse"
+
+
+def test_default_thresholds_follow_the_algorithm() -> None:
+    from convzoo.ops.cac_sparse import DEFAULT_BLOCK_THRESHOLD, DEFAULT_SPARSE_THRESHOLD
+
+    cac = CAConv2d(4, 4, 3, padding=1)
+    assert CACSparseConv2d.from_cac(cac).threshold == DEFAULT_SPARSE_THRESHOLD
+    assert CACSparseConv2d.from_cac(cac, algorithm="block").threshold == DEFAULT_BLOCK_THRESHOLD
+    assert CAConv2d(4, 4, 3, sparse_threshold=0.2).fuse().threshold == 0.2
+    with pytest.raises(ValueError, match=r"algorithm must be one of \('pixel', 'block'\), got 'tiles'"):
+        CACSparseConv2d.from_cac(cac, algorithm="tiles")
+
+
 @pytest.mark.parametrize("tile", [1, 3, 4, 16])
 def test_every_tile_size_gives_the_same_output(tile: int) -> None:
     x = torch.randn(2, 4, 11, 10, **F64)
     cac = _half_sharp({"kernel_size": 3, "stride": 2, "padding": 2, "dilation": 2}, x, 0.6)
     with torch.no_grad():
         expected = cac(x)
-    sparse = CACSparseConv2d.from_cac(cac, threshold=1.0, tile=tile)
+    sparse = CACSparseConv2d.from_cac(cac, threshold=1.0, tile=tile, algorithm="block")
     assert_close(sparse(x), expected, **TIGHT)
     assert sparse.last_path == "sparse" and 0 < sparse.last_active <= 1
 

@@ -188,8 +188,9 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         gamma_init: keyword-only initial γ (default 0).
         beta_init: keyword-only initial β (default 1). With γ >= 0 and β > 0 every window
             starts sharp (ρ = 1) and the layer computes exactly ``nn.Conv2d``.
-        sparse_threshold: keyword-only; the inference form (``fuse()``) runs the block-sparse path
-            when the fraction of output blocks holding a sharp window is at most this, else the dense one.
+        sparse_threshold: keyword-only; the inference form (``fuse()``) runs the sparse path when the
+            fraction of sharp windows is at most this, else the dense one (None: the measured
+            ``DEFAULT_SPARSE_THRESHOLD`` of :mod:`convzoo.ops.cac_sparse`).
 
     Shapes:
         input (B, C_in, H, W) -> output (B, C_out, H', W') exactly as ``nn.Conv2d``.
@@ -226,14 +227,12 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
                 f"kernel_size must be larger than 1x1 for CAC, got {kernel_size!r} "
                 "(a 1x1 conv has no window to tell smooth from sharp)"
             )
-        from convzoo.ops.cac_sparse import DEFAULT_SPARSE_THRESHOLD, check_threshold
+        from convzoo.ops.cac_sparse import check_threshold
 
         self.spec = spec
         self.gamma_init = _check_real(gamma_init, "gamma_init")
         self.beta_init = _check_real(beta_init, "beta_init")
-        self.sparse_threshold = check_threshold(
-            DEFAULT_SPARSE_THRESHOLD if sparse_threshold is None else sparse_threshold
-        )
+        self.sparse_threshold = None if sparse_threshold is None else check_threshold(sparse_threshold)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *spec.kernel_size, **factory))
         if bias:

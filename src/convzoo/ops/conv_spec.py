@@ -53,6 +53,13 @@ def check_channels(value: object, name: str) -> int:
     return int(value)
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a channels-last 4-D tensor, else ``torch.contiguous_format``."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @dataclass(frozen=True)
 class ConvSpec:
     """The full geometry of a 2-D convolution, validated.

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convzoo.ops.autotune import AlgorithmCache
-from convzoo.ops.conv_spec import ConvSpec, PaddingArg, check_channels, to_pair
+from convzoo.ops.conv_spec import ConvSpec, PaddingArg, check_channels, memory_format_of, to_pair
 from convzoo.ops.registry import needs_dense_spatial, register_conv
 
 # Per-stage kernel schedules for three-stage CIFAR networks. "code" is what the authors'
@@ -112,13 +112,6 @@ def centred_replaceable(conv: nn.Conv2d) -> str | None:
     except ValueError as error:
         return str(error)
     return None
-
-
-def memory_format_of(x: Tensor) -> torch.memory_format:
-    """``torch.channels_last`` for a channels-last 4-D tensor, else ``torch.contiguous_format``."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def is_tracing() -> bool:
