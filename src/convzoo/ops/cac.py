@@ -86,16 +86,17 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
     ch, cw = centre_offset(spec)
     (dh, dw), (sh, sw), (out_h, out_w) = spec.dilation, spec.stride, out_size
     mean = mean[:, 0]
-    # tap[r][c]: Sobel tap (r, c) of every window, (B, H', W'), as strided views (no copies). The Sobel
-    # as shifted differences is a few element-wise ops; a 1-channel conv2d is very slow on CPU.
-    tap = [
-        [mean[:, top + ch + (r - 1) * dh :: sh, left + cw + (c - 1) * dw :: sw][:, :out_h, :out_w] for c in range(3)]
-        for r in range(3)
-    ]
-    diff = [tap[r][2] - tap[r][0] for r in range(3)]  # [-1 0 1] along x, per row of taps
-    smooth = [torch.add(tap[r][0] + tap[r][2], tap[r][1], alpha=2) for r in (0, 2)]  # [1 2 1] along x
-    grad_x = torch.add(diff[0] + diff[2], diff[1], alpha=2)  # [1 2 1]^T ⊗ [-1 0 1]
-    grad_y = smooth[1] - smooth[0]  # [-1 0 1]^T ⊗ [1 2 1]
+    # Separable Sobel on strided views (no copies; a 1-channel conv2d is very slow on CPU): first along x
+    # on every row, at the output columns: col[c] is tap column c of every window, (B, Hp, W').
+    col = [mean[:, :, left + cw + (c - 1) * dw :: sw][:, :, :out_w] for c in range(3)]
+    diff_x = col[2] - col[0]  # [-1 0 1] along x
+    smooth_x = torch.add(col[0] + col[2], col[1], alpha=2)  # [1 2 1] along x
+    # then along y at the output rows: row(t, r) is tap row r of every window, (B, H', W')
+    def row(t: Tensor, r: int) -> Tensor:
+        return t[:, top + ch + (r - 1) * dh :: sh][:, :out_h]
+
+    grad_x = torch.add(row(diff_x, 0) + row(diff_x, 2), row(diff_x, 1), alpha=2)  # [1 2 1]^T ⊗ [-1 0 1]
+    grad_y = row(smooth_x, 2) - row(smooth_x, 0)  # [-1 0 1]^T ⊗ [1 2 1]
     return torch.hypot(grad_x, grad_y)
 
 

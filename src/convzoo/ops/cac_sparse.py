@@ -196,12 +196,13 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         mask = score_logits(self.spec, x, self.gamma, self.beta, out_size) > 0
         counts = mask.flatten(1).sum(1)
         self.last_mask, self.last_sharp_count, self.last_output_size = mask, counts, out_size
-        if self.threshold < 1.0 and int(counts.sum()) == mask.numel():
-            # every window sharp, so every block active: the dense path's plain conv, no block bookkeeping
+        sharp_total = int(counts.sum())  # one device sync
+        if self.threshold < 1.0 and sharp_total == mask.numel():
+            # every window sharp: the dense path's plain conv, nothing to gather or overwrite
             self.last_active, self.last_path = 1.0, "dense"
             return self.spec.conv2d(x, self.weight, self.bias)
         if self.algorithm == "pixel":
-            self.last_active = int(counts.sum()) / mask.numel()
+            self.last_active = sharp_total / mask.numel()
         else:
             grid = self._block_mask(mask)
             active = grid.any(dim=(3, 4))  # (B, blocks_h, blocks_w)
