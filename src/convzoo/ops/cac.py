@@ -91,6 +91,7 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
     col = [mean[:, :, left + cw + (c - 1) * dw :: sw][:, :, :out_w] for c in range(3)]
     diff_x = col[2] - col[0]  # [-1 0 1] along x
     smooth_x = torch.add(col[0] + col[2], col[1], alpha=2)  # [1 2 1] along x
+
     # then along y at the output rows: row(t, r) is tap row r of every window, (B, H', W')
     def row(t: Tensor, r: int) -> Tensor:
         return t[:, top + ch + (r - 1) * dh :: sh][:, :out_h]
