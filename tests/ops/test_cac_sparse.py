@@ -122,14 +122,90 @@ def test_pixel_path_in_several_column_chunks_is_unchanged(monkeypatch: pytest.Mo
 
 
 def test_default_thresholds_follow_the_algorithm() -> None:
-    from convzoo.ops.cac_sparse import DEFAULT_BLOCK_THRESHOLD, DEFAULT_SPARSE_THRESHOLD
+    from convzoo.ops.cac_sparse import DEFAULT_BLOCK_THRESHOLD
 
     cac = CAConv2d(4, 4, 3, padding=1)
-    assert CACSparseConv2d.from_cac(cac).threshold == DEFAULT_SPARSE_THRESHOLD
+    assert CACSparseConv2d.from_cac(cac).threshold == "auto"
     assert CACSparseConv2d.from_cac(cac, algorithm="block").threshold == DEFAULT_BLOCK_THRESHOLD
     assert CAConv2d(4, 4, 3, sparse_threshold=0.2).fuse().threshold == 0.2
+    assert CAConv2d(4, 4, 3, sparse_threshold="auto").fuse().threshold == "auto"
     with pytest.raises(ValueError, match=r"algorithm must be one of \('pixel', 'block'\), got 'tiles'"):
         CACSparseConv2d.from_cac(cac, algorithm="tiles")
+    with pytest.raises(ValueError, match="threshold='auto' needs algorithm='pixel', got algorithm='block'"):
+        CACSparseConv2d.from_cac(cac, threshold="auto", algorithm="block")
+    with pytest.raises(TypeError, match="sparse_threshold must be a real number in \\[0, 1\\] or 'auto', got 'half'"):
+        CAConv2d(4, 4, 3, sparse_threshold="half")
+
+
+@pytest.mark.parametrize(
+    ("pixel", "dense", "expected"),
+    [
+        ((1.0, 3.0), (2.0, 1.0), 0.2 + 1.0 / 3.0 * 0.4),  # lines cross between the two points
+        ((4.0, 6.0), (2.0, 1.0), 0.0),  # slower at both, crossing below 0: clipped
+        ((1.0, 1.5), (4.0, 3.9), 1.0),  # faster at both, crossing above 1: clipped
+        ((1.0, 0.9), (2.0, 2.5), 1.0),  # never loses ground, faster at the high point
+        ((3.0, 2.0), (2.0, 2.5), 1.0),  # gains ground, faster at the high point
+        ((3.0, 2.9), (2.0, 2.0), 0.0),  # gains ground, still slower at the high point
+    ],
+)
+def test_crossover_of_the_two_cost_lines(pixel, dense, expected) -> None:
+    from convzoo.ops.cac_sparse import crossover
+
+    assert crossover(pixel, dense, (0.2, 0.6)) == pytest.approx(expected)
+
+
+def test_auto_threshold_is_measured_once_per_input_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    import convzoo.ops.cac_sparse as cac_sparse
+
+    x = torch.randn(2, 4, 9, 8, **F64)
+    cac = _half_sharp({"kernel_size": 3, "padding": 1}, x, 0.5)
+    with torch.no_grad():
+        expected = cac(x)
+    sparse = CACSparseConv2d.from_cac(cac)
+    calls = []
+    # fake timings: pixel costs 1 + 10 ρ, dense 5 - 2 ρ -> they cross at ρ = 1/3
+    monkeypatch.setattr(cac_sparse, "best_time", lambda run, device, repeats: calls.append(run) or _fake_cost(run))
+    assert_close(sparse(x), expected, **TIGHT)
+    assert sparse.last_threshold == pytest.approx(1 / 3) and len(calls) == 4
+    sparse(x)
+    sparse(x[:1])  # a new shape is tuned again
+    assert len(calls) == 8 and len(sparse._tuned_thresholds) == 2
+    assert sparse.last_path == ("sparse" if sparse.last_active <= 1 / 3 else "dense")
+
+
+def test_auto_threshold_keeps_the_plain_conv_when_every_window_is_sharp(monkeypatch: pytest.MonkeyPatch) -> None:
+    import convzoo.ops.cac_sparse as cac_sparse
+
+    x = torch.randn(2, 4, 8, 8, **F64)
+    cac = _half_sharp({"kernel_size": 3, "padding": 1}, x, 0.5)
+    cac.beta.data.fill_(1.0)  # every window sharp
+    sparse = CACSparseConv2d.from_cac(cac)
+    # fake timings where the pixel path always wins: the measured threshold is 1
+    monkeypatch.setattr(
+        cac_sparse, "best_time", lambda run, device, repeats: 1.0 if run.func.__name__ == "_pixel_sparse" else 2.0
+    )
+    with torch.no_grad():
+        assert_close(sparse(x), cac(x), **TIGHT)
+    assert sparse.last_threshold == 1.0 and sparse.last_path == "dense"  # the plain conv, nothing gathered
+
+
+def _fake_cost(run) -> float:
+    mask = run.args[1]
+    rho = float(mask.float().mean())
+    return 1.0 + 10.0 * rho if run.func.__name__ == "_pixel_sparse" else 5.0 - 2.0 * rho
+
+
+def test_auto_threshold_times_nothing_under_a_dispatch_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import convzoo.ops.cac_sparse as cac_sparse
+
+    x = torch.randn(2, 4, 8, 8, **F64)
+    sparse = CACSparseConv2d.from_cac(_half_sharp({"kernel_size": 3, "padding": 1}, x, 0.5))
+    monkeypatch.setattr(cac_sparse, "best_time", lambda *args, **kwargs: pytest.fail("timed under a dispatch mode"))
+    with FlopCounterMode(display=False):
+        sparse(x)
+    assert sparse.last_threshold == cac_sparse.DEFAULT_SPARSE_THRESHOLD and not sparse._tuned_thresholds
 
 
 @pytest.mark.parametrize("tile", [1, 3, 4, 16])
@@ -170,6 +246,9 @@ def test_deploy_selects_the_sparse_form_and_keeps_outputs() -> None:
         deployed = convzoo.deploy(model)
     layers = cac_layers(deployed)
     assert len(layers) == 7 and all(isinstance(m, CACSparseConv2d) for _, m in layers)
+    assert {m.threshold for _, m in layers} == {"auto"}
+    for _, layer in layers:  # a fixed threshold, so that which path runs does not depend on timings
+        layer.threshold = 0.45
     assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.get_submodule("layer2.0.downsample"))
     with torch.no_grad():
         out = deployed(x)

@@ -31,6 +31,22 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def best_time(run: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """Least wall-clock seconds of ``repeats`` runs of ``run()`` after one warm-up run (no autograd)."""
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    times = []
+    with torch.no_grad():
+        run()
+        for _ in range(repeats):
+            _synchronize(device)
+            start = time.perf_counter()
+            run()
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def time_candidates(candidates: Mapping[str, Callable[[], Tensor]], device: torch.device, repeats: int = 3) -> str:
     """Run each candidate once to warm up, then ``repeats`` times; return the name with the least best time.
 
@@ -41,20 +57,7 @@ def time_candidates(candidates: Mapping[str, Callable[[], Tensor]], device: torc
     """
     if not candidates:
         raise ValueError("candidates must hold at least one implementation, got none")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-    best: dict[str, float] = {}
-    with torch.no_grad():
-        for name, run in candidates.items():
-            run()
-            times = []
-            for _ in range(repeats):
-                _synchronize(device)
-                start = time.perf_counter()
-                run()
-                _synchronize(device)
-                times.append(time.perf_counter() - start)
-            best[name] = min(times)
+    best = {name: best_time(run, device, repeats) for name, run in candidates.items()}
     return min(best, key=best.__getitem__)
 
 

@@ -191,8 +191,8 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         beta_init: keyword-only initial β (default 1). With γ >= 0 and β > 0 every window
             starts sharp (ρ = 1) and the layer computes exactly ``nn.Conv2d``.
         sparse_threshold: keyword-only; the inference form (``fuse()``) runs the sparse path when the
-            fraction of sharp windows is at most this, else the dense one (None: the measured
-            ``DEFAULT_SPARSE_THRESHOLD`` of :mod:`convzoo.ops.cac_sparse`).
+            fraction of sharp windows is at most this, else the dense one. None or "auto": measured
+            per input signature on first use (see :mod:`convzoo.ops.cac_sparse`).
 
     Shapes:
         input (B, C_in, H, W) -> output (B, C_out, H', W') exactly as ``nn.Conv2d``.
@@ -218,7 +218,7 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         *,
         gamma_init: float = 0.0,
         beta_init: float = 1.0,
-        sparse_threshold: float | None = None,
+        sparse_threshold: float | str | None = None,
     ) -> None:
         super().__init__()
         spec = ConvSpec.create(
@@ -316,7 +316,7 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         *,
         gamma_init: float = 0.0,
         beta_init: float = 1.0,
-        sparse_threshold: float | None = None,
+        sparse_threshold: float | str | None = None,
     ) -> CAConv2d:
         """A CAConv2d holding ``conv``'s weights; with the default init it computes exactly ``conv``."""
         spec = ConvSpec.from_conv(conv)

@@ -22,21 +22,29 @@ Its time follows the fraction of *active blocks*, which is far above ρ when sha
 out (25 % sharp windows activate ~69 % of 4×4 blocks on image-like inputs), so it only wins when
 the sharp windows cluster.
 
-Above a fraction of active units (``threshold``: sharp windows for "pixel", blocks for "block",
-measured in ``benchmarks/bench_cac.py``) the dense conv is faster and the module runs it instead
-(plus the 1×1 where a window is smooth, nothing more when every window is sharp).
+Above a fraction of active units (``threshold``: sharp windows for "pixel", blocks for "block") the
+dense conv is faster and the module runs it instead, then writes the 1×1 over the smooth windows
+only (gathered centres); nothing more when every window is sharp. Where the two cross depends on
+the layer's size and the machine (64 channels at 32×32: ρ ≈ 0.45; 16 channels: below 0.1), so by
+default (``threshold="auto"``) the pixel algorithm measures it once per input signature, like
+``torch.backends.cudnn.benchmark``: on the first input of a new shape / layout / dtype / device it
+times both paths on that input with random masks at ρ = 0.2 and 0.6 and takes the crossing of
+the two lines as the threshold for that signature.
 Every path equals the dense masked form of the training layer.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from numbers import Real
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from convzoo.ops.autotune import Signature, best_time, input_signature
 from convzoo.ops.cac import (
     CAConv2d,
     CACStatsMixin,
@@ -51,10 +59,14 @@ from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, memory_format_of
 SPARSE_ALGORITHMS = ("pixel", "block")
 
 DEFAULT_SPARSE_THRESHOLD = 0.45
-"""Fraction of sharp windows above which the dense conv beats the pixel algorithm.
+"""Fraction of sharp windows above which the dense conv beats the pixel algorithm, where nothing is timed.
 
-Measured by ``benchmarks/bench_cac.py`` (3×3, 64->64, 32×32, batch 64, CPU, ``results/cac.md``).
+Measured by ``benchmarks/bench_cac.py`` (3×3, 64->64, 32×32, batch 64, CPU, ``results/cac.md``); used
+under a torch dispatch mode (profilers, fake tensors), where ``threshold="auto"`` cannot time anything.
 """
+
+_TUNING_RHOS = (0.2, 0.6)
+"""The two fractions of sharp windows at which ``threshold="auto"`` times both paths."""
 
 DEFAULT_BLOCK_THRESHOLD = 0.7
 """Fraction of active blocks above which the dense conv beats the block algorithm (same benchmark)."""
@@ -66,10 +78,12 @@ DEFAULT_TILE = 4
 """Output block size of the sparse path (blocks of 4×4 outputs, 6×6 inputs for a 3×3 kernel)."""
 
 
-def check_threshold(value: object) -> float:
-    """Validate a sparse/dense switch-over fraction: a real number in [0, 1]."""
+def check_threshold(value: object) -> float | str:
+    """Validate a sparse/dense switch-over fraction: a real number in [0, 1], or "auto" (measured)."""
+    if value == "auto":
+        return "auto"
     if not isinstance(value, Real) or isinstance(value, bool):
-        raise TypeError(f"sparse_threshold must be a real number in [0, 1], got {value!r}")
+        raise TypeError(f"sparse_threshold must be a real number in [0, 1] or 'auto', got {value!r}")
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"sparse_threshold must be in [0, 1], got {value!r}")
     return float(value)
@@ -89,6 +103,24 @@ def check_tile(value: object) -> int:
     return value
 
 
+def crossover(pixel: tuple[float, float], dense: tuple[float, float], rhos: tuple[float, float]) -> float:
+    """Where the pixel path's cost line meets the dense path's, as a fraction of sharp windows in [0, 1].
+
+    Args:
+        pixel, dense: each path's time at the two fractions ``rhos`` (low, high).
+
+    The pixel path's cost grows with ρ and the dense path's falls, so the pixel path is the faster
+    one below the crossing. If the pixel path does not lose ground as ρ grows, the faster path at
+    the higher ρ decides for all ρ (1: always pixel, 0: always dense).
+    """
+    (low, high), (pixel_low, pixel_high), (dense_low, dense_high) = rhos, pixel, dense
+    lead = dense_low - pixel_low  # > 0: the pixel path is faster at `low`
+    loss = (pixel_high - pixel_low) - (dense_high - dense_low)  # how much of that lead goes by `high`
+    if loss <= 0:
+        return 1.0 if pixel_high < dense_high else 0.0
+    return min(1.0, max(0.0, low + lead / loss * (high - low)))
+
+
 class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
     """Inference form of :class:`~convzoo.ops.cac.CAConv2d`: sparse below ``threshold`` sharp windows.
 
@@ -100,16 +132,16 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         weight, bias, gamma, beta: the trained tensors (copied).
         threshold: run the dense path when the fraction of active units in the batch exceeds this:
             sharp windows for ``algorithm="pixel"``, blocks holding a sharp window for "block".
-            None: the measured default of the algorithm (``DEFAULT_SPARSE_THRESHOLD`` /
-            ``DEFAULT_BLOCK_THRESHOLD``).
+            "auto" (pixel only): measured once per input signature (see the module docstring).
+            None: "auto" for "pixel", ``DEFAULT_BLOCK_THRESHOLD`` for "block".
         tile: output block size of the block algorithm.
         algorithm: "pixel" (gather the sharp windows, one GEMM) or "block" (see the module docstring).
 
     Shapes:
         input (B, C_in, H, W) -> output (B, C_out, H', W'), with channels-last strides.
 
-    After each call ``last_path`` is ``"sparse"`` or ``"dense"`` and ``last_active`` the fraction of
-    active units (sharp windows or blocks).
+    After each call ``last_path`` is ``"sparse"`` or ``"dense"``, ``last_active`` the fraction of
+    active units (sharp windows or blocks) and ``last_threshold`` the threshold that was applied.
     """
 
     convzoo_kind = "cac"
@@ -122,7 +154,7 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         gamma: Tensor,
         beta: Tensor,
         *,
-        threshold: float | None = None,
+        threshold: float | str | None = None,
         tile: int = DEFAULT_TILE,
         algorithm: str = "pixel",
     ) -> None:
@@ -135,8 +167,12 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         self.spec = spec
         self.algorithm = check_algorithm(algorithm)
         if threshold is None:
-            threshold = DEFAULT_SPARSE_THRESHOLD if self.algorithm == "pixel" else DEFAULT_BLOCK_THRESHOLD
+            threshold = "auto" if self.algorithm == "pixel" else DEFAULT_BLOCK_THRESHOLD
         self.threshold = check_threshold(threshold)
+        if self.threshold == "auto" and self.algorithm != "pixel":
+            raise ValueError(f"threshold='auto' needs algorithm='pixel', got algorithm={self.algorithm!r}")
+        self._tuned_thresholds: dict[Signature, float] = {}
+        self.last_threshold: float | None = None
         self.tile = check_tile(tile)
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -150,7 +186,12 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
 
     @classmethod
     def from_cac(
-        cls, layer: CAConv2d, *, threshold: float | None = None, tile: int = DEFAULT_TILE, algorithm: str = "pixel"
+        cls,
+        layer: CAConv2d,
+        *,
+        threshold: float | str | None = None,
+        tile: int = DEFAULT_TILE,
+        algorithm: str = "pixel",
     ) -> CACSparseConv2d:
         """The inference form of a trained ``CAConv2d`` (weights copied); ``threshold`` None: the layer's."""
         if not isinstance(layer, CAConv2d):
@@ -197,7 +238,8 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         counts = mask.flatten(1).sum(1)
         self.last_mask, self.last_sharp_count, self.last_output_size = mask, counts, out_size
         sharp_total = int(counts.sum())  # one device sync
-        if self.threshold < 1.0 and sharp_total == mask.numel():
+        threshold = self.last_threshold = self._threshold_for(x, out_size)
+        if sharp_total == mask.numel() and (threshold < 1.0 or self.threshold == "auto"):
             # every window sharp: the dense path's plain conv, nothing to gather or overwrite
             self.last_active, self.last_path = 1.0, "dense"
             return self.spec.conv2d(x, self.weight, self.bias)
@@ -207,13 +249,43 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
             grid = self._block_mask(mask)
             active = grid.any(dim=(3, 4))  # (B, blocks_h, blocks_w)
             self.last_active = int(active.sum()) / active.numel()
-        if self.last_active > self.threshold:
+        if self.last_active > threshold:
             self.last_path = "dense"
             return self._dense(x, mask, out_size)
         self.last_path = "sparse"
         if self.algorithm == "pixel":
             return self._pixel_sparse(x, mask, out_size)
         return self._block_sparse(x, grid, active, out_size)
+
+    def _threshold_for(self, x: Tensor, out_size: tuple[int, int]) -> float:
+        """The threshold for this input: the fixed one, or the one measured for its signature ("auto")."""
+        if self.threshold != "auto":
+            return self.threshold
+        if is_in_torch_dispatch_mode():
+            return self._tuned_thresholds.get(input_signature(x), DEFAULT_SPARSE_THRESHOLD)
+        key = input_signature(x)
+        if key not in self._tuned_thresholds:
+            self._tuned_thresholds[key] = self._measure_crossover(x, out_size)
+        return self._tuned_thresholds[key]
+
+    def _measure_crossover(self, x: Tensor, out_size: tuple[int, int]) -> float:
+        """ρ at which the pixel and the dense path take equal time on ``x``, in [0, 1].
+
+        Both paths are timed at the two ρ of ``_TUNING_RHOS`` with random masks (their cost follows
+        the number of sharp windows, not where they are); each cost is taken as linear in ρ between
+        and beyond those points.
+        """
+        generator = torch.Generator(device=x.device).manual_seed(0)
+        uniform = torch.rand((x.shape[0], *out_size), generator=generator, device=x.device)
+        rhos, pixel, dense = [], [], []
+        for target in _TUNING_RHOS:
+            mask = uniform < target
+            rhos.append(float(mask.float().mean()))  # the fraction this random mask actually has
+            pixel.append(best_time(partial(self._pixel_sparse, x, mask, out_size), x.device, repeats=2))
+            dense.append(best_time(partial(self._dense, x, mask, out_size), x.device, repeats=2))
+        if rhos[0] == rhos[1]:  # a map too small to hold two different fractions
+            return DEFAULT_SPARSE_THRESHOLD
+        return crossover((pixel[0], pixel[1]), (dense[0], dense[1]), (rhos[0], rhos[1]))
 
     def _block_mask(self, mask: Tensor) -> Tensor:
         """mask (B, H', W') -> (B, blocks_h, blocks_w, tile, tile), padded with False to whole blocks."""
@@ -421,5 +493,5 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         return out[:, :out_h, :out_w].permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
-        s = f"{self.spec.describe()}, algorithm={self.algorithm!r}, threshold={self.threshold}"
+        s = f"{self.spec.describe()}, algorithm={self.algorithm!r}, threshold={self.threshold!r}"
         return s + (f", tile={self.tile}" if self.algorithm == "block" else "")
