@@ -7,8 +7,9 @@ where it is needed. Both sparse algorithms start the same way:
 1. the score map (channel mean, Sobel, γG + β > 0) is computed exactly as the training form does;
 2. the 1×1 conv Σw runs on every window centre (1/k² of the k×k cost), straight on a channels-last
    input when the centres lie inside it ('same'-like padding), into a channels-last output buffer;
-3. the padded input is copied once to channels-last, (B, Hp, Wp, C), so that a pixel is a row of C
-   contiguous values.
+3. the input is made channels-last, so that a pixel is a row of C contiguous values; a padded copy
+   (B, Hp, Wp, C) is made only for the block algorithm and for padding modes other than zeros (the
+   pixel algorithm otherwise gathers straight from the input and zeroes the taps that fall outside).
 
 ``algorithm="pixel"`` (default): the k×k windows of the sharp positions only are gathered with one
 row ``index_select`` (im2col of the sharp windows, (n, k·k·C)), multiplied by the kernel in one
@@ -25,7 +26,7 @@ the sharp windows cluster.
 Above a fraction of active units (``threshold``: sharp windows for "pixel", blocks for "block") the
 dense conv is faster and the module runs it instead, then writes the 1×1 over the smooth windows
 only (gathered centres); nothing more when every window is sharp. Where the two cross depends on
-the layer's size and the machine (64 channels at 32×32: ρ ≈ 0.45; 16 channels: below 0.1), so by
+the layer's size and the machine (64 channels at 32×32: ρ ≈ 0.45; 16 channels: ≈ 0.2), so by
 default (``threshold="auto"``) the pixel algorithm measures it once per input signature, like
 ``torch.backends.cudnn.benchmark``: on the first input of a new shape / layout / dtype / device it
 times both paths on that input with random masks at ρ = 0.2 and 0.6 and takes the crossing of
