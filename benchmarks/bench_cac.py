@@ -193,13 +193,15 @@ thread-scheduling penalty that the single big nn.Conv2d call does not; re-run on
 ## One layer: 3×3 conv 64→64, 32×32, batch 64 (speed-up over nn.Conv2d on the same input; >1 is faster)
 
 Targets: ≥ 1.5× at ρ = 0.25, ≥ 1/1.1 = 0.91× at ρ = 1 (deployed = automatic path choice).
+The rows below each ρ are interleaved medians; single rows move by ±0.05 from run to run on this machine.
 "pixel"/"block"/"dense" force the path; "training form" is the dense masked CAConv2d (both convs everywhere).
 
 {layer_table}
 
-Largest ρ (image-like inputs) at which the pixel path beat the dense one: **{crossover:.2f}**
-(`DEFAULT_SPARSE_THRESHOLD` in `convzoo/ops/cac_sparse.py`; the path is chosen by ρ, which is what the
-pixel path's time follows).
+Largest ρ (image-like inputs) at which the pixel path beat the dense one: **{crossover:.2f}**. "deployed (auto)"
+is `CAConv2d.fuse()` with its default `threshold="auto"`, which measures this crossing per input signature on
+its first call (warm-up); `DEFAULT_SPARSE_THRESHOLD` in `convzoo/ops/cac_sparse.py` (0.45) is the fallback
+where nothing can be timed.
 
 ## Model: deployed CAC cifar_resnet20, batch 64, per-layer ρ ramped from shallow to deep
 

@@ -77,6 +77,25 @@ def test_sparse_and_dense_paths_equal_the_dense_masked_form(
         assert_close(out, expected, **TIGHT)
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 7, 6), (3, 4, 1, 1), (2, 4, 2, 1)], ids=["one-channel", "1x1-map", "2x1-map"])
+@pytest.mark.parametrize("algorithm", ["pixel", "block"])
+def test_ambiguous_layouts_and_tiny_maps(shape: tuple[int, ...], algorithm: str) -> None:
+    """Inputs that are NCHW- and channels-last-contiguous at once (one channel, 1x1 maps) take every path."""
+    x = torch.randn(*shape, **F64)
+    kwargs = {"kernel_size": 3, "padding": 1}
+    cac = CAConv2d.from_conv(nn.Conv2d(shape[1], 4, **kwargs, **F64))
+    with torch.no_grad():
+        cac.gamma.fill_(1.0)
+        cac.beta.fill_(-float(gradient_map(cac.spec, x, tuple(shape[2:])).median()))
+    cac.eval()
+    with torch.no_grad():
+        expected = cac(x)
+    sparse = CACSparseConv2d.from_cac(cac, algorithm=algorithm)
+    for threshold in (1.0, 0.0):
+        sparse.threshold = threshold
+        assert_close(sparse(x), expected, **TIGHT)
+
+
 def test_threshold_selects_the_path_by_fraction_of_active_blocks() -> None:
     x = torch.randn(2, 4, 8, 8, **F64)
     x[:, :, :4] = 0.0  # the top half is flat: its blocks hold no sharp window

@@ -55,7 +55,7 @@ from convzoo.ops.cac import (
     score_logits,
     summed_kernel,
 )
-from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, memory_format_of
+from convzoo.ops.conv_spec import ConvAttributes, ConvSpec
 
 SPARSE_ALGORITHMS = ("pixel", "block")
 
@@ -284,7 +284,7 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
             rhos.append(float(mask.float().mean()))  # the fraction this random mask actually has
             pixel.append(best_time(partial(self._pixel_sparse, x, mask, out_size), x.device, repeats=2))
             dense.append(best_time(partial(self._dense, x, mask, out_size), x.device, repeats=2))
-        if rhos[0] == rhos[1]:  # a map too small to hold two different fractions
+        if not rhos[0] < rhos[1]:  # an empty batch, or a map too small to hold two different fractions
             return DEFAULT_SPARSE_THRESHOLD
         return crossover((pixel[0], pixel[1]), (dense[0], dense[1]), (rhos[0], rhos[1]))
 
@@ -326,7 +326,7 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         """
         kernel = summed_kernel(self.weight)
         first = self._first_centre_inside(x, out_size)
-        if first is not None and memory_format_of(x) == torch.channels_last:
+        if first is not None and x.is_contiguous(memory_format=torch.channels_last):
             source = x if first == (0, 0) else x[..., first[0] :, first[1] :]
             out = F.conv2d(source, kernel, self.bias, self.stride, 0, 1, self.groups)
             return out[..., : out_size[0], : out_size[1]]
