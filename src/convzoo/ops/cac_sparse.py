@@ -72,7 +72,7 @@ _TUNING_RHOS = (0.2, 0.6)
 DEFAULT_BLOCK_THRESHOLD = 0.7
 """Fraction of active blocks above which the dense conv beats the block algorithm (same benchmark)."""
 
-_COLUMN_CHUNK_BYTES = 32 << 20
+_COLUMN_CHUNK_BYTES = 64 << 20
 """The pixel path gathers the columns of at most this many bytes at a time (bounded memory)."""
 
 DEFAULT_TILE = 4
