@@ -25,9 +25,9 @@ from torch import nn
 
 import convzoo
 from common import interleaved_median_times, markdown_table, write_results
-from convzoo.ops.cac import CAConv2d, cac_layers
+from convzoo.ops.cac import CAConv2d, cac_layers, score_logits
 from convzoo.ops.cac_cost import cac_statistics, calibrate_sharp_ratio_
-from convzoo.ops.cac_sparse import CACSparseConv2d
+from convzoo.ops.cac_sparse import CACSparseConv2d, rows_times_kernel
 from convzoo.testing import randomize_batchnorm_
 
 
@@ -175,6 +175,42 @@ def model_benchmark(repeats: int) -> str:
     return markdown_table(header, rows)
 
 
+def pixel_path_parts(repeats: int) -> str:
+    """The pixel path at ρ = 0.25 (image-like, channels-last) taken apart: each step timed on its own."""
+    generator = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).eval()
+    x = smooth_images(64, 64, 32, generator=generator).contiguous(memory_format=torch.channels_last)
+    cac = CAConv2d.from_conv(conv).eval()
+    calibrate_sharp_ratio_(cac, x, 0.25)
+    layer = CACSparseConv2d.from_cac(cac, threshold=1.0)
+    size = (32, 32)
+    with torch.inference_mode():
+        mask = score_logits(layer.spec, x, layer.gamma, layer.beta, size) > 0
+        sharp = mask.flatten().nonzero().squeeze(1)
+        rows = x.permute(0, 2, 3, 1).reshape(-1, 64)
+        offsets = (torch.arange(3)[:, None] * 32 + torch.arange(3)[None, :]).flatten()
+        index = (sharp.clamp(max=rows.shape[0] - 3 * 32 - 3)[:, None] + offsets).flatten()  # interior-like rows
+        columns = rows.index_select(0, index).view(sharp.numel(), -1)
+        weight = layer.weight.permute(0, 2, 3, 1).reshape(64, -1, 1, 1)
+        products = rows_times_kernel(columns, weight, None, 1)
+        out_rows = torch.empty_like(rows)
+        steps = {
+            "nn.Conv2d (the whole dense conv)": lambda: conv(x),
+            "score map and mask": lambda: score_logits(layer.spec, x, layer.gamma, layer.beta, size) > 0,
+            "1×1 Σw on every centre": lambda: layer._smooth(x, x, size),
+            "positions of the sharp windows": lambda: mask.flatten().nonzero(),
+            "gather (im2col of the sharp windows)": lambda: rows.index_select(0, index),
+            "GEMM (oneDNN 1×1 conv)": lambda: rows_times_kernel(columns, weight, None, 1),
+            "GEMM with torch.mm": lambda: columns @ weight.flatten(1).t(),
+            "scatter (index_copy_)": lambda: out_rows.index_copy_(0, sharp, products),
+            "whole pixel path (forward, threshold 1)": lambda: layer(x),
+        }
+        times = interleaved_median_times(steps, warmup=2, repeats=repeats)
+    rows_out = [[name, f"{seconds * 1e3:.2f}"] for name, seconds in times.items()]
+    note = f"{sharp.numel()} sharp windows of {mask.numel()} (ρ = {sharp.numel() / mask.numel():.2f})."
+    return markdown_table(["step", "ms (median)"], rows_out) + "\n\n" + note
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer ρ values and repeats")
@@ -186,6 +222,7 @@ def main() -> None:
     rhos = [0.1, 0.25, 0.5, 1.0] if args.quick else [0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0]
     layer_table, crossover = layer_benchmark(rhos, repeats)
     model_table = model_benchmark(repeats)
+    parts_table = pixel_path_parts(3 * repeats)
     load = f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after the run"
     body = f"""{load} (on a loaded machine, every extra small op of the CAC paths pays a
 thread-scheduling penalty that the single big nn.Conv2d call does not; re-run on a quiet one).
@@ -193,7 +230,7 @@ thread-scheduling penalty that the single big nn.Conv2d call does not; re-run on
 ## One layer: 3×3 conv 64→64, 32×32, batch 64 (speed-up over nn.Conv2d on the same input; >1 is faster)
 
 Targets: ≥ 1.5× at ρ = 0.25, ≥ 1/1.1 = 0.91× at ρ = 1 (deployed = automatic path choice).
-The rows below each ρ are interleaved medians; single rows move by ±0.05 from run to run on this machine.
+Each cell is a median of interleaved runs; single cells move by about ±0.05 from run to run on this machine.
 "pixel"/"block"/"dense" force the path; "training form" is the dense masked CAConv2d (both convs everywhere).
 
 {layer_table}
@@ -202,6 +239,13 @@ Largest ρ (image-like inputs) at which the pixel path beat the dense one: **{cr
 is `CAConv2d.fuse()` with its default `threshold="auto"`, which measures this crossing per input signature on
 its first call (warm-up); `DEFAULT_SPARSE_THRESHOLD` in `convzoo/ops/cac_sparse.py` (0.45) is the fallback
 where nothing can be timed.
+
+## Where the pixel path's time goes (ρ = 0.25, image-like, channels-last)
+
+Each step timed on its own, on the benchmark layer's input (the gather uses interior-window indices).
+1.5× Conv2d needs the whole path within Conv2d / 1.5.
+
+{parts_table}
 
 ## Model: deployed CAC cifar_resnet20, batch 64, per-layer ρ ramped from shallow to deep
 
