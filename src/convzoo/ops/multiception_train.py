@@ -1,0 +1,203 @@
+"""The training step of a Multiception block's middle, depthwise branches -> BN(K*C) -> 1x1, as one op.
+
+In training mode BN(K*C) normalises with batch statistics, so the K*C-channel intermediate z (three
+times the input for kernels (3, 5, 7)) has to exist. Autograd through ``cat -> BatchNorm2d -> 1x1``
+writes z's normalised copy, reads it back for the 1x1, and runs BN's backward. That backward makes two
+more passes over z and its gradient, on top of the 1x1's own. This is most of a Multiception
+layer's memory traffic, and on CPU the layer is memory-bound.
+
+:func:`branches_norm_pointwise` computes the same values and gradients with fewer passes. With
+batch mean mu, variance var and s = gamma / sqrt(var + eps):
+
+    forward:  y = (P diag(s)) z + (b + P (beta - s mu))      one 1x1 conv on z itself, no normalised copy
+    backward: with g_y the output gradient and G = g_y z^T (the 1x1's weight gradient on z),
+              sum_p g_u   = P^T sum_p g_y                    (g_u = P^T g_y, the gradient BN's output gets)
+              sum_p g_u z = sum_o P * G                      (so BN needs no reduction pass of its own)
+              dL/dz       = (P diag(s))^T g_y + alpha z + delta      per-channel alpha, delta
+              dL/dP = s G + outer(sum_p g_y, beta - s mu);  dL/dgamma = sum_p g_u z_hat;  dL/dbeta = sum_p g_u
+
+This is BN's own backward formula, with its two reductions read off the 1x1's gradients instead of
+recomputed. The depthwise weight gradients of kernels wider than 3 go through
+:func:`~convzoo.ops.depthwise.column_block_weight_grad`, and the branches share one laid-out
+input. The batch statistics come from ``batch_norm_update_stats``, BN's own kernel; ``var_mean``
+is 20x slower on channels-last tensors. The running statistics are updated as ``nn.BatchNorm2d``
+updates them.
+
+The op is once-differentiable: a double backward raises an error instead of giving a wrong
+result. :class:`~convzoo.ops.multiception.MulticeptionConv2d` uses it only where that does not
+matter (CPU, training mode, no tracing, no autocast) and runs plain modules elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from convzoo.ops.depthwise import (
+    FAST_WIDTH,
+    RowPadded,
+    column_block_weight_grad,
+    gradient_row_width,
+    input_grad_from_rows,
+)
+
+_conv_backward = torch.ops.aten.convolution_backward
+
+
+def _per_channel(t: Tensor) -> Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+def _centred_padding(weight: Tensor) -> tuple[int, int]:
+    return weight.shape[2] // 2, weight.shape[3] // 2
+
+
+class _BranchesNormPointwise(torch.autograd.Function):
+    """(x, BN gamma/beta, 1x1 weight/bias, K depthwise weights) -> (y, batch mean, batch variance)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+        pointwise_weight: Tensor,
+        pointwise_bias: Tensor,
+        stride: tuple[int, int],
+        eps: float,
+        *branch_weights: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        channels = x.shape[1]
+        z = torch.cat([F.conv2d(x, w, None, stride, _centred_padding(w), 1, channels) for w in branch_weights], 1)
+        mean, var = torch.ops.aten.batch_norm_update_stats(z, None, None, 0.0)  # biased variance
+        invstd = torch.rsqrt(var + eps)
+        scale = gamma * invstd
+        weight = pointwise_weight * _per_channel(scale)
+        bias = pointwise_bias + pointwise_weight.flatten(1) @ (beta - scale * mean)
+        y = F.conv2d(z, weight, bias)
+        ctx.save_for_backward(x, z, mean, invstd, gamma, beta, pointwise_weight, weight, *branch_weights)
+        ctx.stride = stride
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, z, mean, invstd, gamma, beta, pointwise_weight, weight, *branch_weights = ctx.saved_tensors
+        stride, channels = ctx.stride, x.shape[1]
+        count = z.numel() // z.shape[1]
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+        grad_bias = grad_y.sum((0, 2, 3))
+        # the 1x1 on z: g_u scaled by s (the data gradient) and G = g_y z^T (the weight gradient)
+        grad_u_scaled, grad_pointwise_on_z, _ = _conv_backward(
+            grad_y, z, weight, None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1, (True, True, False)
+        )
+        p, g = pointwise_weight.flatten(1), grad_pointwise_on_z.flatten(1)
+        scale = gamma * invstd
+        sum_grad_u = p.t() @ grad_bias  # sum_p g_u, per channel of z
+        sum_grad_u_z = (p * g).sum(0)  # sum_p g_u * z
+        grad_gamma = (sum_grad_u_z - mean * sum_grad_u) * invstd  # sum_p g_u * z_hat
+        grad_pointwise = scale * g + torch.outer(grad_bias, beta - scale * mean)
+        alpha = -scale * grad_gamma * invstd / count
+        delta = -alpha * mean - scale * sum_grad_u / count
+
+        wide = [w.shape[3] > FAST_WIDTH for w in branch_weights]
+        x_rows = row_width = None
+        if any(wide) and stride == (1, 1):  # one laid-out input for every wide branch
+            row_width = max(
+                gradient_row_width(x.shape[3], z.shape[3], w.shape[3] // 2, 1)
+                for w, is_wide in zip(branch_weights, wide, strict=True)
+                if is_wide
+            )
+            x_rows = RowPadded.of(x, row_width)
+        grad_x, grad_branches = None, []
+        for j, w in enumerate(branch_weights):
+            part = slice(j * channels, (j + 1) * channels)
+            # dL/dz for this branch: (P diag(s))^T g_y + alpha z + delta
+            padding = _centred_padding(w)
+            if x_rows is not None and wide[j]:
+                # written straight into zero-padded rows: the column blocks and the input gradient read them there
+                grad_z_rows = RowPadded.zeros(z, (z.shape[0], channels, *z.shape[2:]), row_width)
+                grad_z = grad_z_rows.interior()
+                torch.addcmul(_per_channel(delta[part]), z[:, part], _per_channel(alpha[part]), out=grad_z)
+                grad_z.add_(grad_u_scaled[:, part])
+                grad_w = column_block_weight_grad(grad_z_rows, x_rows, tuple(w.shape[2:]), stride, padding)
+                grad_xj = input_grad_from_rows(grad_z_rows, w, padding, x.shape[3]) if ctx.needs_input_grad[0] else None
+            else:
+                grad_z = torch.addcmul(_per_channel(delta[part]), z[:, part], _per_channel(alpha[part]))
+                grad_z = grad_z.add_(grad_u_scaled[:, part])
+                grad_xj, grad_w, _ = _conv_backward(
+                    grad_z, x, w, None, stride, padding, (1, 1), False, (0, 0), channels,
+                    (ctx.needs_input_grad[0], True, False),
+                )  # fmt: skip
+            grad_branches.append(grad_w)
+            if grad_xj is not None:  # the first one copied into a dense buffer, the rest added to it
+                grad_x = (
+                    grad_xj.contiguous(memory_format=torch.channels_last) if grad_x is None else grad_x.add_(grad_xj)
+                )
+        grad_weight = grad_pointwise.view_as(pointwise_weight)
+        return (grad_x, grad_gamma, sum_grad_u, grad_weight, grad_bias, None, None, *grad_branches)
+
+
+def branches_norm_pointwise(
+    x: Tensor,
+    branches: nn.ModuleList,
+    bn: nn.BatchNorm2d,
+    pointwise: nn.Conv2d,
+    stride: tuple[int, int],
+) -> Tensor:
+    """``pointwise(bn(cat([branch(x) for branch in branches])))`` in training mode, as one op (module docstring).
+
+    Args:
+        x: the input (B, C, H, W), channels-last.
+        branches: K depthwise ``nn.Conv2d(C, C, k, stride, k // 2, groups=C, bias=False)``.
+        bn: the ``nn.BatchNorm2d(K*C)`` (affine) between them, normalising with batch statistics;
+            its running statistics are updated as its own forward would update them.
+        pointwise: the 1x1 conv K*C -> C_out with bias.
+        stride: the branches' stride.
+
+    Returns:
+        (B, C_out, H', W').
+    """
+    y, mean, var = _BranchesNormPointwise.apply(
+        x, bn.weight, bn.bias, pointwise.weight, pointwise.bias, stride, bn.eps, *[b.weight for b in branches]
+    )
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            count = y.shape[0] * y.shape[2] * y.shape[3]
+            bn.running_mean.lerp_(mean, momentum)
+            bn.running_var.lerp_(var * (count / max(count - 1, 1)), momentum)
+    return y
+
+
+def fused_training_applies(x: Tensor, branches: nn.ModuleList, bn: nn.Module, pointwise: nn.Module) -> bool:
+    """Whether :func:`branches_norm_pointwise` computes this block: plain modules, batch statistics, CPU."""
+    plain_branches = all(
+        type(b) is nn.Conv2d
+        and b.bias is None
+        and b.padding_mode == "zeros"
+        and b.groups == b.in_channels == b.out_channels
+        and b.dilation == (1, 1)
+        and b.padding == _centred_padding(b.weight)
+        for b in branches
+    )
+    strides = {b.stride for b in branches}
+    if len(strides) != 1:
+        return False
+    (stride_h, stride_w) = strides.pop()
+    positions = x.shape[0] * ((x.shape[2] - 1) // stride_h + 1) * ((x.shape[3] - 1) // stride_w + 1)
+    plain_bn = type(bn) is nn.BatchNorm2d and bn.affine and bn.training and positions > 1  # else BN's own error
+    plain_pointwise = type(pointwise) is nn.Conv2d and pointwise.kernel_size == (1, 1) and pointwise.bias is not None
+    return (
+        plain_branches
+        and plain_bn
+        and plain_pointwise
+        and pointwise.stride == (1, 1)
+        and x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+    )

@@ -1,0 +1,108 @@
+"""The fused training op of Multiception's middle (convzoo.ops.multiception_train)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from convzoo.ops.multiception import MulticeptionConv2d
+from convzoo.testing import randomize_batchnorm_
+
+F64 = {"dtype": torch.float64}
+FUSED = "_BranchesNormPointwiseBackward"
+
+
+def _plain_modules(m: MulticeptionConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The block through its modules and autograd: the definition the fused op must match."""
+    return m.bn_out(m.pointwise(m.bn_in(torch.cat([branch(x) for branch in m.branches], dim=1))))
+
+
+def _layer(kernels, stride, **bn) -> MulticeptionConv2d:
+    m = MulticeptionConv2d(4, 6, 3, stride, kernels=kernels, **F64)
+    for module in (m.bn_in, m.bn_out):
+        for key, value in bn.items():
+            setattr(module, key, value)
+    randomize_batchnorm_(m)
+    with torch.no_grad():
+        m.bn_in.bias.normal_()
+        m.pointwise.bias.normal_()
+    return m.train()
+
+
+def _pointwise_node(y: torch.Tensor) -> str:
+    """Name of the autograd node of the 1x1 step: the first node under bn_out's."""
+    node = y.grad_fn
+    while type(node).__name__ != "NativeBatchNormBackward0":  # the layout copy after bn_out, if any
+        node = node.next_functions[0][0]
+    return type(node.next_functions[0][0]).__name__
+
+
+@pytest.mark.parametrize(
+    ("kernels", "stride", "size"),
+    [((3, 5, 7), 1, (9, 11)), ((3, 5), 2, (9, 10)), ((3, 3), 1, (7, 6)), ((5,), 1, (8, 8)), ((9, 3), 1, (12, 13)),
+     ((1, 5), (2, 1), (7, 9))],
+)  # fmt: skip
+@pytest.mark.parametrize("bn", [{}, {"momentum": None}])
+def test_fused_training_equals_the_modules_outputs_gradients_and_statistics(kernels, stride, size, bn) -> None:
+    fused = _layer(kernels, stride, **bn)
+    plain = copy.deepcopy(fused)
+    x = torch.randn(3, 4, *size, **F64, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
+    for _step in range(2):  # the second step sees updated running statistics and num_batches_tracked
+        y, y_plain = fused(x), _plain_modules(plain, x_plain)
+        assert _pointwise_node(y) == FUSED
+        torch.testing.assert_close(y, y_plain, rtol=1e-10, atol=1e-12)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_plain.backward(g)
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-10, atol=1e-12)
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for (name, a), b in zip(fused.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_without_running_statistics() -> None:
+    fused = MulticeptionConv2d(3, 5, kernels=(3, 5), **F64)
+    fused.bn_in = nn.BatchNorm2d(6, track_running_stats=False, **F64)
+    plain = copy.deepcopy(fused)
+    x = torch.randn(2, 3, 6, 6, **F64)
+    y = fused(x)
+    assert _pointwise_node(y) == FUSED
+    torch.testing.assert_close(y, _plain_modules(plain, x), rtol=1e-10, atol=1e-12)
+
+
+def test_the_modules_run_where_the_fused_op_does_not_apply() -> None:
+    m = _layer((3, 5, 7), 1)
+    x = torch.randn(2, 4, 8, 8, **F64)
+    assert _pointwise_node(m(x)) == FUSED
+    assert _pointwise_node(m.eval()(x)) != FUSED  # running statistics: the modules (and deploy) path
+    m.train()
+    with torch.no_grad():
+        assert m(x).grad_fn is None
+
+    class MyNorm(nn.BatchNorm2d):
+        pass
+
+    custom = copy.deepcopy(m)
+    custom.bn_in = MyNorm(12, **F64)
+    assert _pointwise_node(custom(x)) != FUSED
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _pointwise_node(m(x.float().to(torch.float64))) != FUSED
+
+
+def test_a_single_value_per_channel_still_gets_batchnorms_error() -> None:
+    m = _layer((3, 5), 1)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        m(torch.randn(1, 4, 1, 1, **F64))
+
+
+def test_double_backward_raises_instead_of_a_wrong_result() -> None:
+    m = _layer((3, 5), 1)
+    x = torch.randn(2, 4, 6, 6, **F64, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|twice"):
+        grad_x.sum().backward()
