@@ -86,9 +86,11 @@ def test_input_gradient_read_from_the_gradients_rows(kernel, padding) -> None:
         input_grad_from_rows(RowPadded.of(grad_out, y.shape[3] + 1), weight, padding, size[1] + 5)
 
 
-def test_row_padded_interior_is_the_tensor_and_the_rest_is_zero() -> None:
+def test_row_padded_interior_is_the_tensor_and_the_rest_is_zero(monkeypatch) -> None:
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *size, **kw: new_empty(self, *size, **kw).fill_(7.0))
     t = torch.randn(2, 3, 4, 5, **F64)
-    rows = RowPadded.of(t, 9, offset=2)
+    rows = RowPadded.of(t, 9, offset=2)  # allocated as all 7s: every zero below was written
     torch.testing.assert_close(rows.interior(), t, rtol=0, atol=0)
     assert int(rows.storage.count_nonzero()) == t.numel()  # nothing else is non-zero
     assert rows.view().is_contiguous(memory_format=torch.channels_last)

@@ -42,7 +42,7 @@ def _pointwise_node(y: torch.Tensor) -> str:
 
 @pytest.mark.parametrize(
     ("kernels", "stride", "size"),
-    [((3, 5, 7), 1, (9, 11)), ((3, 5), 2, (9, 10)), ((3, 3), 1, (7, 6)), ((5,), 1, (8, 8)), ((9, 3), 1, (12, 13)),
+    [((3, 5, 7), 1, (9, 11)), ((3, 5), 2, (9, 10)), ((3, 3, 5), 1, (7, 6)), ((5,), 1, (8, 8)), ((9, 3), 1, (12, 13)),
      ((1, 5), (2, 1), (7, 9))],
 )  # fmt: skip
 @pytest.mark.parametrize("bn", [{}, {"momentum": None}])
@@ -83,6 +83,7 @@ def test_the_modules_run_where_the_fused_op_does_not_apply() -> None:
     m.train()
     with torch.no_grad():
         assert m(x).grad_fn is None
+    assert _pointwise_node(_layer((3, 3), 1)(x)) != FUSED  # no kernel wider than 3: nothing to gain
 
     class MyNorm(nn.BatchNorm2d):
         pass

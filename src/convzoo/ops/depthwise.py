@@ -85,17 +85,28 @@ class RowPadded:
     @classmethod
     def of(cls, t: Tensor, row_width: int, offset: int = 1) -> RowPadded:
         """Lay ``t`` (B, C, H, W) out in rows of ``row_width`` pixels, pixel (h, w) at column ``offset + w``."""
-        rows = cls.zeros(t, tuple(t.shape), row_width, offset)  # one memset: zeroing just the gaps is far slower
+        rows = cls.empty(t, tuple(t.shape), row_width, offset)
         rows.interior().copy_(t)
         return rows
 
     @classmethod
-    def zeros(cls, like: Tensor, shape: tuple[int, int, int, int], row_width: int, offset: int = 1) -> RowPadded:
-        """All-zero rows for a (B, C, H, W) tensor (dtype and device of ``like``); fill :meth:`interior`."""
+    def empty(cls, like: Tensor, shape: tuple[int, int, int, int], row_width: int, offset: int = 1) -> RowPadded:
+        """Rows for a (B, C, H, W) tensor (dtype and device of ``like``) whose :meth:`interior` the caller fills.
+
+        Only the zeros are written here: the margins, and the gap between one row's last pixel and the
+        next row's first, which is contiguous (a memset of the whole buffer would write it all twice).
+        """
         batch, channels, height, width = shape
         if offset < 0 or offset + width > row_width:
             raise ValueError(f"a row of {row_width} pixels cannot hold {width} pixels from column {offset}")
-        storage = like.new_zeros((batch * height + 2) * row_width * channels)
+        rows, row = batch * height, row_width * channels
+        storage = like.new_empty((rows + 2) * row)
+        storage[: row + offset * channels].zero_()  # the leading margin and the first row's left gap
+        storage[(rows + 1) * row :].zero_()  # the trailing margin
+        gap = (row_width - width) * channels  # one row's right gap and the next row's left gap
+        if gap:
+            first_gap = row + (offset + width) * channels
+            storage.as_strided((rows, gap), (row, 1), first_gap).zero_()
         return cls(storage, (batch, channels, height, width), row_width, offset)
 
     def interior(self) -> Tensor:
