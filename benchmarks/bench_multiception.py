@@ -18,7 +18,9 @@ import argparse
 import copy
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -32,6 +34,7 @@ from common import (
     train_step_fn,
     write_results,
 )
+from convzoo.ops import multiception
 from convzoo.ops.multiception import FusedMulticeptionConv2d, MulticeptionConv2d, MulticeptionOfficial
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
@@ -45,11 +48,20 @@ NOTES = """## Notes
   `algorithm="auto"`); `branch only` pins every layer to the branch-window form (the previous default).
   Rows in channels-last convert the whole model and its input (`model.to(memory_format=torch.channels_last)`)
   and are compared with the standard model converted alike.
+- Training on CPU (`convzoo` rows): in layers with a kernel wider than 3, the depthwise branches, BN(K*C)
+  and the 1x1 run as one autograd op (`convzoo.ops.multiception_train`: the 1x1 applied to the raw
+  branch outputs with BN's scale folded in, BN's two backward reductions read off the 1x1's gradients),
+  and the 5x5 / 7x7 depthwise weight gradients are summed from 3-wide column blocks, which oneDNN
+  computes ~10x faster per tap than a 5- or 7-wide kernel (`convzoo.ops.depthwise`, `results/depthwise.md`).
+  `convzoo, plain autograd` is the same model through its modules and autograd, as before those two.
 - Design measurements (per-op, 1 thread, CPU time, min of repeats, on a shared machine): the NCHW
   depthwise *weight gradient* for 7x7 kernels is ~25x the 3x3 one (oneDNN), channels-last cuts it ~4x;
   a single depthwise conv with channel multiplier K is 5-20x slower than K separate depthwise convs
-  on CPU (oneDNN's generic grouped path), so neither training nor the eager CPU deploy path uses it;
-  folding BN(K*C) into the 1x1 with batch statistics in training was slower than a plain BN.
+  on CPU (oneDNN's generic grouped path), so neither training nor the eager CPU deploy path uses it.
+  Rejected for training (interleaved A/B of one stage-1 layer, forward + backward): running the fused
+  op's backward in batch chunks of 16 / 32 / 64 images so its intermediates stay in cache (0.95-1.0x);
+  the 1x1's input gradient as an in-place `addmm_` into each branch's gradient (1.01x); the fused op on
+  layers whose kernels are all 3x3 (0.9-1.0x, so they keep the modules).
 - Deploy, whole model (1 thread, CPU time): standard 1.00, canonical `pointwise(depthwise(x))` 4.7x,
   branch windows channels-last 2.3x, + batch chunks (intermediate in cache) 1.44x.
 """
@@ -67,6 +79,20 @@ def to_official(model: nn.Module) -> nn.Module:
 
 def _channels_last(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
+def _plain_autograd(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with Multiception's CPU training through its modules and autograd (the form before the
+    column-block weight gradients and the fused branches -> BN -> 1x1 op), for comparison."""
+
+    def run() -> None:
+        with (
+            mock.patch.object(multiception, "fused_training_applies", lambda *args: False),
+            mock.patch.object(multiception, "run_depthwise", lambda conv, x: conv(x)),
+        ):
+            step()
+
+    return run
 
 
 def _pinned(model: nn.Module, algorithm: str) -> nn.Module:
@@ -96,8 +122,10 @@ def speed(batch: int, repeats: int) -> str:
             "standard": train_step_fn(standard, x, t),
             "official": train_step_fn(official, x, t),
             "convzoo": train_step_fn(fast, x, t),
+            "convzoo, plain autograd": _plain_autograd(train_step_fn(copy.deepcopy(fast), x, t)),
             "standard CL": train_step_fn(_channels_last(standard), x_cl, t),
             "convzoo CL": train_step_fn(_channels_last(fast), x_cl, t),
+            "convzoo, plain autograd CL": _plain_autograd(train_step_fn(_channels_last(fast), x_cl, t)),
         },
         warmup=2,
         repeats=repeats,

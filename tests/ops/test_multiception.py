@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -268,3 +269,26 @@ def test_export_of_deploy_form() -> None:
     x = torch.randn(2, 4, 8, 8)
     exported = torch.export.export(fused, (x,))
     torch.testing.assert_close(exported.module()(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mixconv_training_routes_wide_splits_through_column_blocks_with_the_same_gradients() -> None:
+    fast = MixConv2d(6, 4, kernels=(3, 5, 7), **F64).train()
+    plain = copy.deepcopy(fast)
+    x = torch.randn(2, 6, 9, 9, **F64, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
+    y = fast(x)
+    y_plain = plain.bn_out(plain.pointwise(plain.depthwise(x_plain)))  # modules and autograd only
+    torch.testing.assert_close(y, y_plain, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_plain.backward(g)
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-10, atol=1e-12)
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+    seen, stack = {}, [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = type(node).__name__
+            stack += [next_node for next_node, _ in node.next_functions]
+    assert list(seen.values()).count("_ColumnBlockDepthwiseBackward") == 2  # the 5x5 and 7x7 splits

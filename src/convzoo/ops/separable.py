@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from convzoo.ops.conv_spec import ConvSpec, PaddingArg, check_channels
+from convzoo.ops.depthwise import run_depthwise
 from convzoo.ops.multiception import (
     centred_replaceable,
     check_centred_geometry,
@@ -60,8 +61,15 @@ class _SeparableBase(nn.Module):
             return self.bn_out(self.pointwise(self.depthwise(x)))
         fmt = memory_format_of(x)
         x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's depthwise kernels: much faster on CPU
-        y = self.bn_out(self.pointwise(self.depthwise(x)))
+        y = self.bn_out(self.pointwise(self._depthwise_cpu(x)))
         return y.contiguous(memory_format=fmt)
+
+    def _depthwise_cpu(self, x: Tensor) -> Tensor:
+        """``self.depthwise(x)``, each depthwise conv through ``run_depthwise`` (fast wide-kernel weight gradients)."""
+        if isinstance(self.depthwise, MixedConv2d):
+            parts = torch.split(x, self.depthwise.splits, 1)
+            return torch.cat([run_depthwise(conv, part) for conv, part in zip(self.depthwise.values(), parts)], 1)
+        return run_depthwise(self.depthwise, x)
 
     @torch.no_grad()
     def fuse(self) -> nn.Sequential:
