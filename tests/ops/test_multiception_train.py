@@ -35,9 +35,11 @@ def _layer(kernels, stride, **bn) -> MulticeptionConv2d:
 def _pointwise_node(y: torch.Tensor) -> str:
     """Name of the autograd node of the 1x1 step: the first node under bn_out's."""
     node = y.grad_fn
-    while type(node).__name__ != "NativeBatchNormBackward0":  # the layout copy after bn_out, if any
+    assert type(node).__name__ == "NativeBatchNormBackward0"  # bn_out
+    node = node.next_functions[0][0]
+    while type(node).__name__ == "CloneBackward0":  # the copy back to the input's layout, if any
         node = node.next_functions[0][0]
-    return type(node.next_functions[0][0]).__name__
+    return type(node).__name__
 
 
 @pytest.mark.parametrize(

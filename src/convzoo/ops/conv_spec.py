@@ -60,6 +60,31 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+class _Relayout(torch.autograd.Function):
+    """x in another memory format; its gradient goes back in x's own format."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:  # type: ignore[override]
+        ctx.source_format = memory_format_of(x)
+        return x.contiguous(memory_format=memory_format)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad.contiguous(memory_format=ctx.source_format), None
+
+
+def relayout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``x.contiguous(memory_format=...)`` whose gradient comes back in x's layout.
+
+    ``Tensor.contiguous`` passes the gradient through unchanged, so a channels-last island inside an
+    NCHW model hands channels-last gradients to the NCHW layers before it. Their backward then mixes
+    layouts, which oneDNN and BatchNorm run on slower paths.
+    """
+    if memory_format_of(x) == memory_format or not (torch.is_grad_enabled() and x.requires_grad):
+        return x.contiguous(memory_format=memory_format)
+    return _Relayout.apply(x, memory_format)
+
+
 @dataclass(frozen=True)
 class ConvSpec:
     """The full geometry of a 2-D convolution, validated.

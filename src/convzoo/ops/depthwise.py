@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convzoo.ops.conv_spec import relayout
+
 _conv_backward = torch.ops.aten.convolution_backward
 
 FAST_WIDTH = 3
@@ -273,7 +275,7 @@ def depthwise_conv2d(
         )
     if not (torch.is_grad_enabled() and weight.requires_grad and uses_column_blocks(x, weight, stride, dilation)):
         return F.conv2d(x, weight, bias, stride, padding, dilation, x.shape[1])
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = relayout(x, torch.channels_last)  # its gradient goes back in the caller's layout
     return _ColumnBlockDepthwise.apply(x, weight, bias, tuple(stride), tuple(padding))
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convzoo.ops.autotune import AlgorithmCache
-from convzoo.ops.conv_spec import ConvSpec, PaddingArg, check_channels, memory_format_of, to_pair
+from convzoo.ops.conv_spec import ConvSpec, PaddingArg, check_channels, memory_format_of, relayout, to_pair
 from convzoo.ops.depthwise import run_depthwise
 from convzoo.ops.multiception_train import branches_norm_pointwise, fused_training_applies
 from convzoo.ops.registry import needs_dense_spatial, register_conv
@@ -214,12 +214,13 @@ class MulticeptionConv2d(_MulticeptionBase):
         if is_tracing() or x.device.type != "cpu":
             return self.bn_out(self.pointwise(self.bn_in(torch.cat([branch(x) for branch in self.branches], dim=1))))
         fmt = memory_format_of(x)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = relayout(x, torch.channels_last)
         if fused_training_applies(x, self.branches, self.bn_in, self.pointwise):
             y = branches_norm_pointwise(x, self.branches, self.bn_in, self.pointwise, self.branches[0].stride)
         else:
             y = self.pointwise(self.bn_in(torch.cat([run_depthwise(branch, x) for branch in self.branches], dim=1)))
-        return self.bn_out(y).contiguous(memory_format=fmt)
+        # back to the caller's layout before bn_out: BN's backward is slow when its gradient and input differ
+        return self.bn_out(y.contiguous(memory_format=fmt))
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, kernels: Sequence[int] = (3, 5, 7)) -> MulticeptionConv2d:

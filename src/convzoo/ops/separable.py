@@ -21,7 +21,7 @@ from timm.layers import MixedConv2d
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from convzoo.ops.conv_spec import ConvSpec, PaddingArg, check_channels
+from convzoo.ops.conv_spec import ConvSpec, PaddingArg, check_channels, relayout
 from convzoo.ops.depthwise import run_depthwise
 from convzoo.ops.multiception import (
     centred_replaceable,
@@ -60,9 +60,9 @@ class _SeparableBase(nn.Module):
         if is_tracing() or x.device.type != "cpu":
             return self.bn_out(self.pointwise(self.depthwise(x)))
         fmt = memory_format_of(x)
-        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's depthwise kernels: much faster on CPU
-        y = self.bn_out(self.pointwise(self._depthwise_cpu(x)))
-        return y.contiguous(memory_format=fmt)
+        x = relayout(x, torch.channels_last)  # oneDNN's depthwise kernels: much faster on CPU
+        # back to the caller's layout before bn_out: BN's backward is slow when its gradient and input differ
+        return self.bn_out(self.pointwise(self._depthwise_cpu(x)).contiguous(memory_format=fmt))
 
     def _depthwise_cpu(self, x: Tensor) -> Tensor:
         """``self.depthwise(x)``, each depthwise conv through ``run_depthwise`` (fast wide-kernel weight gradients)."""
