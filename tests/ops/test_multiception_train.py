@@ -93,6 +93,8 @@ def test_the_modules_run_where_the_fused_op_does_not_apply() -> None:
     custom = copy.deepcopy(m)
     custom.bn_in = MyNorm(12, **F64)
     assert _pointwise_node(custom(x)) != FUSED
+    half = copy.deepcopy(m).to(torch.bfloat16)
+    assert _pointwise_node(half(x.to(torch.bfloat16))) != FUSED
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _pointwise_node(m(x.float().to(torch.float64))) != FUSED
 

@@ -12,7 +12,9 @@ The authors' structure (their ``convolution.py``), for C input channels and K ke
 :class:`MulticeptionConv2d` computes the same function with the stride taken in the depthwise
 step (identical in eval mode; the depthwise work drops by stride**2) and, on CPU, runs the
 depthwise step in channels-last layout, where oneDNN's depthwise kernels are several times
-faster (above all the weight gradient of 5x5 / 7x7 kernels). :class:`MulticeptionOfficial` is
+faster (above all the weight gradient of 5x5 / 7x7 kernels). In CPU training, layers with a kernel
+wider than 3 run the branches, BN(K*C) and the 1x1 as one op with column-block weight gradients
+(:mod:`convzoo.ops.multiception_train`, :mod:`convzoo.ops.depthwise`). :class:`MulticeptionOfficial` is
 the authors' form, kept as the reference for tests and benchmarks.
 
 ``fuse()`` gives :class:`FusedMulticeptionConv2d`: ONE depthwise conv ``C -> K*C`` with

@@ -205,6 +205,7 @@ def fused_training_applies(x: Tensor, branches: nn.ModuleList, bn: nn.Module, po
         and plain_pointwise
         and pointwise.stride == (1, 1)
         and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)  # reduced precision: BN's own mixed-precision handling
         and torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
     )
