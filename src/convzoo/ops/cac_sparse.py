@@ -416,34 +416,23 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         weight = self.weight.permute(0, 2, 3, 1).reshape(c_out, taps * (c_in // groups), 1, 1)
         tap_rows = (torch.arange(kh, device=x.device) * dh).repeat_interleave(kw)  # (taps,)
         tap_cols = (torch.arange(kw, device=x.device) * dw).repeat(kh)
-        tap_offsets = tap_rows * width + tap_cols
         chunk = max(1, _COLUMN_CHUNK_BYTES // (taps * c_in * x.element_size()))
         for start in range(0, sharp.numel(), chunk):
             positions = sharp[start : start + chunk]
             n = positions.numel()
             image, rest = positions // (out_h * out_w), positions % (out_h * out_w)
-            first_row, first_col = (rest // out_w) * sh - top, (rest % out_w) * sw - left  # top-left tap, (n,)
-            index = ((image * height + first_row) * width + first_col)[:, None] + tap_offsets  # (n, taps)
-            border = (
-                (
-                    (first_row < 0)
-                    | (first_col < 0)
-                    | (first_row + (kh - 1) * dh >= height)
-                    | (first_col + (kw - 1) * dw >= width)
-                )
-                .nonzero()
-                .squeeze(1)
-            )
-            if border.numel():
-                tap_row = first_row[border, None] + tap_rows
-                tap_col = first_col[border, None] + tap_cols
-                inside = (tap_row >= 0) & (tap_row < height) & (tap_col >= 0) & (tap_col < width)
-                clamped = (image[border, None] * height + tap_row.clamp(0, height - 1)) * width
-                index[border] = clamped + tap_col.clamp(0, width - 1)
-            # im2col of the sharp windows: whole pixels (C_in contiguous values) with one index_select
-            columns = rows.index_select(0, index.flatten()).view(n, taps, c_in)
-            if border.numel():
-                columns.index_copy_(0, border, columns.index_select(0, border) * inside.unsqueeze(-1))
+            tap_row = ((rest // out_w) * sh - top)[:, None] + tap_rows  # (n, taps), may fall in the padding
+            tap_col = ((rest % out_w) * sw - left)[:, None] + tap_cols
+            index = (image[:, None] * height + tap_row.clamp(0, height - 1)) * width + tap_col.clamp(0, width - 1)
+            # im2col of the sharp windows: whole pixels (C_in contiguous values) with one index_select; the
+            # taps that fall in the zero padding read a clamped pixel and are zeroed after (index_fill_
+            # writes only those rows: cheaper than masking every border window's columns)
+            columns = rows.index_select(0, index.flatten())  # (n * taps, C_in)
+            outside = ((tap_row < 0) | (tap_row >= height) | (tap_col < 0) | (tap_col >= width)).flatten()
+            outside = outside.nonzero().squeeze(1)
+            if outside.numel():
+                columns.index_fill_(0, outside, 0)
+            columns = columns.view(n, taps, c_in)
             if groups > 1:  # (n, taps, g, C/g) -> (n, g, taps, C/g): each group's columns contiguous
                 columns = columns.view(n, taps, groups, -1).transpose(1, 2)
             out_rows.index_copy_(0, positions, rows_times_kernel(columns.reshape(n, -1), weight, self.bias, groups))
