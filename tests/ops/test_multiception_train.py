@@ -111,3 +111,18 @@ def test_double_backward_raises_instead_of_a_wrong_result() -> None:
     (grad_x,) = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|twice"):
         grad_x.sum().backward()
+
+
+def test_float32_training_matches_the_modules() -> None:
+    """float32 takes oneDNN's fused conv + add in the forward, where this torch has it."""
+    fused = MulticeptionConv2d(8, 6, kernels=(3, 5, 7)).train()
+    plain = copy.deepcopy(fused)
+    x = torch.randn(4, 8, 12, 10).contiguous(memory_format=torch.channels_last)
+    y, y_plain = fused(x), _plain_modules(plain, x)
+    assert _pointwise_node(y) == FUSED
+    torch.testing.assert_close(y, y_plain, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_plain.backward(g)
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4, msg=name)
