@@ -71,10 +71,15 @@ def test_without_running_statistics() -> None:
     fused = MulticeptionConv2d(3, 5, kernels=(3, 5), **F64)
     fused.bn_in = nn.BatchNorm2d(6, track_running_stats=False, **F64)
     plain = copy.deepcopy(fused)
-    x = torch.randn(2, 3, 6, 6, **F64)
-    y = fused(x)
+    x = torch.randn(2, 3, 6, 6, **F64)  # an input that needs no gradient: only the parameters get one
+    y, y_plain = fused(x), _plain_modules(plain, x)
     assert _pointwise_node(y) == FUSED
-    torch.testing.assert_close(y, _plain_modules(plain, x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y, y_plain, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(y)  # not y.sum(): a constant gradient vanishes through bn_out
+    y.backward(g)
+    y_plain.backward(g)
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_the_modules_run_where_the_fused_op_does_not_apply() -> None:
