@@ -119,7 +119,6 @@ def test_double_backward_raises_instead_of_a_wrong_result() -> None:
 
 
 def test_float32_training_matches_the_modules() -> None:
-    """float32 takes oneDNN's fused conv + add in the forward, where this torch has it."""
     fused = MulticeptionConv2d(8, 6, kernels=(3, 5, 7)).train()
     plain = copy.deepcopy(fused)
     x = torch.randn(4, 8, 12, 10).contiguous(memory_format=torch.channels_last)

@@ -37,7 +37,6 @@ from torch import Tensor, nn
 from convzoo.ops.autotune import AlgorithmCache
 from convzoo.ops.conv_spec import ConvSpec, PaddingArg, check_channels, memory_format_of, relayout, to_pair
 from convzoo.ops.depthwise import run_depthwise
-from convzoo.ops.fused_add import add_pointwise_
 from convzoo.ops.multiception_train import branches_norm_pointwise, fused_training_applies
 from convzoo.ops.registry import needs_dense_spatial, register_conv
 
@@ -286,7 +285,7 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
       taps are checked, once per weight version), in channels-last layout and in batch chunks
       small enough for the K*C intermediate to stay in cache;
     * ``"accumulate"`` (CPU): the same branch windows, each followed by its share of the 1x1 as a
-      1x1 conv added in place into the output (:func:`add_pointwise_`; no K*C concatenation);
+      1x1 conv added in place into the output (no K*C concatenation);
     * ``"dense"``: the two convs multiplied out into one dense k_max x k_max conv C_in -> C_out,
       ``W[o, c] = sum_j P[o, c*K + j] * D[c*K + j]`` (cached per weight version). It has more MACs,
       but for few channels oneDNN runs it about as fast as the 3x3 conv that Multiception replaced;
@@ -407,7 +406,7 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
 
     def _accumulate_forward(self, x: Tensor) -> Tensor:
         """Branch windows (channels-last), each followed by its share of the 1x1 as a 1x1 conv added into
-        the output (one oneDNN call with its fused sum where available): no K*C concatenation."""
+        the output: no K*C concatenation."""
         c, k_count, k_max = self.in_channels, len(self.kernels), max(self.kernels)
         grid = self.depthwise.weight.reshape(c, k_count, k_max, k_max)
         # the 1x1 weight's columns are channel-major (c*K + j): branch j's share is P[:, j::K]
@@ -419,7 +418,7 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
             o = (k_max - k) // 2
             z = F.conv2d(x, grid[:, j : j + 1, o : o + k, o : o + k], None, self.stride, k // 2, 1, c)
             share = pointwise[:, :, j, None, None].contiguous()  # (C_out, C, 1, 1)
-            out = F.conv2d(z, share, self.pointwise.bias) if out is None else add_pointwise_(out, z, share)
+            out = F.conv2d(z, share, self.pointwise.bias) if out is None else out.add_(F.conv2d(z, share))
         return out.contiguous(memory_format=fmt)
 
     def _run(self, algorithm: str, x: Tensor) -> Tensor:

@@ -44,7 +44,6 @@ from convzoo.ops.depthwise import (
     gradient_row_width,
     input_grad_from_rows,
 )
-from convzoo.ops.fused_add import add_pointwise_
 
 _conv_backward = torch.ops.aten.convolution_backward
 
@@ -84,7 +83,7 @@ class _BranchesNormPointwise(torch.autograd.Function):
         parts = weight.split(channels, dim=1)
         y = F.conv2d(z[0], parts[0], bias)
         for z_j, part in zip(z[1:], parts[1:], strict=True):
-            add_pointwise_(y, z_j, part)
+            y.add_(F.conv2d(z_j, part))
         ctx.save_for_backward(x, mean, invstd, gamma, beta, pointwise_weight, weight, *branch_weights, *z)
         ctx.stride, ctx.branches = stride, len(branch_weights)
         ctx.mark_non_differentiable(mean, var)
