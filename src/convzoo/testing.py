@@ -28,3 +28,22 @@ def randomize_batchnorm_(model: nn.Module, *, generator: torch.Generator | None 
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not) of ``model``."""
     return sum(p.numel() for p in model.parameters())
+
+
+def assert_same_backward(
+    model: nn.Module,
+    reference: nn.Module,
+    output: torch.Tensor,
+    reference_output: torch.Tensor,
+    *,
+    rtol: float,
+    atol: float,
+) -> torch.Tensor:
+    """Backpropagate one random gradient through ``output`` and ``reference_output``; assert that the
+    two modules' parameters (in the same order) got the same gradients. Returns the gradient used."""
+    grad = torch.randn_like(output)  # not output.sum(): a constant gradient vanishes through a BatchNorm
+    output.backward(grad)
+    reference_output.backward(grad)
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol, msg=name)
+    return grad

@@ -17,7 +17,7 @@ from convzoo.ops.multiception import (
     multiception_parameter_count,
 )
 from convzoo.ops.separable import DSConv2d, MixConv2d
-from convzoo.testing import count_parameters, randomize_batchnorm_
+from convzoo.testing import assert_same_backward, count_parameters, randomize_batchnorm_
 
 F64 = {"dtype": torch.float64}
 
@@ -279,12 +279,8 @@ def test_mixconv_training_routes_wide_splits_through_column_blocks_with_the_same
     y = fast(x)
     y_plain = plain.bn_out(plain.pointwise(plain.depthwise(x_plain)))  # modules and autograd only
     torch.testing.assert_close(y, y_plain, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_plain.backward(g)
+    assert_same_backward(fast, plain, y, y_plain, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-10, atol=1e-12)
-    for (name, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
     seen, stack = {}, [y.grad_fn]
     while stack:
         node = stack.pop()

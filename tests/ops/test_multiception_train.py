@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from convzoo.ops.multiception import MulticeptionConv2d
-from convzoo.testing import randomize_batchnorm_
+from convzoo.testing import assert_same_backward, randomize_batchnorm_
 
 F64 = {"dtype": torch.float64}
 FUSED = "_BranchesNormPointwiseBackward"
@@ -57,12 +57,8 @@ def test_fused_training_equals_the_modules_outputs_gradients_and_statistics(kern
         y, y_plain = fused(x), _plain_modules(plain, x_plain)
         assert _pointwise_node(y) == FUSED
         torch.testing.assert_close(y, y_plain, rtol=1e-10, atol=1e-12)
-        g = torch.randn_like(y)
-        y.backward(g)
-        y_plain.backward(g)
+        assert_same_backward(fused, plain, y, y_plain, rtol=1e-10, atol=1e-12)  # accumulates over the steps
     torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-10, atol=1e-12)
-    for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
     for (name, a), b in zip(fused.named_buffers(), plain.buffers(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
 
@@ -75,11 +71,7 @@ def test_without_running_statistics() -> None:
     y, y_plain = fused(x), _plain_modules(plain, x)
     assert _pointwise_node(y) == FUSED
     torch.testing.assert_close(y, y_plain, rtol=1e-10, atol=1e-12)
-    g = torch.randn_like(y)  # not y.sum(): a constant gradient vanishes through bn_out
-    y.backward(g)
-    y_plain.backward(g)
-    for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert_same_backward(fused, plain, y, y_plain, rtol=1e-10, atol=1e-12)
 
 
 def test_the_modules_run_where_the_fused_op_does_not_apply() -> None:
@@ -125,8 +117,4 @@ def test_float32_training_matches_the_modules() -> None:
     y, y_plain = fused(x), _plain_modules(plain, x)
     assert _pointwise_node(y) == FUSED
     torch.testing.assert_close(y, y_plain, rtol=1e-4, atol=1e-5)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_plain.backward(g)
-    for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4, msg=name)
+    assert_same_backward(fused, plain, y, y_plain, rtol=1e-3, atol=1e-4)
