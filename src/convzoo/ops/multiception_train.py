@@ -56,6 +56,45 @@ def _centred_padding(weight: Tensor) -> tuple[int, int]:
     return weight.shape[2] // 2, weight.shape[3] // 2
 
 
+def _branch_backward(
+    x: Tensor,
+    x_rows: RowPadded | None,
+    row_width: int | None,
+    weight: Tensor,
+    z: Tensor,
+    grad_u: Tensor,
+    alpha: Tensor,
+    delta: Tensor,
+    stride: tuple[int, int],
+    want_x: bool,
+) -> tuple[Tensor | None, Tensor]:
+    """One branch's gradients from dL/dz = grad_u + alpha z + delta (per-channel alpha, delta).
+
+    Args:
+        x: the block's input (B, C, H, W), channels-last; ``x_rows`` it laid out for column blocks,
+            or None for a branch whose kernel is at most 3 wide (or a strided one).
+        weight: the branch's (C, 1, k, k) depthwise kernel; z its output (B, C, H', W').
+
+    Returns:
+        (the gradient of x through this branch or None, the kernel's gradient).
+    """
+    padding = _centred_padding(weight)
+    if x_rows is None:
+        grad_z = torch.addcmul(_per_channel(delta), z, _per_channel(alpha)).add_(grad_u)
+        grad_x, grad_w, _ = _conv_backward(
+            grad_z, x, weight, None, stride, padding, (1, 1), False, (0, 0), x.shape[1], (want_x, True, False)
+        )
+        return grad_x, grad_w
+    # written straight into zero-padded rows: the column blocks and the input gradient read them there
+    grad_z_rows = RowPadded.empty(z, tuple(z.shape), row_width)
+    grad_z = grad_z_rows.interior()
+    torch.addcmul(_per_channel(delta), z, _per_channel(alpha), out=grad_z)
+    grad_z.add_(grad_u)
+    grad_w = column_block_weight_grad(grad_z_rows, x_rows, tuple(weight.shape[2:]), stride, padding)
+    grad_x = input_grad_from_rows(grad_z_rows, weight, padding, x.shape[3]) if want_x else None
+    return grad_x, grad_w
+
+
 class _BranchesNormPointwise(torch.autograd.Function):
     """(x, BN gamma/beta, 1x1 weight/bias, K depthwise weights) -> (y, batch mean, batch variance)."""
 
@@ -129,23 +168,11 @@ class _BranchesNormPointwise(torch.autograd.Function):
         grad_x, grad_branches = None, []
         for j, (w, z_j, part) in enumerate(zip(branch_weights, z, parts, strict=True)):
             block = slice(j * channels, (j + 1) * channels)
-            # dL/dz_j = (P_j diag(s_j))^T g_y + alpha_j z_j + delta_j; the first term is a 1x1 from g_y
-            grad_u = F.conv2d(grad_y, part.transpose(0, 1))
-            padding = _centred_padding(w)
-            if x_rows is not None and wide[j]:
-                # written straight into zero-padded rows: the column blocks and the input gradient read them there
-                grad_z_rows = RowPadded.empty(z_j, tuple(z_j.shape), row_width)
-                grad_z = grad_z_rows.interior()
-                torch.addcmul(_per_channel(delta[block]), z_j, _per_channel(alpha[block]), out=grad_z)
-                grad_z.add_(grad_u)
-                grad_w = column_block_weight_grad(grad_z_rows, x_rows, tuple(w.shape[2:]), stride, padding)
-                grad_xj = input_grad_from_rows(grad_z_rows, w, padding, x.shape[3]) if ctx.needs_input_grad[0] else None
-            else:
-                grad_z = torch.addcmul(_per_channel(delta[block]), z_j, _per_channel(alpha[block])).add_(grad_u)
-                grad_xj, grad_w, _ = _conv_backward(
-                    grad_z, x, w, None, stride, padding, (1, 1), False, (0, 0), channels,
-                    (ctx.needs_input_grad[0], True, False),
-                )  # fmt: skip
+            grad_u = F.conv2d(grad_y, part.transpose(0, 1))  # (P_j diag(s_j))^T g_y, a 1x1 from g_y
+            rows = x_rows if wide[j] else None
+            grad_xj, grad_w = _branch_backward(
+                x, rows, row_width, w, z_j, grad_u, alpha[block], delta[block], stride, ctx.needs_input_grad[0]
+            )
             grad_branches.append(grad_w)
             if grad_xj is None:
                 continue
