@@ -149,3 +149,10 @@ def test_bad_input() -> None:
         rows.view(9)
     with pytest.raises(ValueError, match=r"stride=2 times the gradient's \(8 pixels from column 1\)"):
         column_block_weight_grad(rows, rows, (5, 5), (2, 2), (2, 2))
+
+
+def test_public_api() -> None:
+    import convzoo
+
+    assert convzoo.depthwise_conv2d is depthwise_conv2d
+    assert "depthwise_conv2d" in convzoo.__all__

@@ -13,6 +13,7 @@ from convzoo.ops.cac_cost import CACLoss, CACStatistics, cac_statistics
 from convzoo.ops.cac_sparse import CACSparseConv2d
 from convzoo.ops.conv_spec import ConvSpec
 from convzoo.ops.cpwc import CPWCGroupingPlan, CPWConv2d, cpwc_grouping_plan
+from convzoo.ops.depthwise import depthwise_conv2d
 from convzoo.ops.dilated import DilatedSeparableConv2d, PyramidDilatedConv2d
 from convzoo.ops.doconv import DOConv2d
 from convzoo.ops.multiception import FusedMulticeptionConv2d, MulticeptionConv2d, MulticeptionOfficial
@@ -38,6 +39,7 @@ __all__ = [
     "PyramidDilatedConv2d",
     "cac_statistics",
     "cpwc_grouping_plan",
+    "depthwise_conv2d",
     "get_conv_kind",
     "has_cac_layers",
     "list_convs",
