@@ -1,9 +1,9 @@
 """Depthwise convolution whose weight gradient stays fast for wide kernels on CPU.
 
 oneDNN computes the weight gradient of a depthwise conv quickly only for kernels at most 3 wide.
-On a channels-last (128, 16, 32, 32) input with 2 threads it takes 0.4 ms for 3x3 and 0.6 ms for
-7x3, but 7.5 ms for 5x5 and 11 ms for 7x7 (``benchmarks/bench_depthwise.py``). The kernel's height
-does not matter, only its width.
+On a channels-last (128, 16, 32, 32) input with 2 threads, 7x3 takes 1.1-1.2x the 3x3 time, but
+5x5 takes 7-8x and 7x7 10-11x (``benchmarks/bench_depthwise.py``, ``results/depthwise.md``). The
+kernel's height does not matter, only its width.
 
 :func:`depthwise_conv2d` runs the forward pass and the input gradient as usual. It computes the
 weight gradient of a kernel wider than 3 from its *column blocks*: a kh x kw kernel is cut into
