@@ -64,7 +64,7 @@ def test_column_block_weight_grad_handles_strides_directly(stride) -> None:
     y = F.conv2d(x, weight, None, stride, padding, 1, channels)
     grad_out = torch.randn_like(y)
     (expected,) = torch.autograd.grad(y, weight, grad_out)
-    x_rows, row_width = padded_for_blocks(x, tuple(y.shape), kernel[1], stride, padding)
+    x_rows, row_width = padded_for_blocks(x, tuple(y.shape), stride, padding)
     got = column_block_weight_grad(RowPadded.of(grad_out, row_width), x_rows, kernel, stride, padding)
     torch.testing.assert_close(got, expected, **TIGHT)
 
@@ -108,13 +108,14 @@ def test_wide_stride_one_kernels_take_the_block_path_and_others_plain_conv2d() -
         assert depthwise_conv2d(x, wide, padding=(2, 2)).grad_fn is None
 
 
-def test_input_keeps_nchw_gradient_values() -> None:
-    """An NCHW input works (made channels-last inside) and its gradient is the plain one."""
+def test_nchw_input_gets_the_plain_gradient_in_its_own_layout() -> None:
+    """An NCHW input works (made channels-last inside); its gradient is the plain one, in NCHW."""
     x = torch.randn(2, 3, 9, 9, **F64, requires_grad=True)
     weight = torch.randn(3, 1, 5, 5, **F64, requires_grad=True)
     (ours,) = torch.autograd.grad(depthwise_conv2d(x, weight, padding=(2, 2)).sum(), x)
     (plain,) = torch.autograd.grad(F.conv2d(x, weight, None, 1, 2, 1, 3).sum(), x)
     torch.testing.assert_close(ours, plain, **TIGHT)
+    assert ours.is_contiguous()  # autograd.grad returns it raw: no leaf layout contract hides a leak
 
 
 def test_run_depthwise_routes_only_plain_depthwise_convs() -> None:

@@ -218,7 +218,7 @@ def uses_column_blocks(x: Tensor, weight: Tensor, stride: tuple[int, int], dilat
 
 
 def padded_for_blocks(
-    x: Tensor, grad_shape: tuple[int, ...], kernel_width: int, stride: tuple[int, int], padding: tuple[int, int]
+    x: Tensor, grad_shape: tuple[int, ...], stride: tuple[int, int], padding: tuple[int, int]
 ) -> tuple[RowPadded, int]:
     """x laid out for :func:`column_block_weight_grad`, and the gradient buffer's row width to go with it."""
     row_width = gradient_row_width(x.shape[3], grad_shape[3], padding[1], stride[1])
@@ -246,7 +246,7 @@ class _ColumnBlockDepthwise(torch.autograd.Function):
                 grad, x, weight, None, ctx.stride, ctx.padding, (1, 1), False, (0, 0), channels, (True, False, False)
             )
         if ctx.needs_input_grad[1]:
-            x_rows, row_width = padded_for_blocks(x, tuple(grad.shape), weight.shape[3], ctx.stride, ctx.padding)
+            x_rows, row_width = padded_for_blocks(x, tuple(grad.shape), ctx.stride, ctx.padding)
             grad_rows = RowPadded.of(grad, row_width)
             grad_weight = column_block_weight_grad(grad_rows, x_rows, tuple(weight.shape[2:]), ctx.stride, ctx.padding)
         if ctx.has_bias and ctx.needs_input_grad[2]:

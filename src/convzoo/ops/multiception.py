@@ -218,7 +218,7 @@ class MulticeptionConv2d(_MulticeptionBase):
         fmt = memory_format_of(x)
         x = relayout(x, torch.channels_last)
         if fused_training_applies(x, self.branches, self.bn_in, self.pointwise):
-            y = branches_norm_pointwise(x, self.branches, self.bn_in, self.pointwise, self.branches[0].stride)
+            y = branches_norm_pointwise(x, self.branches, self.bn_in, self.pointwise)
         else:
             y = self.pointwise(self.bn_in(torch.cat([run_depthwise(branch, x) for branch in self.branches], dim=1)))
         # back to the caller's layout before bn_out: BN's backward is slow when its gradient and input differ

@@ -189,23 +189,28 @@ def branches_norm_pointwise(
     branches: nn.ModuleList,
     bn: nn.BatchNorm2d,
     pointwise: nn.Conv2d,
-    stride: tuple[int, int],
 ) -> Tensor:
     """``pointwise(bn(cat([branch(x) for branch in branches])))`` in training mode, as one op (module docstring).
 
     Args:
         x: the input (B, C, H, W), channels-last.
-        branches: K depthwise ``nn.Conv2d(C, C, k, stride, k // 2, groups=C, bias=False)``.
+        branches: K depthwise ``nn.Conv2d(C, C, k, stride, k // 2, groups=C, bias=False)``, one stride.
         bn: the ``nn.BatchNorm2d(K*C)`` (affine) between them, normalising with batch statistics;
             its running statistics are updated as its own forward would update them.
         pointwise: the 1x1 conv K*C -> C_out with bias.
-        stride: the branches' stride.
 
     Returns:
         (B, C_out, H', W').
     """
     y, mean, var = _BranchesNormPointwise.apply(
-        x, bn.weight, bn.bias, pointwise.weight, pointwise.bias, stride, bn.eps, *[b.weight for b in branches]
+        x,
+        bn.weight,
+        bn.bias,
+        pointwise.weight,
+        pointwise.bias,
+        branches[0].stride,
+        bn.eps,
+        *[b.weight for b in branches],
     )
     if bn.track_running_stats:
         with torch.no_grad():
