@@ -164,6 +164,57 @@ def speed(batch: int, repeats: int) -> str:
     )
 
 
+# (C_in, C_out, H = W, kernels, stride) of cifar_resnet20's Multiception layers (authors' schedule)
+LAYERS = [(16, 16, 32, (3, 5, 7), 1), (16, 32, 32, (3, 5), 2), (32, 32, 16, (3, 5), 1), (32, 64, 16, (3, 3), 2),
+          (64, 64, 8, (3, 3), 1)]  # fmt: skip
+
+
+def deploy_layers(batch: int, repeats: int) -> str:
+    """Each deployed Multiception layer shape, channels-last, every exact form against the standard 3x3 conv,
+    then stage 1's parts timed one by one (warm cache): what the layer could cost at best."""
+    rows = []
+    algorithms = ("branch", "accumulate", "dense")
+    for c_in, c_out, size, kernels, stride in LAYERS:
+        fused = MulticeptionConv2d(c_in, c_out, 3, stride, kernels=kernels).eval().fuse()
+        standard = nn.Conv2d(c_in, c_out, 3, stride, 1).eval().to(memory_format=torch.channels_last)
+        x = torch.randn(batch, c_in, size, size).contiguous(memory_format=torch.channels_last)
+        forms = {"standard 3x3": inference_fn(standard, x)}
+        for name in algorithms:
+            pinned = copy.deepcopy(fused)
+            pinned.algorithm = name
+            forms[name] = inference_fn(pinned, x)
+        times = interleaved_median_times(forms, warmup=3, repeats=repeats)
+        cells = [f"{times[name] * 1e3:.2f} ({times[name] / times['standard 3x3']:.2f}x)" for name in algorithms]
+        layer = f"{c_in}->{c_out}, {size}x{size}, {kernels}, stride {stride}"
+        rows.append([layer, f"{times['standard 3x3'] * 1e3:.2f}", *cells])
+    table = markdown_table(["layer", "standard 3x3 ms", *[f"{name} ms (vs 3x3)" for name in algorithms]], rows)
+
+    channels = LAYERS[0][0]
+    x = torch.randn(batch, channels, 32, 32).contiguous(memory_format=torch.channels_last)
+    weights = {k: torch.randn(channels, 1, k, k) for k in (3, 5, 7)}
+    share = torch.randn(channels, channels, 1, 1)
+    z = torch.nn.functional.conv2d(x, weights[3], None, 1, 1, 1, channels)
+    out = torch.nn.functional.conv2d(z, share)
+    standard = nn.Conv2d(channels, channels, 3, 1, 1).eval().to(memory_format=torch.channels_last)
+    parts = {"standard 3x3 conv": inference_fn(standard, x)}
+    for k, w in weights.items():
+        parts[f"depthwise {k}x{k}"] = lambda w=w, k=k: torch.nn.functional.conv2d(x, w, None, 1, k // 2, 1, channels)
+    parts["1x1 share (16->16)"] = lambda: torch.nn.functional.conv2d(z, share)
+    parts["add into the output"] = lambda: out.add_(z)
+    with torch.inference_mode():
+        part_times = interleaved_median_times(parts, warmup=3, repeats=repeats)
+    part_rows = [[name, f"{seconds * 1e3:.2f}"] for name, seconds in part_times.items()]
+    floor = sum(part_times[f"depthwise {k}x{k}"] for k in (3, 5, 7))
+    floor += 3 * part_times["1x1 share (16->16)"] + 2 * part_times["add into the output"]
+    return (
+        table
+        + "\n\nStage 1's parts, each timed on its own (warm cache), against the standard conv it replaces:\n\n"
+        + markdown_table(["part", "ms (median)"], part_rows)
+        + f"\n\nThree depthwise convs + three 1x1 shares + two adds: {floor * 1e3:.2f} ms, "
+        f"{floor / part_times['standard 3x3 conv']:.2f}x the standard conv."
+    )
+
+
 def load_slice(split: str, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``per_class`` images of each class (sorted by file name), normalised, as tensors."""
     from PIL import Image
@@ -244,6 +295,7 @@ def main() -> None:
         write_results("multiception_stride", "Multiception: stride in the depthwise vs the pointwise step", stride)
         return
     body = "## Speed (cifar_resnet20, batch 128, CPU)\n\n" + speed(128, 3 if args.quick else 10)
+    body += "\n\n## Deploy, layer by layer (channels-last, batch 128)\n\n" + deploy_layers(128, 5 if args.quick else 21)
     if not args.skip_training:
         body += "\n\n" + heading + stride_experiment(per_class, 50, epochs, seeds)
     write_results("multiception", "Multiception: speed and stride placement", body + "\n\n" + NOTES)
