@@ -68,7 +68,9 @@ def test_sigkill_then_resume_matches(tmp_path: Path) -> None:
     process.send_signal(signal.SIGKILL)
     process.wait()
     cut = load_checkpoint(checkpoint).meta
-    assert cut["step"] > 0 and cut["epoch"] < 3  # killed mid-epoch
+    # killed after it started and before it ended; usually mid-epoch, but a checkpoint written at the next
+    # epoch boundary (step 0) between the last poll and the kill is as valid a place to resume from
+    assert (cut["epoch"], cut["step"]) > (0, 0) and cut["epoch"] < 3, cut
     subprocess.run(
         [sys.executable, str(ENTRY), *ARGS, "--output", str(killed), "--resume"], check=True, env=_env(), timeout=600
     )
