@@ -67,12 +67,47 @@ def test_tuning_is_idempotent_in_process() -> None:
     assert tune_cpu_allocator() is True
 
 
-def test_opt_out_variable_leaves_malloc_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "On", " on "])
+def test_opt_out_variable_leaves_malloc_alone(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     import convzoo.runtime as runtime
 
     monkeypatch.setattr(runtime, "_applied", False)
-    monkeypatch.setenv(OPT_OUT_VARIABLE, "1")
+    monkeypatch.setenv(OPT_OUT_VARIABLE, value)
+    assert runtime.opted_out() is True
     assert runtime.tune_cpu_allocator() is False
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "False", "NO", "off"])
+def test_false_values_mean_not_set(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    import convzoo.runtime as runtime
+
+    monkeypatch.setenv(OPT_OUT_VARIABLE, value)
+    assert runtime.opted_out() is False
+    if GLIBC:
+        monkeypatch.setattr(runtime, "_applied", False)
+        assert runtime.tune_cpu_allocator() is True
+
+
+def test_unknown_value_warns_and_leaves_malloc_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import convzoo.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_applied", False)
+    monkeypatch.setenv(OPT_OUT_VARIABLE, "maybe")
+    match = r"CONVZOO_KEEP_ALLOCATOR='maybe' is not understood: use 1/true/yes/on .* 0/false/no/off"
+    with pytest.warns(UserWarning, match=match):
+        assert runtime.tune_cpu_allocator() is False
+
+
+def test_unknown_value_is_one_warning_line_from_the_cli(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import convzoo.runtime as runtime
+    from convzoo.cli import main
+
+    monkeypatch.setattr(runtime, "_applied", False)
+    monkeypatch.setenv(OPT_OUT_VARIABLE, "maybe")
+    assert main(["models", "cifar_resnet20"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("convzoo models: warning: CONVZOO_KEEP_ALLOCATOR='maybe' is not understood")
+    assert len(err.splitlines()) == 1
 
 
 def test_non_glibc_systems_report_not_applied(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,8 @@
 
 Each command module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
 Errors meant for the user (bad names, missing data, ...) are ``CLIError`` or
-``ValueError``/``TypeError`` and print as one line with exit code 2.
+``ValueError``/``TypeError`` and print as one line with exit code 2. Warnings that convzoo
+itself raises (``UserWarning`` from a convzoo module) print as one ``convzoo CMD: warning: ...`` line.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from convzoo.runtime import tune_cpu_allocator
 
@@ -30,18 +34,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str, fallback: Callable[..., Any]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` printing convzoo's own UserWarnings as ``convzoo CMD: warning: ...``."""
+    package = str(Path(__file__).resolve().parent)
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, *rest: Any) -> None:
+        if issubclass(category, UserWarning) and str(Path(filename).resolve()).startswith(package):
+            print(f"convzoo {command}: warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, *rest)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``convzoo`` console script."""
     args = build_parser().parse_args(argv)
-    tune_cpu_allocator()  # reuse freed memory across steps (see convzoo.runtime); CONVZOO_KEEP_ALLOCATOR=1 opts out
-    try:
-        return int(args.run(args) or 0)
-    except (CLIError, ValueError, TypeError, FileNotFoundError) as error:
-        print(f"convzoo {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"convzoo {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+        tune_cpu_allocator()  # reuse freed memory across steps (see convzoo.runtime); CONVZOO_KEEP_ALLOCATOR opts out
+        try:
+            return int(args.run(args) or 0)
+        except (CLIError, ValueError, TypeError, FileNotFoundError) as error:
+            print(f"convzoo {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"convzoo {args.command}: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

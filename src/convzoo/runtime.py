@@ -10,7 +10,9 @@ tcmalloc for the same reason; :func:`tune_cpu_allocator` gets the effect from gl
 no preload and no extra package.
 
 Every ``convzoo`` command and benchmark calls it at start-up. Python API users call it once at the
-top of a CPU training script. Set ``CONVZOO_KEEP_ALLOCATOR=1`` to leave malloc untouched.
+top of a CPU training script. Set ``CONVZOO_KEEP_ALLOCATOR=1`` (or ``true``, ``yes``, ``on``) to leave
+malloc untouched; ``0``, ``false``, ``no``, ``off`` or empty mean the same as unset (case-insensitive).
+Any other value leaves malloc untouched too, with a warning naming the accepted values.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import warnings
 
 # mallopt parameters (glibc <malloc.h>)
 _M_TRIM_THRESHOLD = -1
@@ -30,6 +33,8 @@ MMAP_THRESHOLD_BYTES = 32 << 20
 TRIM_THRESHOLD_BYTES = 1 << 30
 TOP_PAD_BYTES = 64 << 20
 OPT_OUT_VARIABLE = "CONVZOO_KEEP_ALLOCATOR"
+OPT_OUT_VALUES = ("1", "true", "yes", "on")  # leave malloc untouched
+NOT_SET_VALUES = ("", "0", "false", "no", "off")  # same as unset: tune
 
 _applied = False
 
@@ -45,6 +50,25 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") else None
 
 
+def opted_out() -> bool:
+    """Whether ``CONVZOO_KEEP_ALLOCATOR`` asks to leave malloc untouched (case-insensitive).
+
+    1/true/yes/on: yes; unset, empty, 0/false/no/off: no. Any other value: yes (as before values were
+    parsed), with a UserWarning naming the variable and the accepted values; it never raises.
+    """
+    value = os.environ.get(OPT_OUT_VARIABLE, "")
+    if value.strip().lower() in NOT_SET_VALUES:
+        return False
+    if value.strip().lower() not in OPT_OUT_VALUES:
+        warnings.warn(
+            f"{OPT_OUT_VARIABLE}={value!r} is not understood: use {'/'.join(OPT_OUT_VALUES)} to leave malloc "
+            f"untouched or {'/'.join(NOT_SET_VALUES[1:])} (or unset) to tune it; leaving malloc untouched",
+            UserWarning,
+            stacklevel=3,
+        )
+    return True
+
+
 def tune_cpu_allocator() -> bool:
     """Make glibc's malloc reuse freed memory instead of handing it back to the OS.
 
@@ -55,13 +79,13 @@ def tune_cpu_allocator() -> bool:
 
     Returns:
         True when the settings are in effect (now or from an earlier call); False on systems
-        without glibc (macOS, Windows, musl), when ``CONVZOO_KEEP_ALLOCATOR=1`` is set, or when
-        glibc refused a value. It never raises.
+        without glibc (macOS, Windows, musl), when ``CONVZOO_KEEP_ALLOCATOR`` opts out (see
+        :func:`opted_out`), or when glibc refused a value. It never raises.
     """
     global _applied
     if _applied:
         return True
-    if os.environ.get(OPT_OUT_VARIABLE, "") not in ("", "0"):
+    if opted_out():
         return False
     libc = _glibc()
     if libc is None:

@@ -62,6 +62,18 @@ def test_compare_needs_a_usable_kind(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "none of the convs ['nope'] could be trained" in capsys.readouterr().err
 
 
+def test_compare_refuses_an_unknown_model_up_front(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["compare", "--model", "nope", "--convs", "standard,doconv", *TINY, "--output", str(tmp_path / "c")]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("convzoo compare: error: unknown model 'nope'") and len(err.splitlines()) == 1
+    assert "'convzoo models' lists the zoo's models" in err
+    assert "skipping" not in captured.out and not (tmp_path / "c").exists()
+    assert main([*args[:2], "tv:nope", *args[3:]]) == 2
+    assert "unknown torchvision model 'nope'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_demo_runs_and_deployed_outputs_match(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--convs", "standard,doconv", "--epochs", "2", "--output", str(tmp_path / "demo")]) == 0

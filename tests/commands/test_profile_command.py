@@ -50,9 +50,22 @@ def test_square_input_shorthand_and_num_classes(capsys: pytest.CaptureFixture[st
         (["--model", "cifar_resnet20", "--conv", "nope"], "unknown conv kind 'nope'"),
         (["--model", "cifar_resnet20", "--conv", "doconv", "--conv-options", "[1]"], "must be a JSON object"),
         (["--model", "cifar_resnet20", "--conv", "doconv", "--conv-options", "{"], "must be a JSON object"),
+        (["--model", "cifar_resnet20", "--num-classes", "0"], "num_classes must be a positive int, got 0"),
+        (
+            ["--model", "cifar_resnet20", "--input-size", "4", "32", "32", "--no-memory"],
+            "cifar_resnet20 cannot run on input size 4 32 32; cifar_resnet20 expects 3 input channels "
+            "(--input-size 3 H W) (torch: Given groups=1",
+        ),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(extra: list[str], match: str, capsys) -> None:
     assert main(["profile", *extra]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("convzoo profile: error:") and match in err
+    assert err.startswith("convzoo profile: error:") and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_output_that_is_a_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["profile", "--model", "cifar_resnet20", "--no-memory", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    example = tmp_path / "profile.md"
+    assert err == f"convzoo profile: error: --output '{tmp_path}' is a directory; give a file path, e.g. {example}"

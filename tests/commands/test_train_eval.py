@@ -74,6 +74,23 @@ def test_list_recipes(capsys: pytest.CaptureFixture[str]) -> None:
         (["--data", "no_such_data"], "unknown data 'no_such_data'"),
         (["--data", "imagefolder", "--data-dir", "/no/such/dir"], "expected root/train/<class>/<image>"),
         (["--recipe", "no_such_recipe"], "unknown recipe 'no_such_recipe'"),
+        (["--recipe", "no_such_file.yaml"], "recipe file 'no_such_file.yaml' does not exist"),
+        (["--scheduler", "multistep", "--milestones", "1", "--gamma", "-1"], "gamma must be a finite number in (0, 1]"),
+        (["--scheduler", "step", "--gamma", "-0.5"], "gamma must be a finite number in (0, 1], got -0.5"),
+        (["--min-lr", "5", "--lr", "0.1"], "min_lr (5.0) must be <= lr (0.1)"),
+        (["--momentum", "1.5"], "momentum must be a finite number in [0, 1), got 1.5"),
+        (["--lr", "nan"], "lr must be a finite number >= 0, got nan"),
+        (["--weight-decay", "inf"], "weight_decay must be a finite number >= 0, got inf"),
+        (
+            ["--num-classes", "0"],
+            "num_classes must be an int >= 1 (or null/none for the data's own class count), got 0",
+        ),
+        (["--num-classes", "-5"], "num_classes must be an int >= 1"),
+        (
+            ["--scheduler", "multistep", "--milestones", "0,1"],
+            "milestones must be a list of strictly increasing epochs",
+        ),
+        (["--device", "cuda:x"], "device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'"),
     ],
 )
 def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
@@ -102,7 +119,8 @@ def test_corrupt_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[st
         str(tmp_path / "run"),
     ]
     assert main(args) == 2
-    assert "cannot decode image" in capsys.readouterr().err and "0.png" in capsys.readouterr().err + "0.png"
+    err = capsys.readouterr().err
+    assert "cannot decode image" in err and "0.png" in err
     assert not (tmp_path / "run").exists()
 
 
@@ -119,3 +137,72 @@ def test_checkpoint_from_another_model(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["train", *TINY, "--epochs", "1", "--output", str(run)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (run / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_malformed_recipe_yaml_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("epochs: [1\n")
+    assert main(["train", *TINY, "--recipe", str(recipe), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"convzoo train: error: recipe '{recipe}' is not valid YAML: expected ',' or ']'")
+    assert "at line 2, column 1" in err and len(err.splitlines()) == 1
+    recipe.write_text("milestones: [a, b]\n")
+    assert main(["train", *TINY, "--recipe", str(recipe), "--output", str(tmp_path / "run")]) == 2
+    assert "config key 'milestones' must be a list of ints, e.g. [82, 123], got ['a', 'b']" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def no_accelerators(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.mark.usefixtures("no_accelerators")
+@pytest.mark.parametrize(
+    ("command", "device", "message"),
+    [
+        ("train", "cuda", "device 'cuda': CUDA is not available on this machine"),
+        ("train", "cuda:1", "device 'cuda:1': CUDA is not available on this machine"),
+        ("train", "mps", "device 'mps': MPS (Apple GPU) is not available on this machine"),
+        ("compare", "cuda", "device 'cuda': CUDA is not available on this machine"),
+        ("eval", "cuda", "device 'cuda': CUDA is not available on this machine"),
+        ("demo", "cuda", "device 'cuda': CUDA is not available on this machine"),
+    ],
+)
+def test_missing_accelerator_is_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, device: str, message: str
+) -> None:
+    out = str(tmp_path / "run")
+    argv = {
+        "train": ["train", *TINY, "--output", out],
+        "compare": ["compare", *TINY, "--convs", "standard", "--output", out],
+        "eval": ["eval", "--checkpoint", out],
+        "demo": ["demo", "--output", out],
+    }[command]
+    assert main([*argv, "--device", device]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"convzoo {command}: error: {message}") and "--device cpu" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.usefixtures("no_accelerators")
+def test_cpu_and_auto_devices_pass_the_check() -> None:
+    from convzoo.commands.train import check_device
+
+    check_device("cpu")
+    check_device("auto")
+
+
+@pytest.mark.usefixtures("no_accelerators")
+def test_late_milestones_print_one_warning_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", *TINY, "--recipe", "doconv-cifar", "--epochs", "2", "--output", str(tmp_path / "run")]
+    assert main([*argv, "--device", "cuda"]) == 2  # stops at the device check, after the config is made
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == (
+        "convzoo train: warning: milestones [82, 123] are not before epochs (2), so the rate is not decayed there "
+        "in this run (they apply if it is resumed with more epochs); pass --milestones to decay within it"
+    )
+    assert lines[1].startswith("convzoo train: error: device 'cuda'") and len(lines) == 2

@@ -70,3 +70,85 @@ def test_output_dir_template() -> None:
     assert config.output_dir() == Path("runs/tv_resnet18-doconv-fake-s3")
     with pytest.raises(ValueError, match="may only use the placeholders"):
         TrainConfig(output="runs/{nope}").output_dir()
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (
+            {"scheduler": "multistep", "milestones": [1], "gamma": -1.0},
+            r"gamma must be a finite number in \(0, 1\], got -1.0",
+        ),
+        ({"scheduler": "step", "gamma": -0.5}, r"gamma must be .* got -0.5"),
+        ({"gamma": 0.0}, r"gamma must be a finite number in \(0, 1\], got 0.0"),
+        ({"gamma": 10.0}, r"gamma must be a finite number in \(0, 1\], got 10.0"),
+        ({"gamma": NAN}, r"gamma must be .* got nan"),
+        ({"min_lr": 5.0, "lr": 0.1}, r"min_lr \(5.0\) must be <= lr \(0.1\)"),
+        ({"min_lr": -1.0}, r"min_lr must be a finite number >= 0, got -1.0"),
+        ({"momentum": 1.5}, r"momentum must be a finite number in \[0, 1\), got 1.5"),
+        ({"momentum": 1.0}, r"momentum must be .* got 1.0"),
+        ({"momentum": 0.0}, r"nesterov=True needs momentum > 0.*--nesterov false"),
+        ({"lr": NAN}, r"lr must be a finite number >= 0, got nan"),
+        ({"lr": INF}, r"lr must be a finite number >= 0, got inf"),
+        ({"weight_decay": NAN}, r"weight_decay must be .* got nan"),
+        ({"momentum": NAN}, r"momentum must be .* got nan"),
+        ({"cac_lambda": NAN}, r"cac_lambda must be .* got nan"),
+        ({"warmup_epochs": NAN}, r"warmup_epochs must be .* got nan"),
+        ({"label_smoothing": NAN}, r"label_smoothing must be .* got nan"),
+        ({"label_smoothing": 1.0}, r"label_smoothing must be a finite number in \[0, 1\), got 1.0"),
+        ({"ema": NAN}, r"ema must be a decay in \[0, 1\) \(0 = off\), got nan"),
+        ({"num_classes": 0}, r"num_classes must be an int >= 1 \(or null/none for the data's own class count\), got 0"),
+        ({"num_classes": -5}, r"num_classes must be an int >= 1 .* got -5"),
+        ({"image_size": 0}, r"image_size must be an int >= 1 .* got 0"),
+        ({"epochs": 0}, r"epochs must be an int >= 1, got 0"),
+        ({"train_subset": -1}, r"train_subset must be an int >= 0, got -1"),
+        ({"scheduler": "step", "step_size": 0}, r"step_size must be an int >= 1, got 0"),
+        ({"milestones": [0.5]}, r"config key 'milestones' must be a list of ints, e.g. \[82, 123\], got \[0.5\]"),
+        ({"milestones": ["a", "b"]}, r"config key 'milestones' must be a list of ints.*got \['a', 'b'\]"),
+        ({"milestones": [0, 2]}, r"milestones must be a list of strictly increasing epochs >= 1.*got \[0, 2\]"),
+        ({"milestones": [3, 2]}, r"milestones must be a list of strictly increasing epochs >= 1.*got \[3, 2\]"),
+        ({"milestones": [2, 2]}, r"milestones must be a list of strictly increasing epochs >= 1.*got \[2, 2\]"),
+    ],
+)
+def test_bad_numbers_name_the_setting_and_what_is_allowed(changes: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make_config(**changes)
+
+
+def test_numbers_that_stay_allowed() -> None:
+    assert make_config(gamma=1.0, min_lr=0.1, lr=0.1, momentum=0.0, nesterov=False).gamma == 1.0
+    assert make_config(optimizer="adamw", momentum=0.0).momentum == 0.0  # AdamW does not use momentum
+    assert make_config(scheduler="step", min_lr=5.0, lr=0.1).min_lr == 5.0  # min_lr only floors cosine
+    assert make_config(num_classes=None).num_classes is None  # None: the data's class count
+    assert TrainConfig(milestones=[1, 2], epochs=3, scheduler="multistep").milestones == [1, 2]
+
+
+def test_milestones_the_run_never_reaches_warn(recwarn: pytest.WarningsRecorder) -> None:
+    with pytest.warns(UserWarning, match=r"milestones \[82, 123\] are not before epochs \(2\)"):
+        make_config("doconv-cifar", epochs=2)  # a short run of the paper schedule, perhaps resumed later
+    with pytest.warns(UserWarning, match=r"milestones \[3\] are not before epochs \(3\)"):
+        make_config(scheduler="multistep", milestones=[1, 3], epochs=3)
+    recwarn.clear()
+    make_config(scheduler="multistep", milestones=[1, 2], epochs=3)
+    make_config(scheduler="cosine", milestones=[5], epochs=3)  # unused by cosine
+    assert not [w for w in recwarn if "milestones" in str(w.message)]
+
+
+def test_recipe_file_errors(tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("epochs: [1\n")
+    with pytest.raises(
+        ValueError, match=r"recipe '.*bad.yaml' is not valid YAML: expected ',' or '\]'.* at line 2, column 1"
+    ):
+        load_recipe(str(recipe))
+    recipe.write_text("milestones: [a, b]\nscheduler: multistep\n")
+    with pytest.raises(ValueError, match=r"config key 'milestones' must be a list of ints"):
+        load_recipe(str(recipe))
+    recipe.write_text("milestones: [0.5]\n")
+    with pytest.raises(ValueError, match=r"config key 'milestones' must be a list of ints"):
+        load_recipe(str(recipe))
+    with pytest.raises(ValueError, match=r"recipe file '.*missing.yaml' does not exist"):
+        load_recipe(str(tmp_path / "missing.yaml"))

@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from convzoo.commands.train import config_overrides
+    from convzoo.commands.train import check_device, check_model, config_overrides
     from convzoo.train.compare import compare, markdown, write_outputs
 
     overrides = config_overrides(args)
@@ -31,12 +31,15 @@ def run(args: argparse.Namespace) -> int:
     model = overrides.pop("model", None)
     data = overrides.pop("data", None)
     convs = [c.strip() for c in args.convs.split(",") if c.strip()]
+    recipe = {}
     if args.recipe:
         from convzoo.train.config import load_recipe
 
         recipe = load_recipe(args.recipe)
         model, data = model or recipe.get("model"), data or recipe.get("data")
     model, data = model or "cifar_resnet20", data or "digits"
+    check_model(model)  # before any training: a bad name is not one conv kind's fault
+    check_device(overrides.get("device") or recipe.get("device") or "auto")
     output = args.output or f"runs/compare-{model.replace(':', '_')}-{data}"
     comparison = compare(model, convs, data=data, seeds=args.seeds, recipe=args.recipe, output=output, **overrides)
     if not comparison.rows:

@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--output", default=None, help="folder for runs and tables (default runs/demo-<time>)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
     parser.set_defaults(run=run)
 
 
@@ -31,11 +31,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import convzoo
+    from convzoo.commands.train import check_device
     from convzoo.train.checkpoint import load_checkpoint
     from convzoo.train.compare import compare, markdown, write_outputs
     from convzoo.train.config import make_config
     from convzoo.train.engine import model_from_checkpoint, prepare_data
 
+    check_device(args.device)
     output = args.output or time.strftime("runs/demo-%Y%m%d-%H%M%S")
     start = time.perf_counter()
     convs = [c.strip() for c in args.convs.split(",") if c.strip()]

@@ -15,14 +15,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-dir", default=None, help="data folder (default: the one it was trained with)")
     parser.add_argument("--split", default="test", choices=("train", "test"))
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from convzoo.commands.train import check_device
     from convzoo.train.evaluate import evaluate_checkpoint
 
+    check_device(args.device)
     report = evaluate_checkpoint(
         args.checkpoint,
         model=args.model,

@@ -65,17 +65,34 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--conv-options must be a JSON object, got {args.conv_options!r}: {error}") from None
         if not isinstance(kwargs["conv_options"], dict):
             raise ValueError(f"--conv-options must be a JSON object, got {args.conv_options!r}")
+    if args.output is not None and args.output.is_dir():
+        raise ValueError(
+            f"--output {str(args.output)!r} is a directory; give a file path, e.g. {args.output / 'profile.md'}"
+        )
     model = convzoo.create_model(args.model, conv=args.conv, **kwargs)
     name = args.model if args.conv == "standard" else f"{args.model} (conv={args.conv})"
     if args.deploy:
         model = convzoo.deploy(model)
         name += ", deployed"
-    report = convzoo.profile_model(model, input_size, batch_size=args.batch_size, name=name, memory=not args.no_memory)
+    try:
+        report = convzoo.profile_model(
+            model, input_size, batch_size=args.batch_size, name=name, memory=not args.no_memory
+        )
+    except RuntimeError as error:  # the forward pass refused the input (channels, too small, ...)
+        shape = " ".join(map(str, input_size))
+        hint = ""
+        if input_size[0] != default_size[0]:
+            hint = f"; {args.model} expects {default_size[0]} input channels (--input-size {default_size[0]} H W)"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{args.model} cannot run on input size {shape}{hint} (torch: {reason})") from None
     text = report.format(args.format, layers=not args.summary)
     if args.output is None:
         print(text, end="")
     else:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(text)
+        except OSError as error:
+            raise ValueError(f"cannot write --output {str(args.output)!r}: {error.strerror or error}") from None
         print(f"wrote {args.output}")
     return 0

@@ -23,6 +23,12 @@ HELP = {
     "train_subset": "use only the first N training images of each class (0 = all)",
     "test_subset": "use only the first N test images of each class (0 = all)",
     "cac_lambda": "lambda of CAC's cost-aware loss (used when the model has CAC layers)",
+    "num_classes": "classifier size, >= 1 (default, or 'none': the data's class count)",
+    "image_size": "resize images to N x N, >= 1 (default, or 'none': the data's own size)",
+    "device": "auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps",
+    "gamma": "rate factor at each milestone (multistep) or step_size (step), in (0, 1]",
+    "min_lr": "floor of the cosine schedule, in [0, lr]",
+    "momentum": "SGD momentum (max momentum of onecycle), in [0, 1)",
 }
 
 
@@ -70,6 +76,58 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
         parser.add_argument(flag, dest=name, **kwargs)
 
 
+def check_device(name: str) -> None:
+    """ValueError up front when ``name`` is not a device, or names an accelerator this machine lacks."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device {name!r}: CUDA is not available on this machine (no usable NVIDIA GPU or driver; torch "
+                f"{torch.__version__}); use --device cpu or --device auto"
+            )
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(
+                f"device {name!r}: MPS (Apple GPU) is not available on this machine; use --device cpu or --device auto"
+            )
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+            raise ValueError(f"device {name!r}: {device.type} is not available on this machine; use --device cpu")
+
+
+def check_model(name: str) -> None:
+    """ValueError up front for a model name that neither the zoo nor torchvision/timm (tv:/timm:) knows."""
+    from convzoo.models.registry import get_model_entry
+
+    source, _, external = name.partition(":")
+    if source == "tv" and external:
+        import torchvision
+
+        if external not in torchvision.models.list_models():
+            raise ValueError(f"unknown torchvision model {external!r}; see torchvision.models.list_models()")
+    elif source == "timm" and external:
+        import timm
+
+        if not timm.is_model(external):
+            raise ValueError(f"unknown timm model {external!r}; see timm.list_models()")
+    else:
+        try:
+            get_model_entry(name)
+        except ValueError as error:
+            raise ValueError(f"{error}; 'convzoo models' lists the zoo's models") from None
+
+
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields given on the command line."""
     return {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
@@ -105,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:<26} {load_recipe(name).get('description', '')}")
         return 0
     config = make_config(args.recipe, **config_overrides(args))
+    check_model(config.model)
+    check_device(config.device)
     try:
         result = train(config, resume=args.resume)
     except TrainingDivergedError as error:

@@ -7,9 +7,12 @@ field names of ``TrainConfig``; an unknown key is an error, never silently ignor
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,6 +23,58 @@ import yaml
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "multistep", "step", "onecycle", "constant")
 AMP_MODES = ("off", "bf16", "fp16", "auto")
+
+
+def _interval(minimum: float | None, maximum: float | None, above: float | None, below: float | None) -> str:
+    low = f"[{minimum:g}" if minimum is not None else f"({above:g}" if above is not None else None
+    high = f"{maximum:g}]" if maximum is not None else f"{below:g})" if below is not None else None
+    if low and high:
+        return f"in {low}, {high}"
+    if low:
+        return f">= {minimum:g}" if minimum is not None else f"> {above:g}"
+    return f"<= {maximum:g}" if maximum is not None else f"< {below:g}"
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    integer: bool = False,
+    what: str | None = None,
+) -> None:
+    """Raise ValueError unless ``value`` is a finite number (an int if ``integer``) in the given range.
+
+    ``minimum``/``maximum`` are inclusive bounds, ``above``/``below`` exclusive ones. NaN and
+    infinities are always refused (``nan < 0`` is False, so a bare comparison lets NaN through).
+    """
+    kind = "an int" if integer else "a finite number"
+    bounds = (minimum, maximum, above, below)
+    allowed = what or (f"{kind} {_interval(*bounds)}" if any(b is not None for b in bounds) else kind)
+    numeric = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, numeric) or not math.isfinite(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if (
+        (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+        or (above is not None and value <= above)
+        or (below is not None and value >= below)
+    ):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_milestones(milestones: Any) -> None:
+    """Raise ValueError unless ``milestones`` is a list of strictly increasing epochs >= 1."""
+    allowed = "a list of strictly increasing epochs >= 1, e.g. [82, 123]"
+    if not isinstance(milestones, list | tuple) or not all(
+        isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in milestones
+    ):
+        raise ValueError(f"milestones must be {allowed}, got {milestones!r}")
+    if any(a >= b for a, b in itertools.pairwise(milestones)):
+        raise ValueError(f"milestones must be {allowed}, got {list(milestones)}")
 
 
 @dataclass
@@ -89,39 +144,37 @@ class TrainConfig:
         from convzoo.data.augment import parse_augment
 
         self.augment = parse_augment(self.augment)
-        positive = ("epochs", "batch_size", "eval_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        nonnegative = (
-            "lr",
-            "weight_decay",
-            "warmup_epochs",
-            "min_lr",
-            "label_smoothing",
-            "checkpoint_every",
-            "cac_lambda",
-            "train_subset",
-            "test_subset",
-            "momentum",
-        )
-        for name in nonnegative:
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema must be a decay in [0, 1) (0 = off), got {self.ema}")
-        if self.label_smoothing >= 1.0:
-            raise ValueError(f"label_smoothing must be < 1, got {self.label_smoothing}")
+        for name in ("epochs", "batch_size", "eval_every"):
+            check_number(name, getattr(self, name), minimum=1, integer=True)
+        for name in ("checkpoint_every", "train_subset", "test_subset"):
+            check_number(name, getattr(self, name), minimum=0, integer=True)
+        for name, default in (("image_size", "size"), ("num_classes", "class count")):
+            if getattr(self, name) is not None:  # None: the data's own
+                what = f"an int >= 1 (or null/none for the data's own {default})"
+                check_number(name, getattr(self, name), minimum=1, integer=True, what=what)
+        for name in ("lr", "weight_decay", "warmup_epochs", "min_lr", "cac_lambda"):
+            check_number(name, getattr(self, name), minimum=0)
+        check_number("label_smoothing", self.label_smoothing, minimum=0, below=1)
+        check_number("momentum", self.momentum, minimum=0, below=1)
+        # gamma multiplies the rate at each milestone / step: > 0 (else the rate turns negative, i.e.
+        # gradient ascent) and <= 1 (the schedules are decays; 10 is likely meant as "divide by 10").
+        check_number("gamma", self.gamma, above=0, maximum=1)
+        check_number("ema", self.ema, minimum=0, below=1, what="a decay in [0, 1) (0 = off)")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0, got momentum=0; pass --nesterov false for plain SGD")
+        if self.scheduler == "cosine" and self.min_lr > self.lr:
+            raise ValueError(
+                f"min_lr ({self.min_lr}) must be <= lr ({self.lr}): cosine would raise the rate towards min_lr"
+            )
         if self.warmup_epochs >= self.epochs and self.scheduler != "constant":
             raise ValueError(
                 f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs}); pass a smaller --warmup-epochs"
             )
+        check_milestones(self.milestones)
         if self.scheduler == "multistep" and not self.milestones:
             raise ValueError("scheduler 'multistep' needs milestones (epochs), e.g. milestones: [82, 123]")
-        if sorted(self.milestones) != list(self.milestones):
-            raise ValueError(f"milestones must be increasing, got {self.milestones}")
-        if self.scheduler == "step" and self.step_size < 1:
-            raise ValueError(f"step_size must be >= 1, got {self.step_size}")
+        if self.scheduler == "step":
+            check_number("step_size", self.step_size, minimum=1, integer=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,8 +220,10 @@ def coerce(name: str, value: Any) -> Any:
         return value
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if base is list and isinstance(value, list | tuple) and all(isinstance(v, int) for v in value):
-        return list(value)
+    if base is list:  # milestones: a list of ints (checked further by TrainConfig.validate)
+        if isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise ValueError(f"config key {name!r} must be a list of ints, e.g. [82, 123], got {value!r}")
     if isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
     raise ValueError(f"config key {name!r} must be {base.__name__}{' or null' if optional else ''}, got {value!r}")
@@ -183,24 +238,54 @@ def list_recipes() -> list[str]:
 def load_recipe(name_or_path: str) -> dict[str, Any]:
     """The mapping of a bundled recipe name or a YAML file path, keys checked and values coerced."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ValueError(f"recipe file {name_or_path!r} does not exist (or is not a file)")
         text = path.read_text()
     else:
         bundled = resources.files("convzoo.train") / "recipes" / f"{name_or_path}.yaml"
         if not bundled.is_file():
             raise ValueError(f"unknown recipe {name_or_path!r}; bundled recipes: {', '.join(list_recipes())}")
         text = bundled.read_text()
-    mapping = yaml.safe_load(text) or {}
+    try:
+        mapping = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"recipe {name_or_path!r} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(mapping, dict):
         raise ValueError(f"recipe {name_or_path!r} must be a YAML mapping, got {type(mapping).__name__}")
     return {key: coerce(key, value) for key, value in mapping.items()}
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: YAML's problem and where (1-based line and column)."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark, context = error.problem_mark, error.context_mark
+        text = f"{error.problem} at line {mark.line + 1}, column {mark.column + 1}"
+        if error.context and context is not None:
+            text += f" ({error.context} started at line {context.line + 1}, column {context.column + 1})"
+        return text
+    return " ".join(str(error).split())
+
+
 def make_config(recipe: str | None = None, **overrides: Any) -> TrainConfig:
-    """A ``TrainConfig`` from defaults, then ``recipe``, then ``overrides`` (None values are ignored)."""
+    """A ``TrainConfig`` from defaults, then ``recipe``, then ``overrides`` (None values are ignored).
+
+    Warns (UserWarning) when multistep milestones are not all before ``epochs``: those decays never
+    happen in this run. That is not an error, since a short run of a paper recipe (``--epochs 2``)
+    may later be resumed with more epochs, where they apply.
+    """
     values = load_recipe(recipe) if recipe else {}
     values.update({key: coerce(key, value) for key, value in overrides.items() if value is not None})
-    return TrainConfig(**values)
+    config = TrainConfig(**values)
+    late = [m for m in config.milestones if m >= config.epochs]
+    if config.scheduler == "multistep" and late:
+        warnings.warn(
+            f"milestones {late} are not before epochs ({config.epochs}), so the rate is not decayed there in this "
+            "run (they apply if it is resumed with more epochs); pass --milestones to decay within it",
+            UserWarning,
+            stacklevel=2,
+        )
+    return config
 
 
 def config_from_json(text: str) -> TrainConfig:
