@@ -7,7 +7,15 @@ import torch
 from torch import nn
 
 import convzoo
-from convzoo import DOConv2d, conversion_report, convert, deploy, find_conv_bn_pairs, fold_batchnorm
+from convzoo import (
+    DOConv2d,
+    conversion_report,
+    convert,
+    deploy,
+    find_conv_bn_pairs,
+    fold_batchnorm,
+    reparameterize,
+)
 from convzoo.testing import randomize_batchnorm_
 
 
@@ -106,6 +114,90 @@ def test_bad_argument_types() -> None:
         convert(small_net(), "doconv", d_mul=2.5)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         deploy(None)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda net: convert(net, "doconv", inplace="no"), "inplace must be a bool, got 'no'"),
+        (lambda net: convert(net, "doconv", strict="yes"), "strict must be a bool, got 'yes'"),
+        (lambda net: deploy(net, inplace="no"), "inplace must be a bool, got 'no'"),
+        (lambda net: deploy(net, inplace=1), "inplace must be a bool, got 1"),
+        (lambda net: deploy(net, fold_bn="false"), "fold_bn must be a bool, got 'false'"),
+    ],
+)
+def test_flags_must_be_bools(call, match: str) -> None:
+    # a truthy string such as 'no' used to flip the flag: convert(net, kind, inplace='no') mutated net
+    net = small_net()
+    with pytest.raises(TypeError, match=match):
+        call(net)
+    assert type(net[0]) is nn.Conv2d and isinstance(net[1], nn.BatchNorm2d) and net.training
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"include": 5}, "include must be a glob string or a list of glob strings, got 5"),
+        ({"exclude": 5.0}, "exclude must be a glob string or a list of glob strings, got 5.0"),
+        ({"layer_options": 5}, "layer_options must be callable, got 5"),
+        (
+            {"layer_options": lambda name, conv: [("d_mul", 9)]},
+            r"layer_options\('0', conv\) must return a dict of options \(str keys\) or None, got \[\('d_mul', 9\)\]",
+        ),
+        ({"layer_options": lambda name, conv: {1: 2}}, r"layer_options\('0', conv\) must return a dict"),
+    ],
+)
+def test_bad_patterns_and_layer_options(kwargs: dict, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        convert(small_net(), "doconv", **kwargs)
+
+
+def test_layer_options_may_return_none_or_a_dict() -> None:
+    model = convert(small_net(), "doconv", layer_options=lambda name, conv: {"d_mul": 12} if name == "0" else None)
+    assert model[0].d_mul == 12 and model[3][0].d_mul == 9
+
+
+@pytest.mark.parametrize("function", [fold_batchnorm, find_conv_bn_pairs, reparameterize])
+def test_folding_functions_need_a_module(function) -> None:
+    with pytest.raises(TypeError, match="model must be an nn.Module, got NoneType"):
+        function(None)
+
+
+class BadFuse(nn.Module):
+    def fuse(self) -> int:
+        return 3
+
+
+class FuseInPlace(nn.Module):
+    """fuse() folding in place and returning self (as e.g. ultralytics models do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.fused = False
+
+    def forward(self, x):
+        return self.body(x)
+
+    def fuse(self) -> nn.Module:
+        self.fused = True
+        return self
+
+
+def test_a_fuse_that_returns_no_module_is_named() -> None:
+    with pytest.raises(TypeError, match=r"fuse\(\) of module 'body\.1' \(BadFuse\) returned 3, expected the nn.Module"):
+        deploy(nn.ModuleDict({"body": nn.Sequential(nn.Conv2d(3, 3, 3), BadFuse())}))
+    with pytest.raises(TypeError, match=r"fuse\(\) of the root module \(BadFuse\) returned 3"):
+        reparameterize(BadFuse())
+
+
+def test_a_fuse_that_returns_self_folds_in_place() -> None:
+    model = randomize_batchnorm_(FuseInPlace().double()).eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    expected = model(x)
+    deployed = deploy(model)
+    assert deployed.fused and isinstance(deployed.body[1], nn.Identity)
+    torch.testing.assert_close(deployed(x), expected, rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------- folding
@@ -213,26 +305,52 @@ def test_torchvision_models_convert_and_deploy_exactly(name) -> None:
     assert not deployed.training and converted.training is False
 
 
-TIMM_MODELS = ["resnet18", "efficientnet_b0", "mobilenetv3_small_100", "regnetx_002", "convnext_atto"]
+def _randomize_d_delta_(model: nn.Module, generator: torch.Generator) -> int:
+    """Give every DOConv2d a trained-looking D' (D = I + D'); D' = 0 would hide a broken fold. Returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, DOConv2d)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.d_delta.copy_(0.1 * torch.randn(layer.d_delta.shape, generator=generator, dtype=torch.float64))
+    return len(layers)
 
 
-@pytest.mark.parametrize("name", TIMM_MODELS)
+# timm model -> BatchNorm2d modules (timm's BatchNormAct2d included), all of which deploy folds.
+TIMM_MODELS = {
+    "resnet18": 20,
+    "efficientnet_b0": 49,
+    "mobilenetv3_small_100": 34,
+    "regnetx_002": 44,
+    "convnext_atto": 0,
+}
+
+
+@pytest.mark.parametrize("name", list(TIMM_MODELS))
 def test_timm_models_convert_and_deploy_exactly(name) -> None:
     timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10).double()
     randomize_batchnorm_(model)
     model.eval()
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         baseline = model(x)
         converted = convert(model, "doconv")
         assert conversion_report(converted).replaced
-        torch.testing.assert_close(converted(x), baseline, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(converted(x), baseline, rtol=1e-9, atol=1e-9)  # D' = 0: the same function
+        # A trained state: D' != 0 and fresh BN statistics, so a fold that drops either changes the output.
+        assert _randomize_d_delta_(converted, generator) > 0
+        randomize_batchnorm_(converted, generator=generator)
+        trained = converted(x)
+        assert not torch.allclose(trained, baseline, rtol=1e-3, atol=1e-3)
         deployed = deploy(converted)
-        torch.testing.assert_close(deployed(x), baseline, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(deployed(x), trained, rtol=1e-10, atol=1e-10)
         timm_deployed = timm.utils.reparameterize_model(converted)
-        torch.testing.assert_close(timm_deployed(x), baseline, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(timm_deployed(x), trained, rtol=1e-10, atol=1e-10)
     assert _no_trainable_forms(deployed) and _no_trainable_forms(timm_deployed)
+    assert _folded_bn_count(converted) == TIMM_MODELS[name]  # deploy() did not touch its input
+    assert _folded_bn_count(deployed) == 0
+    assert not deployed.training
 
 
 def test_deployed_resnet_has_baseline_parameters_and_macs() -> None:

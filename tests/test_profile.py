@@ -15,12 +15,6 @@ from convzoo.ops.registry import get_conv_kind
 from convzoo.profiling import count_macs, count_parameters, profile_model, register_op_macs
 
 
-def _kind(name: str):
-    if name not in convzoo.list_convs():
-        pytest.skip(f"the {name!r} kind is not registered (yet)")
-    return get_conv_kind(name)
-
-
 def _single_row(module: nn.Module, input_size: tuple[int, int, int]):
     report = profile_model(module, input_size, memory=False)
     (row,) = report.layers
@@ -70,7 +64,7 @@ def test_linear_and_per_image_division() -> None:
 
 
 def test_doconv_training_form_counts_the_composition_and_deploys_to_the_plain_conv() -> None:
-    kind = _kind("doconv")
+    kind = get_conv_kind("doconv")
     c_in, c_out, k, groups, side = 8, 12, 3, 2, 9
     conv = nn.Conv2d(c_in, c_out, k, 1, 1, groups=groups, bias=False)
     module = kind.from_conv(conv)
@@ -83,7 +77,7 @@ def test_doconv_training_form_counts_the_composition_and_deploys_to_the_plain_co
 
 
 def test_cpwc_follows_the_papers_formula() -> None:
-    kind = _kind("cpwc")
+    kind = get_conv_kind("cpwc")
     c, z, side = 16, 8, 6
     module = kind.from_conv(nn.Conv2d(c, z, 1, bias=False))
     # per output pixel: the pointwise conv Z*C, stage 1: 3x3 grouped to Z (9*max(C, Z)), stage 2: 3x3 depthwise (9*Z)
@@ -92,7 +86,7 @@ def test_cpwc_follows_the_papers_formula() -> None:
 
 
 def test_dds_is_a_dilated_depthwise_then_pointwise_conv() -> None:
-    kind = _kind("dds")
+    kind = get_conv_kind("dds")
     c, c_out, side = 6, 10, 9
     dense = kind.from_conv(nn.Conv2d(c, c_out, 3, 1, 1, bias=False))
     assert count_macs(dense, (c, side, side)) == (9 * c + c * c_out) * side * side
@@ -103,7 +97,7 @@ def test_dds_is_a_dilated_depthwise_then_pointwise_conv() -> None:
 
 
 def test_pyramid_splits_channels_over_the_dilations() -> None:
-    kind = _kind("pyramid")
+    kind = get_conv_kind("pyramid")
     c, side = 9, 8
     module = kind.from_conv(nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False))
     # dilations (1, 2, 3) on three shares of the channels: each channel still has one 3x3 kernel
@@ -113,7 +107,7 @@ def test_pyramid_splits_channels_over_the_dilations() -> None:
 
 @pytest.mark.parametrize(("beta", "sharp"), [(4.0, True), (-4.0, False)])
 def test_cac_effective_macs_follow_eq_17(beta: float, sharp: bool) -> None:
-    kind = _kind("cac")
+    kind = get_conv_kind("cac")
     c_in, c_out, side = 4, 6, 8
     module = kind.from_conv(nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False))
     with torch.no_grad():
@@ -249,6 +243,9 @@ def test_top_level_api() -> None:
         (lambda: profile_model(nn.ReLU(), (3, 0, 4)), ValueError, "input_size must be a non-empty tuple of positive"),
         (lambda: profile_model(nn.ReLU(), batch_size=0), ValueError, "batch_size must be a positive int"),
         (lambda: profile_model(nn.ReLU(), inputs=torch.ones(3)), TypeError, "inputs must be a batched tensor"),
+        (lambda: profile_model(nn.ReLU(), (1, 2, 2), memory="no"), TypeError, "memory must be a bool, got 'no'"),
+        (lambda: count_parameters(None), TypeError, "model must be an nn.Module, got NoneType"),
+        (lambda: count_macs(None), TypeError, "model must be an nn.Module, got NoneType"),
         (lambda: profile_model(nn.ReLU(), (1, 2, 2)).format("xml"), ValueError, "fmt must be one of"),
         (lambda: register_op_macs("aten::add", len), TypeError, "op must be an op overload packet"),
         (lambda: register_op_macs(torch.ops.aten.add, 3), TypeError, "formula must be callable"),
@@ -260,7 +257,6 @@ def test_errors(call, error: type[Exception], match: str) -> None:
 
 
 def test_multiception_counts_every_branch_and_the_pointwise() -> None:
-    _kind("multiception")
     c, c_out, side, stride = 6, 10, 9, 2
     module = convzoo.MulticeptionConv2d(c, c_out, 3, stride, kernels=(3, 5, 7))
     out = _out(side, 3, stride, 1, 1)  # stride taken in the depthwise step, 'same' padding
@@ -273,8 +269,6 @@ def test_multiception_counts_every_branch_and_the_pointwise() -> None:
 
 
 def test_dsconv_and_mixconv_are_depthwise_then_pointwise() -> None:
-    _kind("dsconv")
-    _kind("mixconv")
     c, c_out, side = 7, 5, 8
     dsconv = convzoo.DSConv2d(c, c_out, 3, 1)
     assert count_macs(dsconv, (c, side, side)) == (9 * c + c * c_out) * side * side

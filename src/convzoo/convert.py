@@ -11,15 +11,15 @@ import copy
 import fnmatch
 import itertools
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from convzoo.ops.conv_spec import conv_signature
-from convzoo.ops.registry import get_conv_kind, operator_kind
+from convzoo.ops.conv_spec import check_bool, conv_signature
+from convzoo.ops.registry import check_callable, check_module, get_conv_kind, operator_kind
 
 LayerOptions = Callable[[str, nn.Conv2d], "dict[str, Any] | None"]
 
@@ -51,8 +51,8 @@ def _patterns(value: str | Iterable[str] | None, name: str) -> list[str]:
         return []
     if isinstance(value, str):
         return [value]
-    patterns = list(value)
-    if not all(isinstance(p, str) for p in patterns):
+    patterns = list(value) if isinstance(value, Iterable) else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"{name} must be a glob string or a list of glob strings, got {value!r}")
     return patterns
 
@@ -82,16 +82,24 @@ def convert(
             per stage); merged over ``options``.
         **options: passed to the kind's ``from_conv`` for every replaced layer.
 
+    Raises:
+        TypeError: ``model`` is not a module, ``inplace`` / ``strict`` not a bool, a pattern not a
+            glob string, ``layer_options`` not callable or returning neither a dict nor None.
+        ValueError: an unknown ``kind``; with ``strict``, an unmatched pattern or nothing replaced.
+
     Returns:
         The converted model (a new module if ``model`` itself was a replaced conv). Its
         ``convzoo_report`` attribute (also ``conversion_report(model)``) lists which layers were
         replaced and which were skipped, and why. Layers that already are convzoo operators
         are skipped and not entered, so converting twice is idempotent.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
     conv_kind = get_conv_kind(kind)
     includes, excludes = _patterns(include, "include"), _patterns(exclude, "exclude")
+    check_bool(inplace, "inplace")
+    check_bool(strict, "strict")
+    if layer_options is not None:
+        check_callable(layer_options, "layer_options")
     if not inplace:
         model = copy.deepcopy(model)
     report = ConversionReport(kind)
@@ -120,7 +128,12 @@ def convert(
         if id(conv) not in built:
             layer_opts = dict(options)
             if layer_options is not None:
-                layer_opts.update(layer_options(name, conv) or {})
+                extra = layer_options(name, conv)
+                if extra is not None and not (isinstance(extra, Mapping) and all(isinstance(k, str) for k in extra)):
+                    raise TypeError(
+                        f"layer_options({name!r}, conv) must return a dict of options (str keys) or None, got {extra!r}"
+                    )
+                layer_opts.update(extra or {})
             try:
                 new = conv_kind.from_conv(conv, **layer_opts)
             except (TypeError, ValueError) as error:
@@ -171,20 +184,37 @@ def convert(
 def reparameterize(model: nn.Module) -> nn.Module:
     """Fold every module that offers a deploy form, like ``timm.utils.reparameterize_model``.
 
-    A module with ``fuse()`` is replaced by what it returns; one with ``reparameterize()``
-    (or ``switch_to_deploy()``) is changed in place. Works in place; returns the new root.
+    A module with ``fuse()`` is replaced by what it returns (a ``fuse()`` returning the module itself
+    counts as folding in place); one with ``reparameterize()`` (or ``switch_to_deploy()``) is changed
+    in place. Works in place; returns the new root.
+
+    Raises:
+        TypeError: ``model`` is not a module, or a ``fuse()`` returned something other than a module.
     """
-    if callable(getattr(model, "fuse", None)):
-        return reparameterize(model.fuse())
-    for method in ("reparameterize", "switch_to_deploy"):
-        if callable(getattr(model, method, None)):
-            getattr(model, method)()
-            break
-    for child_name, child in list(model.named_children()):
-        new = reparameterize(child)
+    return _reparameterize(check_module(model), "")
+
+
+def _reparameterize(module: nn.Module, name: str) -> nn.Module:
+    if callable(getattr(module, "fuse", None)):
+        fused = module.fuse()
+        if not isinstance(fused, nn.Module):
+            where = f"module {name!r}" if name else "the root module"
+            raise TypeError(
+                f"deploy: fuse() of {where} ({type(module).__name__}) returned {fused!r}, "
+                "expected the nn.Module that replaces it"
+            )
+        if fused is not module:  # a fuse() that folds in place and returns self: go on into its children
+            return _reparameterize(fused, name)
+    else:
+        for method in ("reparameterize", "switch_to_deploy"):
+            if callable(getattr(module, method, None)):
+                getattr(module, method)()
+                break
+    for child_name, child in list(module.named_children()):
+        new = _reparameterize(child, f"{name}.{child_name}" if name else child_name)
         if new is not child:
-            setattr(model, child_name, new)
-    return model
+            setattr(module, child_name, new)
+    return module
 
 
 _FOLDABLE_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -226,6 +256,7 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     falls back to adjacent (conv, BN) pairs inside ``nn.Sequential`` containers, which
     are exact by construction.
     """
+    check_module(model)
     modules = dict(model.named_modules())
     try:
         graph = _PairTracer().trace(model)
@@ -291,6 +322,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     module that offers ``fuse_batchnorm(bn)`` (an exact fold of its own) is replaced by what that
     returns. The BN becomes ``nn.Identity``. Returns ``model``.
     """
+    check_module(model)
     model.eval()
     for conv_name, bn_name in find_conv_bn_pairs(model):
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
@@ -305,9 +337,14 @@ def deploy(model: nn.Module, *, inplace: bool = False, fold_bn: bool = True) -> 
     Every operator with a deploy form is folded (``fuse()`` / ``reparameterize()``), then
     each BatchNorm that follows a conv is folded into it. The result computes what
     ``model.eval()`` computes and can be exported with ``torch.export`` or ONNX.
+
+    Raises:
+        TypeError: ``model`` is not a module, ``inplace`` / ``fold_bn`` not a bool, or a module's
+            ``fuse()`` returned something other than a module.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
+    check_bool(inplace, "inplace")
+    check_bool(fold_bn, "fold_bn")
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()

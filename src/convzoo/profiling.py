@@ -34,7 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from convzoo.ops.registry import operator_kind
+from convzoo.ops.conv_spec import check_bool
+from convzoo.ops.registry import check_module, operator_kind
 
 __all__ = [
     "CACSummary",
@@ -254,6 +255,7 @@ def _bytes(value: int) -> str:
 # ------------------------------------------------------------------ counting
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters of ``model`` (shared parameters once)."""
+    check_module(model)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -470,8 +472,8 @@ def profile_model(
     Returns:
         A :class:`ProfileReport`; MACs are per image (totals divided by the batch size).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
+    check_bool(memory, "memory")
     if inputs is None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

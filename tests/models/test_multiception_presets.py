@@ -78,6 +78,29 @@ def test_bad_schedules() -> None:
         convzoo.create_model("cifar_resnet20", conv="multiception", conv_options={"schedule": ((3,), (4,), (3,))})
 
 
+def test_a_schedule_with_more_stages_than_the_model_is_refused() -> None:
+    five = ((3, 5, 7), (3, 5), (3, 3), (3,), (3,))
+    with pytest.raises(ValueError, match="covers 5 stages, CifarResNet has 3: give one kernel tuple per stage"):
+        convzoo.create_model("cifar_resnet20", conv="multiception", conv_options={"schedule": five})
+    with pytest.raises(ValueError, match="covers 5 stages"):
+        convzoo.create_model("cifar_resnet20", conv="mixconv", conv_options={"schedule": five})
+
+
+@pytest.mark.parametrize("kind", ["multiception", "mixconv"])
+@pytest.mark.parametrize("schedule", ["paper", "code", ((3,), (5,), (7,))])
+def test_schedule_and_kernels_together_are_refused(kind, schedule) -> None:
+    # multiception_preset used to bind the default schedule itself, so 'paper' was silently dropped for kernels
+    with pytest.raises(
+        ValueError, match=r"give either schedule or kernels, not both: got schedule=.* kernels=\(3, 5\)"
+    ):
+        convzoo.create_model("cifar_resnet20", conv=kind, conv_options={"schedule": schedule, "kernels": (3, 5)})
+
+
+def test_kernels_alone_go_in_every_stage() -> None:
+    model = convzoo.create_model("cifar_resnet20", conv="multiception", conv_options={"kernels": (3, 5)})
+    assert set(_kernels_by_stage(model).values()) == {(3, 5)}
+
+
 # ---------------------------------------------------------------------------- MobileNetV2 (STL-10)
 _MOBILENET_BLOCKS = ("blocks.0.0", "blocks.1.0", "blocks.1.1")  # settings (1, 16, 1, 1) and (6, 24, 2, s)
 _OPERATOR_CLASSES = {"multiception": MulticeptionConv2d, "dsconv": DSConv2d, "mixconv": MixConv2d}

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import convzoo
+from convzoo.models import registry as model_registry
 from convzoo.models.registry import get_model_entry
 from convzoo.ops.registry import _KINDS, ConvKind, get_conv_kind, needs_spatial_kernel
 
@@ -127,15 +128,11 @@ def test_a_selective_kind_without_preset_is_refused_clearly(monkeypatch: pytest.
 
 
 def test_multiception_on_densenet_is_refused_clearly() -> None:
-    if "multiception" not in convzoo.list_convs():
-        pytest.skip("the 'multiception' kind is not registered yet")
     with pytest.raises(ValueError, match="conv='multiception' does not fit"):
         convzoo.create_model("cifar_densenet121", conv="multiception")
 
 
 def test_a_kind_that_replaces_nothing_is_refused_clearly() -> None:
-    if "dds" not in convzoo.list_convs():
-        pytest.skip("the 'dds' kind is not registered yet")
     with pytest.raises(ValueError, match="conv='dds' does not fit CifarPreResNet: .* depthwise convs"):
         convzoo.create_model("cifar_preresnet20", conv="dds")  # the paper's placement: depthwise convs only
     standard = convzoo.create_model("cifar_shufflenetv2")
@@ -162,3 +159,96 @@ def test_zero_init_residual_zeroes_the_last_bn_of_every_block(name: str) -> None
 def test_zero_init_residual_is_refused_where_blocks_concatenate(name: str) -> None:
     with pytest.raises(ValueError, match="zero_init_residual=True does not apply"):
         convzoo.create_model(name, zero_init_residual=True)
+
+
+# ---------------------------------------------------------------------------- registry argument checks
+@pytest.fixture
+def models(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A private copy of the model registry, so a test registration does not leak."""
+    copy = dict(model_registry._MODELS)
+    monkeypatch.setattr(model_registry, "_MODELS", copy)
+    return copy
+
+
+def _builder(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+
+def test_register_model_accepts_a_valid_builder(models: dict) -> None:
+    convzoo.register_model("test_valid", input_size=[1, 8, 8])(_builder)
+    assert get_model_entry("test_valid").input_size == (1, 8, 8)
+    convzoo.register_model()(_builder)  # the builder's own name
+    assert "_builder" in convzoo.list_models("_b*")
+    model_registry.add_preset("test_valid", "doconv", lambda model, **options: model)
+    convzoo.register_model("test_valid")(_builder)  # the same builder again: idempotent, presets kept
+    assert list(get_model_entry("test_valid").presets) == ["doconv"]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: convzoo.register_model(5)(_builder), TypeError, "model name must be a non-empty str, got 5"),
+        (lambda: convzoo.register_model("")(_builder), ValueError, "model name must be a non-empty str, got ''"),
+        (
+            lambda: convzoo.register_model("cifar_resnet20")(_builder),
+            ValueError,
+            "model 'cifar_resnet20' is already registered .*register yours under another name",
+        ),
+        (
+            lambda: convzoo.register_model("test_x")(5),
+            TypeError,
+            "the model builder registered as 'test_x' must be callable, got 5",
+        ),
+        (lambda: convzoo.register_model()(lambda num_classes=10: nn.ReLU()), TypeError, "needs a name for builder"),
+        (
+            lambda: convzoo.register_model("test_x", input_size="x"),
+            TypeError,
+            r"input_size must be a \(C, H, W\) tuple of 3 positive ints, got 'x'",
+        ),
+        (
+            lambda: convzoo.register_model("test_x", input_size=(3, 0, 32)),
+            ValueError,
+            r"input_size must be a \(C, H, W\) tuple of 3 positive ints, got \(3, 0, 32\)",
+        ),
+        (lambda: convzoo.register_model("test_x", presets=[1]), TypeError, "presets must be a dict"),
+        (
+            lambda: convzoo.register_model("test_x", presets={"doconv": 5}),
+            TypeError,
+            r"presets\['doconv'\] must be callable, got 5",
+        ),
+        (lambda: model_registry.add_preset(5, "doconv", len), TypeError, "model_names must be a glob string"),
+        (lambda: model_registry.add_preset([], "doconv", len), ValueError, "non-empty list of them, got"),
+        (lambda: model_registry.add_preset("cifar_*", None, len), TypeError, "kind must be a non-empty str"),
+        (lambda: model_registry.add_preset("cifar_*", "doconv", 5), TypeError, "preset must be callable, got 5"),
+    ],
+)
+def test_register_model_bad_arguments(models: dict, call, error: type[Exception], match: str) -> None:
+    before = dict(models)
+    with pytest.raises(error, match=match):
+        call()
+    assert models == before  # nothing registered or replaced
+    assert convzoo.list_models() == sorted(before)  # and listing still works
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"name": None}, TypeError, "name must be a model name .*got None"),
+        ({"name": 5}, TypeError, "name must be a model name .*got 5"),
+        ({"conv": 5}, TypeError, r"conv must be 'standard' or a conv kind \(str\).*got 5"),
+        ({"conv": "doconv", "conv_options": 5}, TypeError, "conv_options must be a dict .*got 5"),
+        ({"conv": "doconv", "conv_options": [1]}, TypeError, r"conv_options must be a dict .*got \[1\]"),
+        ({"conv": "doconv", "conv_options": {1: 2}}, TypeError, r"conv_options must be a dict .*str keys"),
+        ({"num_classes": True}, ValueError, "num_classes must be a positive int, got True"),
+    ],
+)
+def test_create_model_bad_arguments(kwargs: dict, error: type[Exception], match: str) -> None:
+    arguments = {"name": "cifar_resnet20", **kwargs}
+    with pytest.raises(error, match=match):
+        convzoo.create_model(**arguments)
+
+
+def test_create_model_takes_conv_options_none_or_empty() -> None:
+    for options in (None, {}):
+        model = convzoo.create_model("cifar_resnet20", conv="doconv", conv_options=options)
+        assert any(isinstance(m, convzoo.DOConv2d) for m in model.modules())

@@ -46,6 +46,11 @@ def test_plot_masks_errors(tmp_path: Path) -> None:
         plot_masks(_model(), torch.randn(8, 8), tmp_path / "x.png")
     with pytest.raises(ValueError, match="max_layers must be a positive int or None, got 0"):
         plot_masks(_model(), torch.randn(3, 8, 8), tmp_path / "x.png", max_layers=0)
+    with pytest.raises(TypeError, match="model must be an nn.Module, got NoneType"):
+        plot_masks(None, torch.randn(3, 8, 8), tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"image must be a non-empty .* got shape \(0, 3, 8, 8\)"):
+        plot_masks(_model(), torch.randn(0, 3, 8, 8), tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_plot_rho_errors(tmp_path: Path) -> None:
@@ -53,3 +58,14 @@ def test_plot_rho_errors(tmp_path: Path) -> None:
         plot_rho({}, tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"every ratio must be in \[0, 1\]"):
         plot_rho({"a": 1.5}, tmp_path / "x.png")
+    with pytest.raises(TypeError, match=r"rho\['b'\] must be a real number in \[0, 1\], got 'x'"):
+        plot_rho({"a": 0.5, "b": "x"}, tmp_path / "x.png")
+    with pytest.raises(TypeError, match=r"rho\['a'\] must be a real number in \[0, 1\], got '0.5'"):
+        plot_rho({"a": "0.5"}, tmp_path / "x.png")  # float('0.5') would have accepted it
+    with pytest.raises(TypeError, match=r"rho\['a'\] must be a real number in \[0, 1\], got None"):
+        plot_rho({"a": None}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_rho_accepts_scalar_tensors(tmp_path: Path) -> None:
+    assert plot_rho({"a": torch.tensor(0.25)}, tmp_path / "rho.png").read_bytes()[:8] == PNG

@@ -7,8 +7,9 @@ BatchNorm after it (the operator ends in its own BN, like the authors' ``conv_bn
 
 Kernels per stage come from a schedule: ``"code"`` (default; the authors' code: (3, 5, 7),
 (3, 5), (3, 3)), ``"paper"`` (the text: (3, 5, 7), (3, 5), (3,)) or an explicit tuple of
-per-stage kernel tuples. MixConv uses (3, 5, 7) in every stage, as the authors' code does,
-unless a schedule or ``kernels`` is given; DSConv takes no kernels.
+per-stage kernel tuples, exactly one per stage of the model; or ``kernels=`` puts the same kernels
+in every stage (a schedule and ``kernels`` together are refused). MixConv uses (3, 5, 7) in every
+stage, as the authors' code does, unless a schedule or ``kernels`` is given; DSConv takes no kernels.
 
 MobileNetV2 (``cifar_mobilenetv2*``, the paper's STL-10 network at 96x96): in every block of the
 first two inverted-residual settings (``blocks.0``: t=1, 16 channels, 1 block; ``blocks.1``: t=6,
@@ -73,16 +74,23 @@ def place(
     """Replace the first conv (+ its BN) of each block by ``kind``, kernels per stage; in place, returns ``model``.
 
     Raises:
-        ValueError: the model has no ``layer{s}.{i}.conv1`` convs, or more stages than the schedule.
+        ValueError: the model has no ``layer{s}.{i}.conv1`` convs, both ``schedule`` and ``kernels`` are
+            given, or the schedule's number of stages is not the model's.
     """
     names = first_convs(model)
     if not names:
         raise ValueError(f"{type(model).__name__} has no 'layer{{s}}.{{i}}.conv1' convs for the {kind!r} preset")
     if schedule is not None and kernels is not None:
-        raise ValueError("give either schedule or kernels, not both")
+        raise ValueError(
+            f"give either schedule or kernels, not both: got schedule={schedule!r} and kernels={kernels!r}"
+        )
     per_stage = resolve_schedule(schedule) if schedule is not None else None
-    if per_stage is not None and max(names.values()) > len(per_stage):
-        raise ValueError(f"schedule {per_stage} covers {len(per_stage)} stages, the model has {max(names.values())}")
+    stages = max(names.values())
+    if per_stage is not None and len(per_stage) != stages:
+        raise ValueError(
+            f"schedule {per_stage} covers {len(per_stage)} stages, {type(model).__name__} has {stages}: "
+            "give one kernel tuple per stage"
+        )
     fixed = check_kernels(kernels) if kernels is not None else None
 
     def layer_options(name: str, conv: nn.Conv2d) -> dict[str, Any]:
@@ -98,10 +106,13 @@ def place(
     return model
 
 
-def multiception_preset(model: nn.Module, *, schedule: Schedule = "code", **options: Any) -> nn.Module:
-    """Multiception in the first conv of each block, kernels per stage from ``schedule``."""
-    if "kernels" in options:
-        return place(model, "multiception", **options)
+def multiception_preset(model: nn.Module, *, schedule: Schedule | None = None, **options: Any) -> nn.Module:
+    """Multiception in the first conv of each block, kernels per stage from ``schedule`` (default ``"code"``).
+
+    ``kernels=`` instead puts the same kernels in every stage; giving both is an error.
+    """
+    if schedule is None and options.get("kernels") is None:
+        schedule = "code"
     return place(model, "multiception", schedule=schedule, **options)
 
 

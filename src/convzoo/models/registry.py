@@ -10,14 +10,14 @@ nothing is downloaded).
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from convzoo.convert import convert
-from convzoo.ops.registry import get_conv_kind
+from convzoo.ops.registry import check_callable, check_name, get_conv_kind
 
 Preset = Callable[..., nn.Module]  # (model, **conv_options) -> model, converted in place
 
@@ -35,17 +35,61 @@ class ModelEntry:
 _MODELS: dict[str, ModelEntry] = {}
 
 
+def _check_input_size(input_size: object) -> tuple[int, int, int]:
+    if not isinstance(input_size, tuple | list) or len(input_size) != 3:
+        raise TypeError(f"input_size must be a (C, H, W) tuple of 3 positive ints, got {input_size!r}")
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in input_size):
+        raise ValueError(f"input_size must be a (C, H, W) tuple of 3 positive ints, got {input_size!r}")
+    return tuple(input_size)  # type: ignore[return-value]
+
+
+def _check_presets(presets: object) -> dict[str, Preset]:
+    if presets is None:
+        return {}
+    if not isinstance(presets, Mapping):
+        raise TypeError(f"presets must be a dict of conv kind -> preset function, got {presets!r}")
+    for kind, preset in presets.items():
+        check_name(kind, "presets key (a conv kind)")
+        check_callable(preset, f"presets[{kind!r}]")
+    return dict(presets)
+
+
 def register_model(
     name: str | None = None,
     *,
     input_size: tuple[int, int, int] = (3, 32, 32),
     presets: dict[str, Preset] | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a model builder ``fn(num_classes=..., **kw) -> nn.Module``."""
+    """Decorator registering a model builder ``fn(num_classes=..., **kw) -> nn.Module``.
+
+    Args:
+        name: the registry key (default: the builder's ``__name__``).
+        input_size: (C, H, W) of one input image.
+        presets: conv kind -> placement preset ``(model, **conv_options) -> model``.
+
+    Raises:
+        TypeError: ``name`` is not a non-empty str, ``input_size`` not 3 ints, a preset or the
+            builder not callable.
+        ValueError: ``name`` is already registered (built-in names cannot be replaced; pick another).
+    """
+    if name is not None:
+        check_name(name, "model name")
+    size = _check_input_size(input_size)
+    preset_map = _check_presets(presets)
 
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        key = name or fn.__name__
-        _MODELS[key] = ModelEntry(key, fn, input_size, dict(presets or {}))
+        check_callable(fn, f"the model builder registered as {name!r}" if name else "the model builder")
+        key = name if name is not None else getattr(fn, "__name__", None)
+        if not isinstance(key, str) or not key or key == "<lambda>":
+            raise TypeError(f"register_model() needs a name for builder {fn!r}, which has no usable __name__")
+        existing = _MODELS.get(key)
+        if existing is not None and existing.builder is not fn:
+            raise ValueError(
+                f"model {key!r} is already registered (builder {getattr(existing.builder, '__qualname__', '?')}); "
+                "register yours under another name"
+            )
+        kept = existing.presets if existing is not None else {}  # the same builder again: keep its presets
+        _MODELS[key] = ModelEntry(key, fn, size, {**kept, **preset_map})
         return fn
 
     return decorator
@@ -54,6 +98,14 @@ def register_model(
 def add_preset(model_names: str | list[str], kind: str, preset: Preset) -> None:
     """Attach a placement preset for ``kind`` to already registered models (globs allowed)."""
     patterns = [model_names] if isinstance(model_names, str) else model_names
+    if not isinstance(patterns, list | tuple):
+        raise TypeError(f"model_names must be a glob string or a list of them, got {model_names!r}")
+    if not patterns:
+        raise ValueError("model_names must be a glob string or a non-empty list of them, got []")
+    for pattern in patterns:
+        check_name(pattern, "model name pattern")
+    check_name(kind, "kind")
+    check_callable(preset, "preset")
     for pattern in patterns:
         matched = [n for n in _MODELS if fnmatch.fnmatchcase(n, pattern)]
         if not matched:
@@ -130,10 +182,25 @@ def create_model(name: str, conv: str = "standard", num_classes: int = 10, **kwa
 
     Returns:
         The model in training mode, with random weights.
+
+    Raises:
+        TypeError: ``name`` or ``conv`` is not a str, ``conv_options`` not a dict with str keys.
+        ValueError: an unknown model or kind, a bad ``num_classes``, or a kind that does not fit the model.
     """
+    if not isinstance(name, str):
+        raise TypeError(
+            f"name must be a model name (str) from convzoo.list_models(), 'tv:<name>' or 'timm:<name>', got {name!r}"
+        )
+    if not isinstance(conv, str):
+        raise TypeError(f"conv must be 'standard' or a conv kind (str) from convzoo.list_convs(), got {conv!r}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    conv_options = dict(kwargs.pop("conv_options", None) or {})
+    conv_options = kwargs.pop("conv_options", None)
+    if conv_options is None:
+        conv_options = {}
+    if not isinstance(conv_options, Mapping) or not all(isinstance(k, str) for k in conv_options):
+        raise TypeError(f"conv_options must be a dict of operator options (str keys) or None, got {conv_options!r}")
+    conv_options = dict(conv_options)
     if conv != "standard":
         get_conv_kind(conv)  # fail fast on an unknown kind, before building anything
     if name.startswith(("tv:", "timm:")):

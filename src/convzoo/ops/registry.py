@@ -19,8 +19,35 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from convzoo.ops.conv_spec import check_bool
+
 SkipReason = Callable[[nn.Conv2d], "str | None"]
 ConvFactory = Callable[..., nn.Module]
+
+
+# ------------------------------------------------------------ argument checks
+# Shared by the registries, convert() / deploy(), profiling and viz (this module imports only
+# conv_spec of convzoo's, so they import these without a cycle). Flags: conv_spec.check_bool.
+def check_name(value: object, name: str) -> str:
+    """Check a registry key (or glob) is a non-empty str and return it."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a non-empty str, got {value!r}")
+    if not value:
+        raise ValueError(f"{name} must be a non-empty str, got {value!r}")
+    return value
+
+
+def check_callable(value: object, name: str) -> None:
+    """Check ``value`` is callable."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {value!r}")
+
+
+def check_module(value: object, name: str = "model") -> nn.Module:
+    """Check ``value`` is an ``nn.Module`` and return it."""
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -62,9 +89,24 @@ def register_conv(
     The class gains a ``convzoo_kind`` attribute, which is how ``convert()`` tells
     an already converted layer from a plain one. ``from_conv`` defaults to the
     class's ``from_conv`` classmethod.
+
+    Raises:
+        TypeError: ``name`` is not a non-empty str, ``description`` not a str, ``skip_reason`` or
+            ``from_conv`` not callable, ``zoo_default`` not a bool, or the decorated object not an
+            ``nn.Module`` subclass.
+        ValueError: ``name`` is already registered by another class.
     """
+    check_name(name, "conv kind name")
+    if not isinstance(description, str):
+        raise TypeError(f"description must be a str, got {description!r}")
+    check_callable(skip_reason, "skip_reason")
+    if from_conv is not None:
+        check_callable(from_conv, "from_conv")
+    check_bool(zoo_default, "zoo_default")
 
     def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"register_conv({name!r}) decorates an nn.Module subclass, got {cls!r}")
         if name in _KINDS and _KINDS[name].module_cls.__qualname__ != cls.__qualname__:
             raise ValueError(f"conv kind {name!r} is already registered by {_KINDS[name].module_cls.__name__}")
         factory = from_conv if from_conv is not None else getattr(cls, "from_conv", None)
@@ -90,6 +132,8 @@ def get_conv_kind(name: str) -> ConvKind:
 
 def list_convs(pattern: str = "*") -> dict[str, str]:
     """Registered kinds matching a glob, each with its one-line description."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a glob string, got {pattern!r}")
     return {name: _KINDS[name].description for name in sorted(_KINDS) if fnmatch.fnmatch(name, pattern)}
 
 

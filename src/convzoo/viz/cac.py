@@ -6,6 +6,7 @@ Matplotlib's Agg canvas is used directly (no pyplot, no global backend change).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from numbers import Real
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from convzoo.ops.cac import cac_layers
 from convzoo.ops.cac_cost import CACStatistics
+from convzoo.ops.registry import check_module
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -37,11 +39,13 @@ def plot_masks(model: nn.Module, image: Tensor, path: str | Path, *, max_layers:
     Returns:
         The path written. Yellow = sharp windows (k×k conv), dark = smooth (1×1 conv).
     """
-    layers = cac_layers(model)
+    layers = cac_layers(check_module(model))
     if not layers:
         raise ValueError(f"model {type(model).__name__} has no CAC layer to plot")
     if not isinstance(image, Tensor) or image.dim() not in (3, 4):
         raise ValueError(f"image must be a (C, H, W) or (B, C, H, W) tensor, got {getattr(image, 'shape', image)!r}")
+    if image.numel() == 0:
+        raise ValueError(f"image must be a non-empty (C, H, W) or (B, C, H, W) tensor, got shape {tuple(image.shape)}")
     if max_layers is not None:
         if not isinstance(max_layers, int) or max_layers < 1:
             raise ValueError(f"max_layers must be a positive int or None, got {max_layers!r}")
@@ -91,6 +95,12 @@ def plot_rho(rho: Mapping[str, float] | CACStatistics, path: str | Path, *, titl
     if not isinstance(values, Mapping) or not values:
         raise ValueError(f"rho must be a non-empty mapping of layer name to ratio (or CACStatistics), got {rho!r}")
     names = list(values)
+    for name in names:
+        value = values[name]
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = value.item()
+        if not isinstance(value, Real) or isinstance(value, bool):
+            raise TypeError(f"rho[{name!r}] must be a real number in [0, 1], got {value!r}")
     ratios = [float(values[name]) for name in names]
     if not all(0.0 <= r <= 1.0 for r in ratios):
         raise ValueError(f"every ratio must be in [0, 1], got {dict(zip(names, ratios))}")
