@@ -7,6 +7,7 @@ import torch
 
 import convzoo
 from convzoo import DOConv2d
+from convzoo.ops.cac_cost import calibrate_sharp_ratio_
 from convzoo.testing import randomize_batchnorm_
 
 
@@ -42,8 +43,31 @@ def test_torch_compile_inductor_training_step() -> None:
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_torch_export_of_deployed_model() -> None:
-    model = _trained_doconv_resnet()
+def _trained(name: str, kind: str) -> torch.nn.Module:
+    """A model of ``kind`` in a trained-like state: random BN statistics, non-identity operator parameters."""
+    if kind == "doconv":
+        return _trained_doconv_resnet()
+    torch.manual_seed(0)
+    model = convzoo.create_model(name, conv=kind)
+    randomize_batchnorm_(model)
+    if kind == "cac":  # about half the windows sharp in every layer, so both branches appear
+        calibrate_sharp_ratio_(model.eval(), torch.randn(4, 3, 32, 32), 0.5)
+    return model.eval()
+
+
+EXPORTED = [
+    ("cifar_resnet20", "doconv"),
+    ("cifar_resnet20", "cac"),
+    ("cifar_resnet20", "multiception"),
+    ("cifar_resnet20", "cpwc"),
+    ("cifar_mobilenetv2", "dds"),
+    ("cifar_mobilenetv2", "pyramid"),
+]
+
+
+@pytest.mark.parametrize(("name", "kind"), EXPORTED, ids=[kind for _, kind in EXPORTED])
+def test_torch_export_of_deployed_model(name: str, kind: str) -> None:
+    model = _trained(name, kind)
     deployed = convzoo.deploy(model)
     x = torch.randn(2, 3, 32, 32)
     exported = torch.export.export(deployed, (x,))
@@ -51,13 +75,14 @@ def test_torch_export_of_deployed_model() -> None:
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def test_onnx_export_of_deployed_model_runs_in_onnxruntime(tmp_path) -> None:
+@pytest.mark.parametrize("kind", ["doconv", "cac", "multiception"])
+def test_onnx_export_of_deployed_model_runs_in_onnxruntime(tmp_path, kind: str) -> None:
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    model = _trained_doconv_resnet()
+    model = _trained("cifar_resnet20", kind)
     deployed = convzoo.deploy(model)
     x = torch.randn(2, 3, 32, 32)
-    path = tmp_path / "resnet20_doconv.onnx"
+    path = tmp_path / f"resnet20_{kind}.onnx"
     torch.onnx.export(deployed, (x,), str(path), input_names=["images"], output_names=["logits"], dynamo=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"images": x.numpy()})

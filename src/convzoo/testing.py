@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from convzoo.ops.registry import check_module
+from convzoo.profiling import count_parameters
+
+__all__ = ["assert_same_backward", "count_parameters", "randomize_batchnorm_"]
+
 
 @torch.no_grad()
 def randomize_batchnorm_(model: nn.Module, *, generator: torch.Generator | None = None) -> nn.Module:
@@ -13,21 +18,20 @@ def randomize_batchnorm_(model: nn.Module, *, generator: torch.Generator | None 
     A freshly initialised BN (mean 0, var 1, gamma 1, beta 0) is close to identity and
     hides folding bugs; equivalence tests call this first.
     """
-    for module in model.modules():
+    for module in check_module(model).modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             shape = module.num_features
-            like = {"device": module.running_mean.device, "dtype": module.running_mean.dtype}
-            module.running_mean.copy_(torch.randn(shape, generator=generator).to(**like) * 0.5)
-            module.running_var.copy_(torch.rand(shape, generator=generator).to(**like) * 1.5 + 0.25)
+            tensor = module.running_mean if module.running_mean is not None else module.weight
+            if tensor is None:  # neither running statistics nor affine parameters: nothing to randomize
+                continue
+            like = {"device": tensor.device, "dtype": tensor.dtype}
+            if module.running_mean is not None and module.running_var is not None:
+                module.running_mean.copy_(torch.randn(shape, generator=generator).to(**like) * 0.5)
+                module.running_var.copy_(torch.rand(shape, generator=generator).to(**like) * 1.5 + 0.25)
             if module.affine:
                 module.weight.copy_(torch.randn(shape, generator=generator).to(**like) * 0.5 + 1.0)
                 module.bias.copy_(torch.randn(shape, generator=generator).to(**like) * 0.5)
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (trainable or not) of ``model``."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def assert_same_backward(

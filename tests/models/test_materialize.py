@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+import convzoo
+from convzoo.models.registry import get_model_entry
 from convzoo.models.materialize import materialize, reject_zero_init_residual, reset_zoo_parameters_
 
 
@@ -59,3 +61,22 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match="zero_init_residual=True does not apply to net"):
         reject_zero_init_residual(True, "net")
     reject_zero_init_residual(False, "net")
+
+
+def _zoo_models() -> list[str]:
+    """convzoo's own models (other test modules register tiny test models in the same registry)."""
+    return [n for n in convzoo.list_models() if get_model_entry(n).builder.__module__.startswith("convzoo.")]
+
+
+@pytest.mark.parametrize("name", _zoo_models())
+def test_every_zoo_model_takes_device_and_dtype(name: str) -> None:
+    model = convzoo.create_model(name, device="cpu", dtype=torch.float64)
+    assert all(t.dtype == torch.float64 for t in model.parameters())
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+
+
+def test_place_rejects_a_non_floating_dtype() -> None:
+    with pytest.raises(ValueError, match="floating point dtype, got torch.int64"):
+        convzoo.create_model("cifar_resnet20", dtype=torch.int64)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype, got 'float64'"):
+        convzoo.create_model("cifar_resnet20", dtype="float64")

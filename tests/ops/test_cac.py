@@ -201,6 +201,37 @@ def test_weight_gradient_follows_the_hard_mask() -> None:
     assert_close(cac.weight.grad, ref.weight.grad, **TIGHT)
 
 
+@pytest.mark.parametrize(("kwargs", "h", "w"), [GEOMETRIES[i] for i in (0, 3, 5, 10, 12)], ids=str)
+def test_weight_and_bias_gradients_equal_an_independent_form(kwargs: dict, h: int, w: int) -> None:
+    """W and bias gradients against autograd through where(mask, k×k conv, Σw · centre pixel), written here.
+
+    Both branches must pass gradients: the sharp windows' to W through the k×k conv, the smooth ones'
+    to W through Σw, and both to the bias.
+    """
+    conv = _conv(kwargs)
+    x = torch.randn(2, 4, h, w, **F64)
+    _, grad = reference(conv, x, 0.0, 1.0)
+    cac = _cac(conv, 1.0, -_threshold_between(grad, 0.5))
+    grad_out = torch.randn_like(conv(x))
+    (cac(x) * grad_out).sum().backward()
+    mask = cac.sharp_mask(x)
+    assert 0 < mask.float().mean() < 1
+
+    spec = ConvSpec.from_conv(conv)
+    weight = conv.weight.detach().clone().requires_grad_(True)
+    bias = conv.bias.detach().clone().requires_grad_(True)
+    padded, _ = _padded_mean(conv, x)
+    sharp = F.conv2d(padded, weight, bias, spec.stride, 0, spec.dilation, spec.groups)
+    (kh, kw), (sh, sw), (dh, dw) = spec.kernel_size, spec.stride, spec.dilation
+    out_h, out_w = sharp.shape[-2:]
+    top, left = dh * ((kh - 1) // 2), dw * ((kw - 1) // 2)
+    centres = padded[:, :, top : top + sh * (out_h - 1) + 1 : sh, left : left + sw * (out_w - 1) + 1 : sw]
+    smooth = F.conv2d(centres, weight.sum((2, 3), keepdim=True), bias, groups=spec.groups)
+    (torch.where(mask.unsqueeze(1), sharp, smooth) * grad_out).sum().backward()
+    assert_close(cac.weight.grad, weight.grad, **TIGHT)
+    assert_close(cac.bias.grad, bias.grad, **TIGHT)
+
+
 def test_convzoo_macs_counts_effective_macs() -> None:
     conv = _conv({"kernel_size": 3, "padding": 1, "groups": 2})
     cac = _cac(conv, 0.0, -1.0)
@@ -278,9 +309,14 @@ def test_sparse_threshold_is_checked() -> None:
         CAConv2d(4, 4, 3, sparse_threshold="half")
 
 
-def test_input_must_be_4d() -> None:
-    with pytest.raises(ValueError, match=r"expects a 4-D input \(B, C, H, W\), got shape \(4, 5, 5\)"):
-        CAConv2d(4, 4, 3)(torch.randn(4, 5, 5))
+def test_input_is_checked_and_unbatched_input_is_a_batch_of_one() -> None:
+    layer = _cac(_conv({"kernel_size": 3, "padding": 1}), 1.0, -0.5)
+    with pytest.raises(ValueError, match=r"expects a 4-D input \(B, C, H, W\) or an unbatched 3-D input"):
+        layer(torch.randn(5, 5, **F64))
+    with pytest.raises(ValueError, match="CAConv2d has in_channels=4, got an input with 3 channels"):
+        layer(torch.randn(2, 3, 5, 5, **F64))
+    x = torch.randn(4, 7, 6, **F64)
+    assert_close(layer(x), layer(x.unsqueeze(0)).squeeze(0), **TIGHT)
 
 
 def test_last_rho_before_any_call_is_an_error() -> None:

@@ -142,6 +142,22 @@ def test_layers_copy_and_pickle_after_a_training_forward() -> None:
     assert cac_layers(torch.load(buffer, weights_only=False))[0][1].last_rho_ste is None
 
 
+def test_a_model_watched_by_a_loss_deploys_and_its_copies_do_not_report() -> None:
+    """deploy() copies layers (BN folding deep-copies each conv): the loss's hooks must not break that,
+    and a copy's calls must not change the cost of the model the loss watches."""
+    model = convzoo.create_model("cifar_resnet20", conv="cac").double()
+    criterion = CACLoss(model)
+    criterion(model(torch.randn(2, 3, 16, 16, **F64)).sum())
+    ratio = float(criterion.cost_ratio().detach())
+    deployed = convzoo.deploy(model)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        deployed(torch.randn(1, 3, 8, 8, **F64))
+        clone(torch.randn(1, 3, 8, 8, **F64))
+    assert float(criterion.cost_ratio().detach()) == ratio
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+
+
 def test_has_cac_layers_is_exported() -> None:
     assert convzoo.has_cac_layers(_model())
     assert not convzoo.has_cac_layers(nn.Conv2d(3, 3, 3))
@@ -155,10 +171,15 @@ def test_loss_needs_a_model_with_cac_layers() -> None:
         CACLoss("resnet")
 
 
-@pytest.mark.parametrize("lam", [-0.1, float("nan"), "0.3", True])
-def test_lambda_must_be_non_negative(lam: object) -> None:
-    with pytest.raises(ValueError, match="lam must be a real number >= 0, got"):
+@pytest.mark.parametrize("lam", [-0.1, float("nan"), float("inf"), -float("inf"), "0.3", True, None])
+def test_lambda_must_be_finite_and_non_negative(lam: object) -> None:
+    with pytest.raises(ValueError, match=f"lam must be a finite real number >= 0, got {lam!r}"):
         CACLoss(_model(), lam=lam)
+
+
+def test_a_large_finite_lambda_is_accepted() -> None:
+    # Documented: any finite lambda is allowed; ratio ** lambda then overflows or underflows in float32.
+    assert CACLoss(_model(), lam=1e6).lam == 1e6
 
 
 def test_loss_before_a_forward_and_with_a_non_tensor() -> None:
@@ -180,10 +201,40 @@ def test_statistics_errors() -> None:
     model = _model()
     with pytest.raises(ValueError, match="max_batches must be a positive int or None, got 0"):
         cac_statistics(model, [torch.randn(1, 3, 4, 4, **F64)], max_batches=0)
-    with pytest.raises(TypeError, match="each batch must be a Tensor or a tuple/list starting with one"):
+    with pytest.raises(
+        TypeError, match=r"each batch must be a Tensor \(B, C, H, W\) or a tuple/list starting with one"
+    ):
         cac_statistics(model, [{"x": 1}])
     with pytest.raises(ValueError, match="data yielded no batch"):
         cac_statistics(model, [])
+    with pytest.raises(ValueError, match="max_batches must be a positive int or None, got True"):
+        cac_statistics(model, [torch.randn(1, 3, 4, 4, **F64)], max_batches=True)
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "match"),
+    [
+        (None, TypeError, r"data must be an iterable of batches \(e.g. \[x\] or a DataLoader\), got None"),
+        (5, TypeError, "data must be an iterable of batches .*got 5"),
+        (
+            torch.randn(2, 3, 4, 4, **F64),
+            TypeError,
+            r"got a single Tensor of shape \(2, 3, 4, 4\); wrap one batch in a list: cac_statistics\(model, \[x\]\)",
+        ),
+        ([[]], TypeError, r"each batch must be a Tensor \(B, C, H, W\) or a tuple/list starting with one, got \[\]"),
+        ([()], TypeError, r"each batch must be a Tensor .*got \(\) \(batch 0\)"),
+        (
+            [torch.randn(1, 3, 4, 4, **F64), torch.randn(3, 4, 4, **F64)],
+            ValueError,
+            r"each batch must hold a 4-D input \(B, C, H, W\), got shape \(3, 4, 4\) \(batch 1\)",
+        ),
+    ],
+)
+def test_statistics_data_must_be_an_iterable_of_4d_batches(data: object, error: type[Exception], match: str) -> None:
+    model = _model()
+    with pytest.raises(error, match=match):
+        cac_statistics(model, data)
+    assert model.training  # mode restored even when a batch is refused
 
 
 def test_calibration_errors() -> None:

@@ -315,9 +315,14 @@ def test_constructor_checks_spec_and_weight_shape() -> None:
         CACSparseConv2d(spec, torch.zeros(8, 4, 3, 3), None, scalar, scalar, tile=0)
 
 
-def test_input_must_be_4d() -> None:
+def test_input_is_checked_and_unbatched_input_is_a_batch_of_one() -> None:
+    layer = CAConv2d(4, 4, 3, padding=1).fuse()
     with pytest.raises(ValueError, match="CACSparseConv2d expects a 4-D input"):
-        CAConv2d(4, 4, 3).fuse()(torch.randn(4, 5, 5))
+        layer(torch.randn(5, 5))
+    with pytest.raises(ValueError, match="CACSparseConv2d has in_channels=4, got an input with 8 channels"):
+        layer(torch.randn(2, 8, 5, 5))
+    x = torch.randn(4, 7, 6)
+    torch.testing.assert_close(layer(x), layer(x.unsqueeze(0)).squeeze(0))
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -1,13 +1,19 @@
-"""Layout helpers of convzoo.ops.conv_spec."""
+"""convzoo.ops.conv_spec: layout helpers, ConvSpec validation, and the input check every operator shares."""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import pytest
 import torch
+from torch import fx, nn
 
-from convzoo.ops.conv_spec import memory_format_of, relayout
-from convzoo.ops.multiception import MulticeptionConv2d
-from convzoo.ops.separable import MixConv2d
+from convzoo.ops.conv_spec import ConvSpec, check_bool, check_input, memory_format_of, relayout
+from convzoo.ops.cpwc import CPWConv2d
+from convzoo.ops.dilated import DilatedSeparableConv2d, PyramidDilatedConv2d
+from convzoo.ops.multiception import MulticeptionConv2d, MulticeptionOfficial
+from convzoo.ops.separable import DSConv2d, MixConv2d
 
 
 @pytest.mark.parametrize(
@@ -51,3 +57,148 @@ def test_channels_last_islands_keep_the_models_layout_forward_and_backward(layer
     assert y.is_contiguous()
     y.backward(torch.randn_like(y))
     assert seen[0].is_contiguous()
+
+
+# ------------------------------------------------------------------------------ ConvSpec
+def test_convspec_constructor_validates_like_create() -> None:
+    with pytest.raises(ValueError, match="in_channels must be a positive int, got 0"):
+        ConvSpec(0, -1, "x")
+    with pytest.raises(ValueError, match="out_channels must be a positive int, got -1"):
+        ConvSpec(4, -1, (3, 3))
+    with pytest.raises(TypeError, match="kernel_size must be an int or a pair of ints, got 'x'"):
+        ConvSpec(4, 8, "x")
+    with pytest.raises(ValueError, match=r"groups=3 must divide both in_channels=4 and out_channels=8"):
+        ConvSpec(4, 8, (3, 3), groups=3)
+    with pytest.raises(ValueError, match="padding must be an int, a pair of ints, 'same' or 'valid', got 'full'"):
+        ConvSpec(4, 8, (3, 3), padding="full")
+    with pytest.raises(ValueError, match="padding='same' requires stride=1"):
+        ConvSpec(4, 8, (3, 3), (2, 2), "same")
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        ConvSpec(4, 8, (3, 3), padding_mode="mirror")
+    with pytest.raises(TypeError, match="bias must be a bool, got 'yes'"):
+        ConvSpec(4, 8, (3, 3), bias="yes")
+    with pytest.raises(TypeError, match="bias must be a bool, got 1"):
+        dataclasses.replace(ConvSpec.create(4, 8, 3), bias=1)
+
+
+def test_convspec_constructor_normalizes_like_create() -> None:
+    spec = ConvSpec(4, 8, 3, 2, 1, 1, 2, False)  # type: ignore[arg-type]
+    assert spec == ConvSpec.create(4, 8, 3, 2, 1, 1, 2, False)
+    assert (spec.kernel_size, spec.stride, spec.padding, spec.dilation) == ((3, 3), (2, 2), (1, 1), (1, 1))
+    assert ConvSpec(4, 8, (3, 3), padding="valid").padding == (0, 0)
+    assert ConvSpec.from_conv(nn.Conv2d(4, 8, 3, padding="same")).padding == "same"
+    assert dataclasses.replace(spec, bias=True).bias is True
+
+
+def test_check_bool() -> None:
+    assert check_bool(False, "flag") is False
+    with pytest.raises(TypeError, match="flag must be a bool, got 0"):
+        check_bool(0, "flag")
+
+
+# ------------------------------------------------------------------------------ check_input
+def test_check_input_accepts_batched_and_unbatched_inputs() -> None:
+    assert check_input(torch.randn(2, 3, 4, 5), 3, "Layer") is False
+    assert check_input(torch.randn(3, 4, 5), 3, "Layer") is True
+
+
+@pytest.mark.parametrize(
+    ("x", "error", "match"),
+    [
+        ([[1.0]], TypeError, "Layer expects a tensor input, got list"),
+        (torch.randn(3, 4), ValueError, r"Layer expects a 4-D input \(B, C, H, W\) or .* got shape \(3, 4\)"),
+        (torch.randn(1, 1, 3, 4, 5), ValueError, r"4-D input .*got shape \(1, 1, 3, 4, 5\)"),
+        (torch.randn(2, 4, 4, 5), ValueError, r"Layer has in_channels=3, got an input with 4 channels"),
+        (torch.randn(2, 4, 5), ValueError, r"in_channels=3, got an input with 2 channels \(shape \(2, 4, 5\)\)"),
+    ],
+)
+def test_check_input_rejects(x, error, match) -> None:
+    with pytest.raises(error, match=match):
+        check_input(x, 3, "Layer")
+
+
+def test_check_input_lets_an_fx_proxy_through() -> None:
+    class Layer(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.unsqueeze(0) if check_input(x, 3, "Layer") else x * 2
+
+    graph = fx.symbolic_trace(Layer())
+    torch.testing.assert_close(graph(torch.ones(1, 3, 2, 2)), torch.full((1, 3, 2, 2), 2.0))
+
+
+def _pyramid_branches() -> nn.Module:
+    return PyramidDilatedConv2d(4, dilations=(1, 2)).fuse(form="branches")
+
+
+# every operator whose input check this module provides: (name, a 4-input-channel module)
+OPERATORS = {
+    "multiception": lambda: MulticeptionConv2d(4, 6, kernels=(3, 5)),
+    "multiception_official": lambda: MulticeptionOfficial(4, 6, kernels=(3, 5)),
+    "fused_multiception": lambda: MulticeptionConv2d(4, 6, kernels=(3, 5)).eval().fuse(),
+    "dsconv": lambda: DSConv2d(4, 6),
+    "mixconv": lambda: MixConv2d(4, 6, kernels=(3, 5, 7)),
+    "cpwc": lambda: CPWConv2d(4, 6, bias=True),
+    "cpwc_case3_no_pwc": lambda: CPWConv2d(4, 8, pointwise=False),
+    "dds": lambda: DilatedSeparableConv2d(4, 6),
+    "dds_depthwise_only": lambda: DilatedSeparableConv2d(4, 4, pointwise=False, bias=True),
+    "pyramid": lambda: PyramidDilatedConv2d(4),
+    "pyramid_unsplit": lambda: PyramidDilatedConv2d(4, split=False),
+    "pyramid_branches": _pyramid_branches,
+}
+
+
+@pytest.mark.parametrize("make", OPERATORS.values(), ids=OPERATORS.keys())
+@pytest.mark.parametrize("channels", [3, 6, 8])
+@pytest.mark.parametrize("train", [False, True])
+def test_operators_reject_another_channel_count(make, channels: int, train: bool) -> None:
+    """More channels used to be ignored silently by some (pyramid, CPWC); fewer failed deep inside torch."""
+    layer = make().train(train)
+    name = type(layer).__name__
+    with pytest.raises(ValueError, match=rf"{name} has in_channels=4, got an input with {channels} channels"):
+        layer(torch.randn(2, channels, 7, 7))
+
+
+@pytest.mark.parametrize("make", OPERATORS.values(), ids=OPERATORS.keys())
+@pytest.mark.parametrize("shape", [(4, 7), (1, 2, 4, 7, 7)], ids=["2d", "5d"])
+def test_operators_reject_other_ranks_and_non_tensors(make, shape) -> None:
+    layer = make()
+    name = type(layer).__name__
+    with pytest.raises(ValueError, match=rf"{name} expects a 4-D input \(B, C, H, W\) or an unbatched 3-D input"):
+        layer(torch.randn(*shape))
+    with pytest.raises(TypeError, match=rf"{name} expects a tensor input, got ndarray"):
+        layer(torch.randn(2, 4, 7, 7).numpy())
+
+
+@pytest.mark.parametrize("make", OPERATORS.values(), ids=OPERATORS.keys())
+def test_operators_run_an_unbatched_input_as_a_batch_of_one(make) -> None:
+    """As nn.Conv2d: (C, H, W) -> (C_out, H', W'), the same values as the batch of one."""
+    layer = make().double().eval()
+    x = torch.randn(4, 9, 7, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x.unsqueeze(0)).squeeze(0)
+        got = layer(x)
+    assert got.shape == expected.shape and got.dim() == 3
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    if any(p.requires_grad for p in layer.parameters()):  # the training form (CPU fast paths) too
+        layer.train()
+        x.requires_grad_()
+        layer(x).sum().backward()
+        assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("make", [OPERATORS["cpwc"], OPERATORS["pyramid"]], ids=["cpwc", "pyramid"])
+def test_the_input_check_leaves_compile_export_and_jit_trace_working(make) -> None:
+    layer = make().eval()
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        expected = layer(x)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # no graph break
+        torch.testing.assert_close(compiled(x), expected)
+        exported = torch.export.export(layer, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.testing.assert_close(exported.module()(x), expected)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated
+            traced = torch.jit.trace(layer, (x,))
+        torch.testing.assert_close(traced(x), expected)
+    torch._dynamo.reset()

@@ -277,6 +277,9 @@ def test_deploy_keeps_the_output() -> None:
     deployed = convzoo.deploy(converted)
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), converted(x), **TIGHT)
+    # the BN after the first CPWC was folded into it (fuse_batchnorm), not kept
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    assert isinstance(deployed[0], CPWConv2d) and deployed[0].bias is not None
 
 
 @pytest.mark.parametrize("options", [{}, {"bias": True}, {"stage2": False}, {"pointwise": False}], ids=str)
@@ -335,3 +338,27 @@ def test_constructor_rejects_bad_arguments(kwargs: dict, error: type, match: str
     args = {"in_channels": 4, "out_channels": 4} | kwargs
     with pytest.raises(error, match=match):
         CPWConv2d(**args)
+
+
+@pytest.mark.parametrize("options", [{}, {"pointwise": False}], ids=str)
+@pytest.mark.parametrize(("c", "z"), [(4, 8), (8, 4), (4, 4)])
+def test_forward_rejects_another_channel_count(options: dict, c: int, z: int) -> None:
+    """Without the PWC, extra channels used to be ignored (stage 1 reads only the channels it needs)."""
+    module = CPWConv2d(c, z, **options).eval()
+    x = torch.randn(2, 2 * c, 6, 6)
+    with pytest.raises(ValueError, match=rf"CPWConv2d has in_channels={c}, got an input with {2 * c} channels"):
+        module(x)
+    with pytest.raises(ValueError, match=rf"in_channels={c}, got an input with {c - 1} channels"):
+        module(x[:, : c - 1])
+
+
+@pytest.mark.parametrize(
+    ("c", "z", "options"), [(4, 4, {"bias": True, "pointwise": False}), (8, 4, {}), (3, 7, {"stride": 2})], ids=str
+)
+def test_unbatched_input_as_nn_conv2d(c: int, z: int, options: dict) -> None:
+    """(C, H, W) -> (Z, H', W'); it used to give (1, Z, H, W) or fail to unpack the shape."""
+    module = _random_module(c, z, options.pop("stride", 1), **options)
+    x = torch.randn(c, 7, 6, dtype=torch.float64)
+    out = module(x)
+    assert out.dim() == 3 and out.shape[0] == z
+    torch.testing.assert_close(out, module(x[None])[0], rtol=0, atol=0)

@@ -137,7 +137,64 @@ def test_run_depthwise_routes_only_plain_depthwise_convs() -> None:
         assert type(run_depthwise(conv, x).grad_fn).__name__ != "_ColumnBlockDepthwiseBackward"
 
 
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation"),
+    [
+        ((5, 5), 1, 2, 1),  # ints, as F.conv2d takes them
+        ((5, 7), (1, 1), (2, 3), (1, 1)),
+        ((5, 5), 1, "same", 1),
+        ((7, 5), (1, 1), "same", (1, 1)),
+        ((4, 6), 1, "same", 1),  # uneven 'same' padding: F.conv2d itself
+        ((5, 5), 1, "valid", 1),
+        ((5, 5), 2, 1, 1),
+        ((5, 5), 1, "same", 2),
+        ((5, 5), (1, 2), (0, 1), 1),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+def test_accepts_conv2d_style_arguments_on_the_gradient_path(kernel, stride, padding, dilation) -> None:
+    """int / pair / 'same' / 'valid' used to fail where the weight needs a gradient (the column-block path)."""
+    channels = 3
+    x = torch.randn(2, channels, 9, 11, **F64, requires_grad=True)
+    weight = torch.randn(channels, 1, *kernel, **F64, requires_grad=True)
+    bias = torch.randn(channels, **F64, requires_grad=True)
+    expected = F.conv2d(x, weight, bias, stride, padding, dilation, channels)
+    grad_out = torch.randn_like(expected)
+    ours = _grads(lambda *a: depthwise_conv2d(*a, stride, padding, dilation), x, weight, bias, grad_out)
+    plain = _grads(lambda *a: F.conv2d(*a, stride, padding, dilation, channels), x, weight, bias, grad_out)
+    for a, b in zip(ours, plain, strict=True):
+        torch.testing.assert_close(a, b, **TIGHT)
+    blocks = depthwise_conv2d(x, weight, bias, stride, padding, dilation).grad_fn
+    ones = (1, (1, 1))
+    column_block = stride in ones and dilation in ones and (padding != "same" or all(k % 2 for k in kernel))
+    assert (type(blocks).__name__ == "_ColumnBlockDepthwiseBackward") == column_block
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"stride": (1,)}, TypeError, r"stride must be an int or a pair of ints, got \(1,\)"),
+        ({"stride": 0}, ValueError, "stride must be >= 1, got 0"),
+        ({"dilation": (1, 1, 1)}, TypeError, r"dilation must be an int or a pair of ints, got \(1, 1, 1\)"),
+        ({"padding": -1}, ValueError, "padding must be >= 0, got -1"),
+        ({"padding": 1.5}, TypeError, "padding must be an int or a pair of ints, got 1.5"),
+        ({"padding": "full"}, ValueError, "padding must be an int, a pair of ints, 'same' or 'valid', got 'full'"),
+        ({"padding": "same", "stride": 2}, ValueError, r"padding='same' requires stride=1.*got stride=\(2, 2\)"),
+    ],
+)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_rejects_bad_conv_arguments(kwargs, error, match, requires_grad: bool) -> None:
+    x = torch.randn(1, 4, 6, 6)
+    weight = torch.randn(4, 1, 5, 5, requires_grad=requires_grad)
+    with pytest.raises(error, match=match):
+        depthwise_conv2d(x, weight, **kwargs)
+
+
 def test_bad_input() -> None:
+    with pytest.raises(TypeError, match="depthwise_conv2d: x must be a tensor, got ndarray"):
+        depthwise_conv2d(torch.randn(1, 4, 6, 6).numpy(), torch.randn(4, 1, 5, 5))
+    with pytest.raises(TypeError, match="depthwise_conv2d: weight must be a tensor, got list"):
+        depthwise_conv2d(torch.randn(1, 4, 6, 6), [1.0])
     x = torch.randn(1, 4, 6, 6)
     with pytest.raises(ValueError, match=r"weight \(C, 1, kh, kw\).*weight \(4, 2, 5, 5\)"):
         depthwise_conv2d(x, torch.randn(4, 2, 5, 5))

@@ -200,10 +200,15 @@ def test_pyramid_from_depthwise_conv_copies_kernels_per_branch() -> None:
     torch.testing.assert_close(same(x), conv(x), rtol=1e-12, atol=1e-12)
 
 
-def test_dds_from_depthwise_conv_is_its_dilated_half() -> None:
-    conv = nn.Conv2d(6, 6, 3, 1, 1, groups=6, bias=False, **F64)
+@pytest.mark.parametrize("bias", [False, True])
+def test_dds_from_depthwise_conv_is_its_dilated_half(bias: bool) -> None:
+    conv = nn.Conv2d(6, 6, 3, 1, 1, groups=6, bias=bias, **F64)
+    if bias:
+        with torch.no_grad():
+            conv.bias.normal_()
     module = DilatedSeparableConv2d.from_conv(conv, dilation=1)
     assert module.pointwise is None and count_parameters(module) == count_parameters(conv)
+    assert (module.depthwise.bias is not None) == bias
     x = torch.randn(2, 6, 7, 8, **F64)
     torch.testing.assert_close(module(x), conv(x), rtol=1e-12, atol=1e-12)
     assert DilatedSeparableConv2d.from_conv(conv).dilation == (2, 2)
@@ -284,6 +289,8 @@ def test_pyramid_rejects_bad_dilations_type() -> None:
         PyramidDilatedConv2d(4, dilations=())
     with pytest.raises(TypeError, match=r"dilations must be an int >= 1, got 1.5"):
         PyramidDilatedConv2d(4, dilations=(1, 1.5))
+    with pytest.raises(TypeError, match=r"dilations must be a non-empty sequence of ints >= 1, got '123'"):
+        PyramidDilatedConv2d(4, dilations="123")
 
 
 def test_pyramid_rejects_unsplittable_dilations() -> None:
@@ -317,12 +324,58 @@ def test_channel_and_split_types_are_checked() -> None:
         PyramidDilatedConv2d(4, split=1)
 
 
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: PyramidDilatedConv2d(4, bias="no"), "bias must be a bool, got 'no'"),
+        (lambda: PyramidDilatedConv2d(4, bias=None), "bias must be a bool, got None"),
+        (lambda: DilatedSeparableConv2d(4, 8, pointwise="no"), "pointwise must be a bool, got 'no'"),
+        (lambda: DilatedSeparableConv2d(4, 4, pointwise=0), "pointwise must be a bool, got 0"),
+        (lambda: DilatedSeparableConv2d(4, 8, bias="yes"), "bias must be a bool, got 'yes'"),
+        (lambda: DilatedSeparableConv2d(4, 8, bias=None), "bias must be a bool, got None"),
+    ],
+)
+def test_flags_must_be_bools(make, match: str) -> None:
+    """Truthy strings used to build biases / keep the pointwise conv."""
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
+def test_pyramid_rejects_extra_channels_it_used_to_ignore() -> None:
+    module = PyramidDilatedConv2d(4).eval()
+    x = torch.randn(2, 8, 8, 8)
+    module(x[:, :4])
+    with pytest.raises(ValueError, match=r"PyramidDilatedConv2d has in_channels=4, got an input with 8 channels"):
+        module(x)
+    with pytest.raises(ValueError, match=r"in_channels=4, got an input with 3 channels"):
+        module(x[:, :3])
+    branches = module.fuse(form="branches")
+    with pytest.raises(ValueError, match=r"DepthwiseBranches has in_channels=4, got an input with 8 channels"):
+        branches(x)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_pyramid_takes_an_unbatched_input_like_nn_conv2d(split: bool) -> None:
+    """A (C, H, W) input used to be split / concatenated along H."""
+    module = PyramidDilatedConv2d(4, split=split, **F64)
+    x = torch.randn(4, 8, 6, **F64)
+    out = module(x)
+    assert out.shape == (module.out_channels, 8, 6)
+    torch.testing.assert_close(out, module(x[None])[0], rtol=0, atol=0)
+    dds = DilatedSeparableConv2d(4, 5, **F64)
+    assert dds(x).shape == (5, 8, 6)
+
+
 def test_fuse_form_errors() -> None:
     with pytest.raises(ValueError, match=r"form must be one of \('branches', 'folded'\), got 'fast'"):
         PyramidDilatedConv2d(4).fuse(form="fast")
     with pytest.raises(ValueError, match="form='folded' needs split=True"):
         PyramidDilatedConv2d(4, split=False).fuse(form="folded")
     assert not hasattr(PyramidDilatedConv2d(4, split=False), "weight")  # no single depthwise kernel
+    with pytest.raises(AttributeError, match=r"split=False\) has no weight: every branch reads all channels"):
+        _ = PyramidDilatedConv2d(4, split=False).weight
+    with pytest.raises(AttributeError, match="object has no attribute 'kernel'"):
+        _ = PyramidDilatedConv2d(4, split=False).kernel  # other names: nn.Module's own error
 
 
 def test_from_conv_errors() -> None:
@@ -340,3 +393,12 @@ def test_device_and_dtype_are_honoured() -> None:
     dds = DilatedSeparableConv2d(3, 5, dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in dds.parameters())
     assert module.fuse().weight.dtype == torch.float64
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_dds_stays_scriptable() -> None:
+    """DilatedSeparableConv2d was TorchScript-compatible before its input check; it still is."""
+    module = DilatedSeparableConv2d(4, 6, **F64)
+    scripted = torch.jit.script(module)
+    x = torch.randn(2, 4, 7, 7, **F64)
+    torch.testing.assert_close(scripted(x), module(x), rtol=0, atol=0)

@@ -58,9 +58,13 @@ def feature_composition(module: DOConv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
-def test_converted_layer_computes_exactly_the_conv(geometry) -> None:
+@pytest.mark.parametrize("extra", [0, 5, "double"])
+def test_converted_layer_computes_exactly_the_conv(geometry, extra) -> None:
+    """D = I computes the conv for every d_mul: M*N, M*N + 5, and 2*M*N + 1 (two identity tiles)."""
     conv, x = _conv(geometry)
-    do = DOConv2d.from_conv(conv)
+    area = conv.kernel_size[0] * conv.kernel_size[1]
+    d_mul = 2 * area + 1 if extra == "double" else area + extra
+    do = DOConv2d.from_conv(conv, d_mul=d_mul)
     torch.testing.assert_close(do(x), conv(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(do.weight, conv.weight, rtol=0, atol=0)
 
@@ -130,9 +134,15 @@ def test_positional_arguments_follow_conv2d_order() -> None:
     assert do.d_mul == 9
 
 
-def test_gradients_reach_d_and_w() -> None:
-    do = _randomize_d(DOConv2d(2, 3, 3, 1, 1, groups=1, dtype=torch.float64, d_mul=10))
-    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "groups", "d_mul"),
+    [(2, 3, 1, 10), (2, 3, 1, None), (6, 9, 3, None), (6, 9, 3, 14), (6, 6, 6, None)],
+    ids=["conv-dmul10", "conv-square-D", "gconv", "gconv-dmul14", "dconv"],
+)
+def test_gradients_reach_d_and_w(c_in, c_out, groups, d_mul) -> None:
+    """gradcheck of the composed-kernel backward: square D (the default d_mul) and groups > 1 included."""
+    do = _randomize_d(DOConv2d(c_in, c_out, 3, 2, 1, groups=groups, dtype=torch.float64, d_mul=d_mul))
+    x = torch.randn(1, c_in, 5, 4, dtype=torch.float64, requires_grad=True)
 
     def f(x, w, d, b):
         return torch.func.functional_call(do, {"W": w, "d_delta": d, "bias": b}, (x,))
@@ -140,6 +150,18 @@ def test_gradients_reach_d_and_w() -> None:
     assert torch.autograd.gradcheck(f, (x, do.W, do.d_delta, do.bias))
     do(x).square().sum().backward()
     assert do.W.grad.abs().sum() > 0 and do.d_delta.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:7], ids=str)
+def test_gradients_equal_feature_composition(geometry) -> None:
+    """W and D gradients of the training form equal autograd through the feature-composition reference."""
+    conv, x = _conv(geometry)
+    do = _randomize_d(DOConv2d.from_conv(conv))
+    grad_out = torch.randn_like(conv(x))
+    fast = torch.autograd.grad((do(x) * grad_out).sum(), (do.W, do.d_delta))
+    reference = torch.autograd.grad((feature_composition(do, x) * grad_out).sum(), (do.W, do.d_delta))
+    for got, want in zip(fast, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_state_dict_round_trip() -> None:
@@ -189,7 +211,10 @@ def test_bad_arguments_get_clear_errors(override, error, message) -> None:
 
 
 @pytest.mark.parametrize(("stride", "dilation"), list(itertools.product([1, 2], [1, 2])))
-def test_odd_sizes_keep_conv_output_shape(stride, dilation) -> None:
-    conv = nn.Conv2d(3, 5, 3, stride, dilation, dilation)
-    x = torch.randn(1, 3, 13, 7)
-    assert DOConv2d.from_conv(conv)(x).shape == conv(x).shape
+def test_odd_sizes_compute_the_composed_conv(stride, dilation) -> None:
+    conv = nn.Conv2d(3, 5, 3, stride, dilation, dilation, dtype=torch.float64)
+    x = torch.randn(1, 3, 13, 7, dtype=torch.float64)
+    do = _randomize_d(DOConv2d.from_conv(conv))
+    expected = F.conv2d(x, do.weight, do.bias, stride, dilation, dilation)
+    torch.testing.assert_close(do(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(do(x), feature_composition(do, x), rtol=1e-10, atol=1e-12)

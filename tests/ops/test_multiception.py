@@ -299,3 +299,48 @@ def test_accumulate_in_float32_equals_the_canonical_form() -> None:
         expected = layer.pointwise(layer.depthwise(x))
     assert layer.last_algorithm == "accumulate" and y.is_contiguous()
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: MulticeptionConv2d(4, 8),
+        lambda: MulticeptionConv2d(4, 8, kernels=(3, 3)),
+        lambda: DSConv2d(4, 8),
+        lambda: DSConv2d(4, 8, 5),
+        lambda: MixConv2d(4, 8),
+    ],
+)
+@pytest.mark.parametrize("train", [True, False])
+def test_another_channel_count_names_the_layer_and_in_channels(make, train: bool) -> None:
+    """Used to fail inside torch / timm / depthwise_conv2d without naming the layer's in_channels."""
+    layer = make().train(train)
+    name = type(layer).__name__
+    x = torch.randn(2, 6, 8, 8, requires_grad=True)
+    with pytest.raises(ValueError, match=rf"{name} has in_channels=4, got an input with 6 channels"):
+        layer(x)
+    with pytest.raises(ValueError, match=rf"{name} has in_channels=4, got an input with 3 channels"):
+        layer(x[:, :3])
+    if isinstance(layer, MulticeptionConv2d):
+        with pytest.raises(ValueError, match=r"FusedMulticeptionConv2d has in_channels=4, got an input with 6"):
+            layer.eval().fuse()(x)
+
+
+@pytest.mark.parametrize("cls", [MulticeptionConv2d, DSConv2d, MixConv2d])
+@pytest.mark.parametrize("shape", [(4, 8), (1, 1, 4, 8, 8)])
+def test_other_ranks_get_a_clear_error(cls, shape) -> None:
+    """Used to be "required rank 4 tensor to use channels_last format" from the CPU layout change."""
+    with pytest.raises(ValueError, match=rf"{cls.__name__} expects a 4-D input \(B, C, H, W\) or an unbatched"):
+        cls(4, 6)(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("cls", [MulticeptionConv2d, DSConv2d, MixConv2d])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_unbatched_input_runs_as_a_batch_of_one(cls, stride: int) -> None:
+    layer = _randomized(cls(4, 6, 3, stride, **F64)).eval()
+    x = torch.randn(4, 9, 8, **F64)
+    out = layer(x)
+    assert out.shape == (6, (9 - 1) // stride + 1, (8 - 1) // stride + 1)
+    torch.testing.assert_close(out, layer(x[None])[0], rtol=1e-12, atol=1e-12)
+    if cls is not MixConv2d:  # its deploy form holds timm's MixedConv2d, which splits dim 1: batched only
+        torch.testing.assert_close(layer.fuse()(x), out, rtol=1e-12, atol=1e-12)

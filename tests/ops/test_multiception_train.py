@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from convzoo.ops.multiception import MulticeptionConv2d
+from convzoo.ops.multiception_train import branches_norm_pointwise
 from convzoo.testing import assert_same_backward, randomize_batchnorm_
 
 F64 = {"dtype": torch.float64}
@@ -118,3 +119,28 @@ def test_float32_training_matches_the_modules() -> None:
     assert _pointwise_node(y) == FUSED
     torch.testing.assert_close(y, y_plain, rtol=1e-4, atol=1e-5)
     assert_same_backward(fused, plain, y, y_plain, rtol=1e-3, atol=1e-4)
+
+
+def test_another_channel_count_is_named_before_the_fused_op() -> None:
+    """It used to fail in the fused op with "Given groups=6, expected weight to be at least 6"."""
+    m = _layer((3, 5, 7), 1)
+    x = torch.randn(2, 6, 8, 8, **F64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"MulticeptionConv2d has in_channels=4, got an input with 6 channels"):
+        m(x)
+
+
+def test_branches_norm_pointwise_checks_its_input() -> None:
+    m = _layer((3, 5), 1)
+    with pytest.raises(ValueError, match=r"in_channels=4, got shape \(2, 6, 8, 8\)"):
+        branches_norm_pointwise(torch.randn(2, 6, 8, 8, **F64), m.branches, m.bn_in, m.pointwise)
+    with pytest.raises(ValueError, match=r"x \(B, C, H, W\).*got shape \(4, 8, 8\)"):
+        branches_norm_pointwise(torch.randn(4, 8, 8, **F64), m.branches, m.bn_in, m.pointwise)
+
+
+def test_unbatched_input_takes_the_fused_op_as_a_batch_of_one() -> None:
+    fused = _layer((3, 5), 1)
+    plain = copy.deepcopy(fused)
+    x = torch.randn(4, 7, 6, **F64, requires_grad=True)
+    y = fused(x)
+    assert y.shape == (6, 7, 6)
+    torch.testing.assert_close(y, _plain_modules(plain, x[None])[0], rtol=1e-10, atol=1e-12)

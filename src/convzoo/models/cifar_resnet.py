@@ -7,9 +7,11 @@ that include/exclude globs read the same on both.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from convzoo.models.init import init_weights
+from convzoo.models.materialize import place
 from convzoo.models.registry import register_model
 from convzoo.models.stages import residual_stages
 
@@ -87,8 +89,14 @@ class CifarResNet(nn.Module):
 
 
 def _make(n: int, **defaults: object):
-    def builder(num_classes: int = 10, **kwargs: object) -> CifarResNet:
-        return CifarResNet(n, num_classes, **{**defaults, **kwargs})
+    def builder(
+        num_classes: int = 10,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: object,
+    ) -> CifarResNet:
+        return place(CifarResNet(n, num_classes, **{**defaults, **kwargs}), device=device, dtype=dtype)
 
     return builder
 

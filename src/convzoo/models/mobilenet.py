@@ -23,13 +23,16 @@ modules named ``*conv_dw``; the ``dds`` / ``pyramid`` presets place their operat
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from convzoo.convert import convert
 from convzoo.models.init import init_weights
+from convzoo.models.materialize import place
 from convzoo.models.registry import add_preset, register_model
 from convzoo.ops.dilated import PyramidDilatedConv2d
 
@@ -364,13 +367,25 @@ def _fixed_width(builder: Callable[..., nn.Module], width: float, num_classes: i
     return build
 
 
+def _placed(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """``builder`` taking ``device=`` and ``dtype=`` as every zoo builder does (built, then moved)."""
+
+    @functools.wraps(builder)
+    def build(
+        *args: object, device: torch.device | str | None = None, dtype: torch.dtype | None = None, **kwargs: object
+    ) -> nn.Module:
+        return place(builder(*args, **kwargs), device=device, dtype=dtype)
+
+    return build
+
+
 _IMAGENET = (3, 224, 224)
-register_model("mobilenetv1", input_size=_IMAGENET)(mobilenetv1)
-register_model("mobilenetv2", input_size=_IMAGENET)(mobilenetv2)
-register_model("mobilenetv2_x1_2", input_size=_IMAGENET)(_fixed_width(mobilenetv2, 1.2, 1000))
-register_model("ddsnet", input_size=_IMAGENET)(ddsnet)
-register_model("cifar_mobilenetv2")(cifar_mobilenetv2)
-register_model("cifar_mobilenetv2_x1_2")(_fixed_width(cifar_mobilenetv2, 1.2, 10))
+register_model("mobilenetv1", input_size=_IMAGENET)(_placed(mobilenetv1))
+register_model("mobilenetv2", input_size=_IMAGENET)(_placed(mobilenetv2))
+register_model("mobilenetv2_x1_2", input_size=_IMAGENET)(_placed(_fixed_width(mobilenetv2, 1.2, 1000)))
+register_model("ddsnet", input_size=_IMAGENET)(_placed(ddsnet))
+register_model("cifar_mobilenetv2")(_placed(cifar_mobilenetv2))
+register_model("cifar_mobilenetv2_x1_2")(_placed(_fixed_width(cifar_mobilenetv2, 1.2, 10)))
 
 
 def _depthwise_preset(kind: str) -> Callable[..., nn.Module]:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg
+from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg, check_input, is_tracing
 from convzoo.ops.registry import needs_spatial_kernel, register_conv
 
 SCORE_MACS_PER_POSITION = 13
@@ -98,6 +98,8 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
 
     grad_x = torch.add(row(diff_x, 0) + row(diff_x, 2), row(diff_x, 1), alpha=2)  # [1 2 1]^T ⊗ [-1 0 1]
     grad_y = row(smooth_x, 2) - row(smooth_x, 0)  # [-1 0 1]^T ⊗ [1 2 1]
+    if is_tracing():  # exporters lack hypot (ONNX has no such op); same value up to the last bit
+        return torch.sqrt(grad_x * grad_x + grad_y * grad_y)
     return torch.hypot(grad_x, grad_y)
 
 
@@ -283,8 +285,8 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C_in, H, W) -> (B, C_out, H', W'): k×k conv on sharp windows, Σw on smooth centres."""
-        if x.dim() != 4:
-            raise ValueError(f"CAConv2d expects a 4-D input (B, C, H, W), got shape {tuple(x.shape)}")
+        if check_input(x, self.in_channels, "CAConv2d"):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
         logits = self.score_logits(x, out_size)
         mask = logits > 0

@@ -13,7 +13,8 @@ straight-through gradient (its value is the hard ρ, its gradient that of the me
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
@@ -41,6 +42,34 @@ def baseline_layer_cost(layer: CACStatsMixin) -> int:
     return positions * layer.macs_per_position()[0]
 
 
+def _ignore_call(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+    """The forward hook a copy of a watched model gets: copies are not watched."""
+
+
+class _RecordingHook:
+    """Forward hook reporting to one :class:`PlainMacs`; a deep copy or pickle of the model drops it.
+
+    A copied model (``convzoo.deploy``, ``copy.deepcopy``, ``torch.save``) would otherwise either fail
+    to copy the hook's handles or report its own calls into the original model's cost.
+    """
+
+    def __init__(self, owner: PlainMacs) -> None:
+        self.owner = owner
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+        self.owner.record(module, output)
+
+    def __deepcopy__(self, memo: dict) -> Callable[..., None]:
+        return _ignore_call
+
+    def __reduce__(self) -> tuple[Callable[..., None], tuple[()]]:
+        return _no_hook, ()
+
+
+def _no_hook() -> Callable[..., None]:
+    return _ignore_call
+
+
 class PlainMacs:
     """Records the MACs per image of every ``nn.Conv2d`` / ``nn.Linear`` call in a model (forward hooks).
 
@@ -50,13 +79,15 @@ class PlainMacs:
 
     def __init__(self, model: nn.Module) -> None:
         self._macs: dict[int, float] = {}
+        hook = _RecordingHook(self)
         self._handles: list[RemovableHandle] = [
-            module.register_forward_hook(self._hook)
+            module.register_forward_hook(hook)
             for module in model.modules()
             if isinstance(module, nn.Conv2d | nn.Linear)
         ]
 
-    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+    def record(self, module: nn.Module, output: Tensor) -> None:
+        """Store the MACs per image of ``module``'s call that produced ``output``."""
         batch = output.shape[0] if output.dim() > 1 else 1
         if isinstance(module, nn.Conv2d):
             per_output = (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
@@ -96,7 +127,9 @@ class CACLoss(nn.Module):
 
     Args:
         model: a model with CAC layers; the cost is read from the masks of its most recent forward.
-        lam: λ >= 0 (0.3 in the paper); λ = 0 gives back ℓ.
+        lam: a finite λ >= 0 (0.3 in the paper); λ = 0 gives back ℓ. Any finite λ is accepted, but
+            ``ratio ** λ`` overflows to inf (ratio > 1) or underflows to 0 (ratio < 1) in float32 once
+            ``λ · |ln ratio|`` exceeds about 88, so keep λ of the order of the paper's.
 
     ``forward(task_loss)`` takes the scalar task loss ℓ and returns L; ``last_ratio`` holds the
     detached ``c(M) / c(M_b)`` of the latest call. Call ``remove()`` to detach its hooks from ``model``.
@@ -105,8 +138,8 @@ class CACLoss(nn.Module):
     def __init__(self, model: nn.Module, lam: float = 0.3) -> None:
         super().__init__()
         self._layers = [layer for _, layer in _check_model(model)]
-        if not isinstance(lam, Real) or isinstance(lam, bool) or not float(lam) >= 0:
-            raise ValueError(f"lam must be a real number >= 0, got {lam!r}")
+        if not isinstance(lam, Real) or isinstance(lam, bool) or not (math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"lam must be a finite real number >= 0, got {lam!r}")
         self.lam = float(lam)
         self._plain = PlainMacs(model)
         self.last_ratio: float | None = None
@@ -182,7 +215,16 @@ def cac_statistics(
         device: move inputs there (default: the device of the model's first parameter).
     """
     layers = _check_model(model)
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+    if isinstance(data, Tensor):
+        raise TypeError(
+            f"data must be an iterable of batches (e.g. [x] or a DataLoader), got a single Tensor of shape "
+            f"{tuple(data.shape)}; wrap one batch in a list: cac_statistics(model, [x])"
+        )
+    if not isinstance(data, Iterable):
+        raise TypeError(f"data must be an iterable of batches (e.g. [x] or a DataLoader), got {data!r}")
+    if max_batches is not None and (
+        not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1
+    ):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
     if device is None:
         parameter = next(model.parameters(), None)
@@ -197,9 +239,17 @@ def cac_statistics(
             for index, batch in enumerate(data):
                 if max_batches is not None and index >= max_batches:
                     break
-                inputs = batch[0] if isinstance(batch, tuple | list) else batch
+                inputs = batch[0] if isinstance(batch, tuple | list) and batch else batch
                 if not isinstance(inputs, Tensor):
-                    raise TypeError(f"each batch must be a Tensor or a tuple/list starting with one, got {type(batch)}")
+                    raise TypeError(
+                        f"each batch must be a Tensor (B, C, H, W) or a tuple/list starting with one, "
+                        f"got {batch!r:.200} (batch {index})"
+                    )
+                if inputs.dim() != 4:
+                    raise ValueError(
+                        f"each batch must hold a 4-D input (B, C, H, W), "
+                        f"got shape {tuple(inputs.shape)} (batch {index})"
+                    )
                 model(inputs.to(device) if device is not None else inputs)
                 macs = torch.full((inputs.shape[0],), plain.total, dtype=torch.float64)
                 baseline = plain.total

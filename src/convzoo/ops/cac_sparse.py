@@ -55,7 +55,7 @@ from convzoo.ops.cac import (
     score_logits,
     summed_kernel,
 )
-from convzoo.ops.conv_spec import ConvAttributes, ConvSpec
+from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, check_input, is_tracing
 
 SPARSE_ALGORITHMS = ("pixel", "block")
 
@@ -154,6 +154,11 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
 
     After each call ``last_path`` is ``"sparse"`` or ``"dense"``, ``last_active`` the fraction of
     active units (sharp windows or blocks) and ``last_threshold`` the threshold that was applied.
+
+    Under ``torch.export``, ONNX export, FX / TorchScript tracing and ``torch.compile`` the module
+    records the dense masked form instead (both convs everywhere, the mask picks), because the sparse
+    path's shapes and branches depend on the data: the exported graph computes the same values, at the
+    training form's cost, and records no statistics.
     """
 
     convzoo_kind = "cac"
@@ -243,10 +248,14 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C_in, H, W) -> (B, C_out, H', W'), equal to the CAConv2d it came from."""
-        if x.dim() != 4:
-            raise ValueError(f"CACSparseConv2d expects a 4-D input (B, C, H, W), got shape {tuple(x.shape)}")
+        if check_input(x, self.in_channels, "CACSparseConv2d"):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
         mask = score_logits(self.spec, x, self.gamma, self.beta, out_size) > 0
+        if is_tracing():
+            # torch.export / ONNX / FX / TorchScript record one static graph: the dense masked form
+            # (the sparse path's shapes and branches depend on the data); it computes the same values
+            return self._masked(x, mask, out_size)
         counts = mask.flatten(1).sum(1)
         self.last_mask, self.last_sharp_count, self.last_output_size = mask, counts, out_size
         sharp_total = int(counts.sum())  # one device sync
@@ -345,6 +354,14 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         if padded.stride(1) == 1:
             centres = centres.contiguous(memory_format=torch.channels_last)
         return F.conv2d(centres, kernel, self.bias, 1, 0, 1, self.groups)
+
+    def _masked(self, x: Tensor, mask: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """Both convs everywhere, then the mask picks (the training form's inference; static shapes)."""
+        padded = pad_input(self.spec, x)
+        sharp = F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        centres = centre_pixels(self.spec, padded, out_size)
+        smooth = F.conv2d(centres, summed_kernel(self.weight), self.bias, 1, 0, 1, self.groups)
+        return torch.where(mask.unsqueeze(1), sharp, smooth)
 
     def _dense(self, x: Tensor, mask: Tensor, out_size: tuple[int, int]) -> Tensor:
         """The k×k conv everywhere, then the 1×1 written over the smooth windows only (gathered centres)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 PaddingArg = int | tuple[int, int] | str
@@ -53,6 +53,57 @@ def check_channels(value: object, name: str) -> int:
     return int(value)
 
 
+def check_bool(value: object, name: str) -> bool:
+    """Check a flag is a bool (not merely truthy) and return it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_input(x: object, in_channels: int, layer_name: str) -> bool:
+    """Check a layer's input: a (B, C, H, W) tensor, or an unbatched (C, H, W) one as ``nn.Conv2d`` takes.
+
+    Shape checks only (no device sync). Under ``torch.fx`` symbolic tracing the input is a Proxy
+    without a shape: nothing is checked and it counts as batched. Under ``torch.jit.trace`` sizes are
+    traced tensors, so the channel count is left unchecked (comparing it would warn).
+
+    Returns:
+        True for an unbatched (C, H, W) input, which the caller runs as a batch of one
+        (``forward(x.unsqueeze(0)).squeeze(0)``, as ``nn.Conv2d`` does).
+
+    Raises:
+        TypeError: ``x`` is not a tensor.
+        ValueError: ``x`` is not 3-D or 4-D, or its channel count C is not ``in_channels``.
+    """
+    if isinstance(x, fx.Proxy):
+        return False
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{layer_name} expects a tensor input, got {type(x).__name__}")
+    if x.dim() not in (3, 4):
+        raise ValueError(
+            f"{layer_name} expects a 4-D input (B, C, H, W) or an unbatched 3-D input (C, H, W), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if not torch.jit.is_tracing() and x.shape[-3] != in_channels:
+        raise ValueError(
+            f"{layer_name} has in_channels={in_channels}, got an input with {x.shape[-3]} channels "
+            f"(shape {tuple(x.shape)})"
+        )
+    return x.dim() == 3
+
+
+def is_tracing() -> bool:
+    """True under fx symbolic tracing, TorchScript tracing or scripting, torch.compile or torch.export.
+
+    Modules with data-dependent or CPU-specific fast paths check it and record their plain form instead.
+    """
+    from torch.fx import _symbolic_trace
+
+    # is_fx_tracing() also fires (with a warning) under torch.export; that case is is_compiling()
+    fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
+    return fx_tracing() or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """``torch.channels_last`` for a channels-last 4-D tensor, else ``torch.contiguous_format``."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -89,8 +140,8 @@ def relayout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tenso
 class ConvSpec:
     """The full geometry of a 2-D convolution, validated.
 
-    Attributes mirror ``nn.Conv2d``. ``padding`` is a pair of ints or one of the
-    strings ``"same"`` / ``"valid"``.
+    Attributes mirror ``nn.Conv2d``. ``padding`` is a pair of ints or ``"same"``. The constructor
+    validates and normalizes its arguments exactly as :meth:`create` does (``"valid"`` becomes (0, 0)).
     """
 
     in_channels: int
@@ -102,6 +153,42 @@ class ConvSpec:
     groups: int = 1
     bias: bool = True
     padding_mode: str = "zeros"
+
+    def __post_init__(self) -> None:
+        """Validate the fields and normalize them (ints to pairs, ``"valid"`` to (0, 0)), as :meth:`create` does."""
+        in_channels = check_channels(self.in_channels, "in_channels")
+        out_channels = check_channels(self.out_channels, "out_channels")
+        kernel = to_pair(self.kernel_size, "kernel_size")
+        stride_pair = to_pair(self.stride, "stride")
+        dilation_pair = to_pair(self.dilation, "dilation")
+        groups = check_channels(self.groups, "groups")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups={groups} must divide both in_channels={in_channels} and out_channels={out_channels}"
+            )
+        padding = self.padding
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and stride_pair != (1, 1):
+                raise ValueError(f"padding='same' requires stride=1 (as in nn.Conv2d), got stride={self.stride!r}")
+            padding_value: tuple[int, int] | str = (0, 0) if padding == "valid" else "same"
+        else:
+            padding_value = to_pair(padding, "padding", minimum=0)
+        if self.padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {self.padding_mode!r}")
+        check_bool(self.bias, "bias")
+        normalized = {
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "kernel_size": kernel,
+            "stride": stride_pair,
+            "padding": padding_value,
+            "dilation": dilation_pair,
+            "groups": groups,
+        }
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)  # frozen dataclass: the documented way to set fields here
 
     @classmethod
     def create(
@@ -116,36 +203,18 @@ class ConvSpec:
         bias: bool = True,
         padding_mode: str = "zeros",
     ) -> ConvSpec:
-        """Validate nn.Conv2d-style arguments and return a ConvSpec."""
-        in_channels = check_channels(in_channels, "in_channels")
-        out_channels = check_channels(out_channels, "out_channels")
-        kernel = to_pair(kernel_size, "kernel_size")
-        stride_pair = to_pair(stride, "stride")
-        dilation_pair = to_pair(dilation, "dilation")
-        groups = check_channels(groups, "groups")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"groups={groups} must divide both in_channels={in_channels} and out_channels={out_channels}"
-            )
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
-            if padding == "same" and stride_pair != (1, 1):
-                raise ValueError(f"padding='same' requires stride=1 (as in nn.Conv2d), got stride={stride!r}")
-            padding_value: tuple[int, int] | str = (0, 0) if padding == "valid" else "same"
-        else:
-            padding_value = to_pair(padding, "padding", minimum=0)
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {bias!r}")
+        """Validate nn.Conv2d-style arguments (ints or pairs) and return a ConvSpec.
+
+        The same as calling ``ConvSpec(...)``, whose ``__post_init__`` does the checks; kept as the
+        spelled-out, nn.Conv2d-typed entry point.
+        """
         return cls(
             in_channels,
             out_channels,
-            kernel,
-            stride_pair,
-            padding_value,
-            dilation_pair,
+            kernel_size,  # type: ignore[arg-type]
+            stride,  # type: ignore[arg-type]
+            padding,  # type: ignore[arg-type]
+            dilation,  # type: ignore[arg-type]
             groups,
             bias,
             padding_mode,

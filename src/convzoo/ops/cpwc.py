@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, check_channels, to_pair
+from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, check_bool, check_channels, check_input, to_pair
 from convzoo.ops.registry import needs_pointwise, register_conv
 
 CONTEXT_KERNEL = 3
@@ -162,12 +162,6 @@ def cpwc_grouping_plan(in_channels: int, out_channels: int) -> CPWCGroupingPlan:
     return CPWCGroupingPlan(in_channels, out_channels)
 
 
-def _check_flag(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value
-
-
 @register_conv(
     "cpwc",
     description="CPWC: 1x1 conv plus a grouped-3x3 / depthwise-3x3 context unit (replaces every 1x1 conv)",
@@ -202,7 +196,7 @@ class CPWConv2d(ConvAttributes, nn.Module):
 
     Shapes:
         input (B, C, H, W) -> output (B, Z, H', W') with H' = floor((H - 1) / stride) + 1,
-        exactly as the 1x1 conv it replaces.
+        exactly as the 1x1 conv it replaces; an unbatched (C, H, W) input gives (Z, H', W').
     """
 
     weight: nn.Parameter | None
@@ -224,7 +218,7 @@ class CPWConv2d(ConvAttributes, nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("stage2", stage2), ("pointwise", pointwise), ("zero_init_context", zero_init_context)):
-            _check_flag(value, name)
+            check_bool(value, name)
         if zero_init_context and not pointwise:
             raise ValueError(
                 "zero_init_context=True needs pointwise=True: without the PWC a zero context makes the "
@@ -305,7 +299,9 @@ class CPWConv2d(ConvAttributes, nn.Module):
         return F.conv2d(s1, weight, None, 1, CONTEXT_KERNEL // 2, 1, self.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) -> PWC(x) + context(x), (B, Z, H', W')."""
+        """x (B, C, H, W) -> PWC(x) + context(x), (B, Z, H', W'); unbatched (C, H, W) -> (Z, H', W')."""
+        if check_input(x, self.in_channels, "CPWConv2d"):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         context = self.context(x)
         if self.weight is None:
             return context if self.bias is None else context + self.bias.view(1, -1, 1, 1)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convzoo.ops.conv_spec import relayout
+from convzoo.ops.conv_spec import PaddingArg, relayout, to_pair
 
 _conv_backward = torch.ops.aten.convolution_backward
 
@@ -202,7 +202,9 @@ def input_grad_from_rows(grad: RowPadded, weight: Tensor, padding: tuple[int, in
     return full[..., 1 : 1 + in_width]
 
 
-def uses_column_blocks(x: Tensor, weight: Tensor, stride: tuple[int, int], dilation: tuple[int, int]) -> bool:
+def uses_column_blocks(
+    x: Tensor, weight: Tensor, stride: int | tuple[int, int], dilation: int | tuple[int, int]
+) -> bool:
     """Whether :func:`depthwise_conv2d` computes this conv's weight gradient by column blocks.
 
     CPU, a kernel wider than 3, stride 1 and dilation 1. At stride 2 the blocks are no faster (a
@@ -212,8 +214,8 @@ def uses_column_blocks(x: Tensor, weight: Tensor, stride: tuple[int, int], dilat
     return (
         x.device.type == "cpu"
         and weight.shape[-1] > FAST_WIDTH
-        and tuple(stride) == (1, 1)
-        and tuple(dilation) == (1, 1)
+        and to_pair(stride, "stride") == (1, 1)
+        and to_pair(dilation, "dilation") == (1, 1)
     )
 
 
@@ -254,29 +256,61 @@ class _ColumnBlockDepthwise(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
+def _depthwise_padding(
+    padding: object, weight: Tensor, stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int] | str:
+    """``padding`` as F.conv2d takes it, as a pair; ``"same"`` stays a string only where it pads unevenly."""
+    if not isinstance(padding, str):
+        return to_pair(padding, "padding", minimum=0)
+    if padding == "valid":
+        return (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' requires stride=1 (as in F.conv2d), got stride={stride}")
+    totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    if totals[0] % 2 or totals[1] % 2:
+        return "same"  # uneven: F.conv2d pads one more at the end, which the column blocks do not
+    return (totals[0] // 2, totals[1] // 2)
+
+
 def depthwise_conv2d(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
-    stride: tuple[int, int] = (1, 1),
-    padding: tuple[int, int] = (0, 0),
-    dilation: tuple[int, int] = (1, 1),
+    stride: int | tuple[int, int] = 1,
+    padding: PaddingArg = 0,
+    dilation: int | tuple[int, int] = 1,
 ) -> Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)``, with a fast weight gradient.
 
-    x (B, C, H, W), weight (C, 1, kh, kw) -> (B, C, H', W'). Where :func:`uses_column_blocks` holds
-    and the weight needs a gradient, the input is made channels-last and the weight gradient is
-    computed by column blocks (see the module docstring); otherwise this is ``F.conv2d``.
+    x (B, C, H, W), weight (C, 1, kh, kw) -> (B, C, H', W'). ``stride``, ``padding`` and ``dilation``
+    are as for ``F.conv2d``: an int or a pair, and ``padding`` also ``"same"`` (stride 1) or
+    ``"valid"``. Where :func:`uses_column_blocks` holds and the weight needs a gradient, the input is
+    made channels-last and the weight gradient is computed by column blocks (see the module
+    docstring); otherwise this is ``F.conv2d``. ``"same"`` padding that pads unevenly (an even
+    kernel extent) always runs ``F.conv2d``.
+
+    Raises:
+        TypeError: ``x`` or ``weight`` is not a tensor, or ``stride`` / ``padding`` / ``dilation``
+            is neither an int nor a pair of ints (nor, for padding, a string).
+        ValueError: the shapes do not fit, a value is out of range, or ``padding="same"`` with a stride.
     """
+    for name, value in (("x", x), ("weight", weight)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"depthwise_conv2d: {name} must be a tensor, got {type(value).__name__}")
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
         raise ValueError(
             f"depthwise_conv2d needs x (B, C, H, W) and weight (C, 1, kh, kw), got x {tuple(x.shape)} "
             f"and weight {tuple(weight.shape)}"
         )
-    if not (torch.is_grad_enabled() and weight.requires_grad and uses_column_blocks(x, weight, stride, dilation)):
+    stride, dilation = to_pair(stride, "stride"), to_pair(dilation, "dilation")
+    padding = _depthwise_padding(padding, weight, stride, dilation)
+    blocks = torch.is_grad_enabled() and weight.requires_grad and uses_column_blocks(x, weight, stride, dilation)
+    if isinstance(padding, str) or not blocks:
         return F.conv2d(x, weight, bias, stride, padding, dilation, x.shape[1])
     x = relayout(x, torch.channels_last)  # its gradient goes back in the caller's layout
-    return _ColumnBlockDepthwise.apply(x, weight, bias, tuple(stride), tuple(padding))
+    return _ColumnBlockDepthwise.apply(x, weight, bias, stride, padding)
 
 
 def run_depthwise(conv: nn.Module, x: Tensor) -> Tensor:

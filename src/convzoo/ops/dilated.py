@@ -32,11 +32,12 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from convzoo.ops.conv_spec import ConvSpec, check_channels, to_pair
+from convzoo.ops.conv_spec import ConvSpec, check_bool, check_channels, check_input, to_pair
 from convzoo.ops.registry import needs_depthwise, register_conv
 
 DEPLOY_FORMS = ("branches", "folded")
@@ -172,7 +173,7 @@ class DilatedSeparableConv2d(nn.Module):
     drop-in for a k x k conv; parameters n²C + CC' (+ C' with bias), Table 1.
 
     Shapes:
-        (B, C, H, W) -> (B, C', ceil(H/s), ceil(W/s)).
+        (B, C, H, W) -> (B, C', ceil(H/s), ceil(W/s)); an unbatched (C, H, W) input gives (C', H', W').
     """
 
     def __init__(
@@ -194,6 +195,8 @@ class DilatedSeparableConv2d(nn.Module):
         k = _check_kernel(kernel_size)
         stride_pair = to_pair(stride, "stride")
         r = _check_dilation(dilation)
+        pointwise = check_bool(pointwise, "pointwise")
+        bias = check_bool(bias, "bias")
         if not pointwise and out_channels != in_channels:
             raise ValueError(
                 f"pointwise=False keeps only the depthwise conv, so out_channels must equal "
@@ -213,7 +216,9 @@ class DilatedSeparableConv2d(nn.Module):
         return receptive_field(self.kernel_size[0], self.dilation[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) -> (B, C', H', W')."""
+        """x (B, C, H, W) -> (B, C', H', W'), or unbatched (C, H, W) -> (C', H', W') as nn.Conv2d."""
+        if not torch.jit.is_scripting():  # keeps the module scriptable (there nn.Conv2d's own checks apply)
+            check_input(x, self.in_channels, "DilatedSeparableConv2d")  # nn.Conv2d runs (C, H, W) itself
         x = self.depthwise(x)
         return x if self.pointwise is None else self.pointwise(x)
 
@@ -295,16 +300,25 @@ class DepthwiseBranches(nn.Module):
         splits: channels of the input each branch reads (consecutive slices), or None for all.
 
     Shapes:
-        (B, C, H, W) -> (B, sum of branch out_channels, H', W').
+        (B, C, H, W) -> (B, sum of branch out_channels, H', W'); unbatched (C, H, W) as nn.Conv2d.
     """
 
     def __init__(self, convs: Sequence[nn.Conv2d], splits: tuple[int, ...] | None) -> None:
         super().__init__()
         self.convs = nn.ModuleList(convs)
         self.splits = splits
+        self.in_channels = sum(splits) if splits is not None else self.convs[0].in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if check_input(x, self.in_channels, "DepthwiseBranches"):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         return _branch_forward(x, self.convs, self.splits)
+
+
+_NO_SINGLE_WEIGHT = (
+    "PyramidDilatedConv2d(split=False) has no weight: every branch reads all channels, so there is no single "
+    "depthwise kernel (use split=True, or the branches' own weights)"
+)
 
 
 @register_conv(
@@ -327,7 +341,8 @@ class PyramidDilatedConv2d(nn.Module):
         bias: keyword-only, a bias per branch output channel (default False).
 
     Shapes:
-        (B, C, H, W) -> (B, C or len(dilations)·C, ceil(H/s), ceil(W/s)).
+        (B, C, H, W) -> (B, C or len(dilations)·C, ceil(H/s), ceil(W/s)); an unbatched (C, H, W)
+        input gives (C_out, H', W'), as for nn.Conv2d.
     """
 
     def __init__(
@@ -346,11 +361,11 @@ class PyramidDilatedConv2d(nn.Module):
         channels = check_channels(channels, "channels")
         k = _check_kernel(kernel_size)
         stride_pair = to_pair(stride, "stride")
-        if isinstance(dilations, int) or not isinstance(dilations, Sequence) or len(dilations) == 0:
+        if isinstance(dilations, int | str | bytes) or not isinstance(dilations, Sequence) or len(dilations) == 0:
             raise TypeError(f"dilations must be a non-empty sequence of ints >= 1, got {dilations!r}")
         rates = tuple(_check_dilation(r, "dilations") for r in dilations)
-        if not isinstance(split, bool):
-            raise TypeError(f"split must be a bool, got {split!r}")
+        split = check_bool(split, "split")
+        bias = check_bool(bias, "bias")
         self.splits: tuple[int, ...] | None = split_channels(channels, len(rates)) if split else None
         widths = self.splits if split else (channels,) * len(rates)
         factory = {"device": device, "dtype": dtype}
@@ -369,11 +384,20 @@ class PyramidDilatedConv2d(nn.Module):
     def weight(self) -> torch.Tensor:
         """The folded kernel (C, 1, K, K), K = (k - 1)·max(r) + 1 (split=True only)."""
         if not self.split:
-            raise AttributeError("weight: split=False has no single depthwise kernel (each branch reads all channels)")
+            raise AttributeError(_NO_SINGLE_WEIGHT)
         return fold_dilated_kernels([conv.weight for conv in self.branches], self.dilations)
 
+    def __getattr__(self, name: str) -> Any:
+        # a property's AttributeError sends Python to nn.Module.__getattr__, whose generic "no attribute"
+        # would replace the reason; keep it (hasattr() still answers False)
+        if name == "weight" and self.__dict__.get("split") is False:
+            raise AttributeError(_NO_SINGLE_WEIGHT)
+        return super().__getattr__(name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) -> (B, C_out, H', W')."""
+        """x (B, C, H, W) -> (B, C_out, H', W'), or unbatched (C, H, W) -> (C_out, H', W')."""
+        if check_input(x, self.in_channels, "PyramidDilatedConv2d"):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         return _branch_forward(x, self.branches, self.splits)
 
     @classmethod

@@ -35,7 +35,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convzoo.ops.autotune import AlgorithmCache
-from convzoo.ops.conv_spec import ConvSpec, PaddingArg, check_channels, memory_format_of, relayout, to_pair
+from convzoo.ops.conv_spec import (
+    ConvSpec,
+    PaddingArg,
+    check_channels,
+    check_input,
+    is_tracing,
+    memory_format_of,
+    relayout,
+    to_pair,
+)
 from convzoo.ops.depthwise import run_depthwise
 from convzoo.ops.multiception_train import branches_norm_pointwise, fused_training_applies
 from convzoo.ops.registry import needs_dense_spatial, register_conv
@@ -118,15 +127,6 @@ def centred_replaceable(conv: nn.Conv2d) -> str | None:
     return None
 
 
-def is_tracing() -> bool:
-    """True under fx symbolic tracing, TorchScript tracing, torch.compile or torch.export."""
-    from torch.fx import _symbolic_trace
-
-    # is_fx_tracing() also fires (with a warning) under torch.export; that case is is_compiling()
-    fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
-    return fx_tracing() or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
-
-
 def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """Eval-mode BN as ``x * scale + shift`` per channel."""
     scale = torch.rsqrt(bn.running_var + bn.eps)
@@ -139,7 +139,10 @@ def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
 
 
 class _MulticeptionBase(nn.Module):
-    """Shared geometry and attributes: (B, C_in, H, W) -> (B, C_out, floor((H-1)/s)+1, ...)."""
+    """Shared geometry and attributes: (B, C_in, H, W) -> (B, C_out, floor((H-1)/s)+1, ...).
+
+    Every form also takes an unbatched (C_in, H, W) input, run as a batch of one (as ``nn.Conv2d``).
+    """
 
     def _init_geometry(
         self,
@@ -213,6 +216,8 @@ class MulticeptionConv2d(_MulticeptionBase):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C_in, H, W) -> (B, C_out, H', W'); on CPU the depthwise step runs channels-last."""
+        if check_input(x, self.in_channels, "MulticeptionConv2d"):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if is_tracing() or x.device.type != "cpu":
             return self.bn_out(self.pointwise(self.bn_in(torch.cat([branch(x) for branch in self.branches], dim=1))))
         fmt = memory_format_of(x)
@@ -432,6 +437,8 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C_in, H, W) -> (B, C_out, H', W')."""
+        if check_input(x, self.in_channels, "FusedMulticeptionConv2d"):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if is_tracing():
             return self.pointwise(self.depthwise(x))
         algorithm = self.algorithm
@@ -480,6 +487,8 @@ class MulticeptionOfficial(_MulticeptionBase):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C_in, H, W) -> (B, C_out, H', W')."""
+        if check_input(x, self.in_channels, "MulticeptionOfficial"):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         z = torch.cat([branch(x) for branch in self.branches], dim=1)
         return self.bn_out(self.pointwise(self.bn_in(z)))
 

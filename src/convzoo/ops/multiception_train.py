@@ -201,7 +201,16 @@ def branches_norm_pointwise(
 
     Returns:
         (B, C_out, H', W').
+
+    Raises:
+        ValueError: ``x`` is not (B, C, H, W) with C the branches' ``in_channels``.
     """
+    channels = branches[0].in_channels
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(
+            f"branches_norm_pointwise needs x (B, C, H, W) with C = the branches' in_channels={channels}, "
+            f"got shape {tuple(x.shape)}"
+        )
     y, mean, var = _BranchesNormPointwise.apply(
         x,
         bn.weight,

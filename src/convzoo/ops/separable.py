@@ -21,13 +21,12 @@ from timm.layers import MixedConv2d
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from convzoo.ops.conv_spec import ConvSpec, PaddingArg, check_channels, relayout
+from convzoo.ops.conv_spec import ConvSpec, PaddingArg, check_channels, check_input, is_tracing, relayout
 from convzoo.ops.depthwise import run_depthwise
 from convzoo.ops.multiception import (
     centred_replaceable,
     check_centred_geometry,
     check_kernels,
-    is_tracing,
     memory_format_of,
 )
 from convzoo.ops.registry import register_conv
@@ -56,7 +55,9 @@ class _SeparableBase(nn.Module):
         self.bn_out = nn.BatchNorm2d(self.out_channels, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (B, C_in, H, W) -> (B, C_out, floor((H-1)/s)+1, floor((W-1)/s)+1)."""
+        """x (B, C_in, H, W) -> (B, C_out, floor((H-1)/s)+1, floor((W-1)/s)+1); unbatched (C_in, H, W) as nn.Conv2d."""
+        if check_input(x, self.in_channels, type(self).__name__):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if is_tracing() or x.device.type != "cpu":
             return self.bn_out(self.pointwise(self.depthwise(x)))
         fmt = memory_format_of(x)
@@ -73,7 +74,10 @@ class _SeparableBase(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> nn.Sequential:
-        """``nn.Sequential(depthwise, pointwise)`` with BN(C_out) folded into the 1x1 (exact in eval mode)."""
+        """``nn.Sequential(depthwise, pointwise)`` with BN(C_out) folded into the 1x1 (exact in eval mode).
+
+        MixConv's holds timm's ``MixedConv2d``, which takes batched (B, C, H, W) input only.
+        """
         pointwise = fuse_conv_bn_eval(self.pointwise.eval(), self.bn_out.eval())
         self.pointwise.train(self.training)
         self.bn_out.train(self.training)
