@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import convzoo
-from convzoo.models.registry import get_model_entry
 from convzoo.models.materialize import materialize, reject_zero_init_residual, reset_zoo_parameters_
+from convzoo.models.registry import get_model_entry
 
 
 class _Net(nn.Module):
