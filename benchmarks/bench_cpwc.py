@@ -9,7 +9,7 @@ paper's rule). Forms measured, all in one process and timed interleaved with the
   conv with ``groups=Z`` (r channels per group) or a depthwise conv with a channel multiplier;
 * the same models in ``channels_last`` memory format (baseline in channels_last too).
 
-Inference compares deployed models (``convzoo.deploy``: BN folded where it follows an nn.Conv2d).
+Inference compares deployed models (``convzoo.deploy``: BN folded into the nn.Conv2d or CPWC before it).
 A second table times stage 1 alone on ResNet-50 layer shapes, both forms, forward + backward.
 
     python benchmarks/bench_cpwc.py            # full run, writes results/cpwc.md
@@ -179,8 +179,8 @@ def main() -> None:
     body += (
         f"\n\nBatch {BATCH}, {SIZE}x{SIZE} input, 10 classes. Medians of {repeats} interleaved runs after 2 "
         "warm-up runs; every ratio is against the baseline model measured in the same loop (same memory "
-        "format). Inference compares deployed models (BN folded where it follows an nn.Conv2d; the BN after a "
-        f"CPWC stays). Target: time ratio <= {TARGET} x MACs ratio (bold where met).\n\n"
+        "format). Inference compares deployed models (every BN folded into the conv or CPWC before it). "
+        f"Target: time ratio <= {TARGET} x MACs ratio (bold where met).\n\n"
     )
     body += "## Stage 1 alone: convzoo's form vs the literal grouped conv (forward + backward)\n\n"
     body += markdown_table(
