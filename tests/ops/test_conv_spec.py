@@ -110,6 +110,11 @@ def test_check_input_accepts_batched_and_unbatched_inputs() -> None:
         (torch.randn(1, 1, 3, 4, 5), ValueError, r"4-D input .*got shape \(1, 1, 3, 4, 5\)"),
         (torch.randn(2, 4, 4, 5), ValueError, r"Layer has in_channels=3, got an input with 4 channels"),
         (torch.randn(2, 4, 5), ValueError, r"in_channels=3, got an input with 2 channels \(shape \(2, 4, 5\)\)"),
+        (
+            torch.ones(2, 3, 4, 5, dtype=torch.int64),
+            TypeError,
+            "Layer expects a floating-point input, got dtype torch.int64",
+        ),
     ],
 )
 def test_check_input_rejects(x, error, match) -> None:

@@ -72,7 +72,7 @@ def check_input(x: object, in_channels: int, layer_name: str) -> bool:
         (``forward(x.unsqueeze(0)).squeeze(0)``, as ``nn.Conv2d`` does).
 
     Raises:
-        TypeError: ``x`` is not a tensor.
+        TypeError: ``x`` is not a floating-point tensor.
         ValueError: ``x`` is not 3-D or 4-D, or its channel count C is not ``in_channels``.
     """
     if isinstance(x, fx.Proxy):
@@ -84,6 +84,8 @@ def check_input(x: object, in_channels: int, layer_name: str) -> bool:
             f"{layer_name} expects a 4-D input (B, C, H, W) or an unbatched 3-D input (C, H, W), "
             f"got shape {tuple(x.shape)}"
         )
+    if not x.is_floating_point():
+        raise TypeError(f"{layer_name} expects a floating-point input, got dtype {x.dtype}")
     if not torch.jit.is_tracing() and x.shape[-3] != in_channels:
         raise ValueError(
             f"{layer_name} has in_channels={in_channels}, got an input with {x.shape[-3]} channels "
