@@ -207,3 +207,13 @@ def test_the_input_check_leaves_compile_export_and_jit_trace_working(make) -> No
             traced = torch.jit.trace(layer, (x,))
         torch.testing.assert_close(traced(x), expected)
     torch._dynamo.reset()
+
+
+def test_numpy_integers_are_ints_as_in_nn_conv2d() -> None:
+    import numpy as np
+
+    spec = ConvSpec.create(np.int64(4), np.int64(6), np.int64(3), (np.int32(2), 1), np.int64(1))
+    assert spec.kernel_size == (3, 3) and spec.stride == (2, 1) and spec.padding == (1, 1)
+    assert all(type(v) is int for v in (*spec.kernel_size, *spec.stride, *spec.padding, spec.in_channels))
+    with pytest.raises(TypeError, match="kernel_size must be an int or a pair of ints, got True"):
+        ConvSpec.create(4, 6, True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,8 @@ PaddingArg = int | tuple[int, int] | str
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer that is not a bool: Python ints and ``numbers.Integral`` types such as ``numpy.int64``."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def to_pair(value: object, name: str, *, minimum: int = 1) -> tuple[int, int]:
@@ -32,7 +34,7 @@ def to_pair(value: object, name: str, *, minimum: int = 1) -> tuple[int, int]:
         ValueError: an element is below ``minimum``.
     """
     if _is_int(value):
-        pair = (value, value)
+        pair = (int(value), int(value))
     elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
         if not all(_is_int(v) for v in value):
             raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
