@@ -16,6 +16,7 @@ from convzoo import (
     fold_batchnorm,
     reparameterize,
 )
+from convzoo.ops.cac_cost import calibrate_sharp_ratio_
 from convzoo.testing import randomize_batchnorm_
 
 
@@ -361,3 +362,35 @@ def test_deployed_resnet_has_baseline_parameters_and_macs() -> None:
     assert count_parameters(deployed) == count_parameters(baseline)
     assert count_macs(deployed) == count_macs(baseline)
     assert _folded_bn_count(deployed) == 0
+
+
+REPARAMETERIZED = [
+    ("cifar_resnet20", "doconv"),
+    ("cifar_resnet20", "multiception"),
+    ("cifar_resnet20", "dsconv"),
+    ("cifar_resnet20", "mixconv"),
+    ("cifar_resnet20", "cac"),
+    ("cifar_mobilenetv2", "pyramid"),
+    ("cifar_mobilenetv2", "dds"),
+]
+
+
+@pytest.mark.parametrize(("name", "kind"), REPARAMETERIZED, ids=[kind for _, kind in REPARAMETERIZED])
+def test_timm_reparameterize_model_folds_every_kind_exactly(name: str, kind: str) -> None:
+    """timm.utils.reparameterize_model understands every operator's fuse(), as convzoo.deploy() does."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = convzoo.create_model(name, conv=kind, dtype=torch.float64)
+    randomize_batchnorm_(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, DOConv2d):
+                module.d_delta.normal_(0, 0.1)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    if kind == "cac":  # about half the windows sharp, so both branches of every layer run
+        calibrate_sharp_ratio_(model, x, 0.5)
+    expected = model(x)
+    folded = timm.utils.reparameterize_model(model)
+    assert {type(m) for m in folded.modules()} != {type(m) for m in model.modules()}, "nothing was folded"
+    torch.testing.assert_close(folded(x), expected, rtol=1e-10, atol=1e-10)

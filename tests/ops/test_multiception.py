@@ -153,9 +153,10 @@ def test_bad_fused_algorithm() -> None:
         FusedMulticeptionConv2d(4, 6, kernels=(3, 5), algorithm="fastest")
 
 
-def test_single_3x3_kernel_is_dsconv_with_bn_in_folded() -> None:
-    module = _randomized(MulticeptionConv2d(4, 6, 3, 2, kernels=(3,), **F64)).eval()
-    ds = DSConv2d(4, 6, 3, 2, **F64).eval()
+@pytest.mark.parametrize(("c_in", "c_out", "stride", "size"), [(4, 6, 2, 7), (4, 6, 1, 8), (5, 3, 2, 10), (3, 8, 1, 5)])
+def test_single_3x3_kernel_is_dsconv_with_bn_in_folded(c_in: int, c_out: int, stride: int, size: int) -> None:
+    module = _randomized(MulticeptionConv2d(c_in, c_out, 3, stride, kernels=(3,), **F64)).eval()
+    ds = DSConv2d(c_in, c_out, 3, stride, **F64).eval()
     scale = module.bn_in.weight / torch.sqrt(module.bn_in.running_var + module.bn_in.eps)
     shift = module.bn_in.bias - module.bn_in.running_mean * scale
     with torch.no_grad():
@@ -163,9 +164,22 @@ def test_single_3x3_kernel_is_dsconv_with_bn_in_folded() -> None:
         ds.pointwise.weight.copy_(module.pointwise.weight * scale[None, :, None, None])
         ds.pointwise.bias.copy_(module.pointwise.bias + module.pointwise.weight.flatten(1) @ shift)
         ds.bn_out.load_state_dict(module.bn_out.state_dict())
-    x = torch.randn(2, 4, 7, 7, **F64)
+    x = torch.randn(2, c_in, size, size + 1, **F64)
     torch.testing.assert_close(ds(x), module(x), rtol=1e-12, atol=1e-12)
-    assert count_parameters(module) == count_parameters(ds) + 2 * 4  # BN(in) affine
+    assert count_parameters(module) == count_parameters(ds) + 2 * c_in  # BN(in) affine
+
+
+@pytest.mark.parametrize("kernels", [(3, 5, 7), (3, 5), (3, 3)])
+def test_stride_in_the_depthwise_step_saves_three_quarters_of_its_macs(kernels) -> None:
+    """Same outputs as the official form (tested above), with the depthwise convs at the output resolution."""
+    ours, official = (
+        MulticeptionConv2d(8, 16, 3, 2, kernels=kernels),
+        MulticeptionOfficial(8, 16, 3, 2, kernels=kernels),
+    )
+    depthwise = 8 * sum(k * k for k in kernels)  # MACs per position of all branches
+    pointwise = 8 * len(kernels) * 16
+    assert convzoo.count_macs(ours, (8, 16, 16)) == 8 * 8 * (depthwise + pointwise)
+    assert convzoo.count_macs(official, (8, 16, 16)) == 16 * 16 * depthwise + 8 * 8 * pointwise
 
 
 def test_parameter_count_by_hand() -> None:
