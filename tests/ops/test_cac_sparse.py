@@ -48,7 +48,7 @@ def _half_sharp(kwargs: dict, x: torch.Tensor, quantile: float = 0.5) -> CAConv2
 
 
 @pytest.mark.parametrize(("kwargs", "h", "w"), GEOMETRIES, ids=IDS)
-@pytest.mark.parametrize("quantile", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("quantile", [0.0, 0.4, 0.8, 1.0])  # 0.4: 60 % sharp, 0.8: 20 % (the picking dense path)
 @pytest.mark.parametrize("algorithm", ["pixel", "block"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_sparse_and_dense_paths_equal_the_dense_masked_form(
