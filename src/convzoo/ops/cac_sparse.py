@@ -25,9 +25,10 @@ the sharp windows cluster.
 
 Above a fraction of active units (``threshold``: sharp windows for "pixel", blocks for "block") the
 dense conv is faster and the module runs it instead, then writes the 1×1 over the smooth windows
-only (gathered centres); nothing more when every window is sharp. Where the two cross depends on
-the layer's size and the machine (64 channels at 32×32: ρ ≈ 0.45; 16 channels: ≈ 0.2), so by
-default (``threshold="auto"``) the pixel algorithm measures it once per input signature, like
+only (gathered centres) or, when most windows are smooth (small layers, where the sparse path cannot
+win), runs the 1×1 everywhere too and picks with the mask; nothing more when every window is sharp.
+Where the two cross depends on the layer's size and the machine (64 channels at 32×32: ρ ≈ 0.45;
+16 channels: ≈ 0.2), so by default (``threshold="auto"``) the pixel algorithm measures it once per input signature, like
 ``torch.backends.cudnn.benchmark``: on the first input of a new shape / layout / dtype / device it
 times both paths on that input with random masks at ρ = 0.2 and 0.6 and takes the crossing of
 the two lines as the threshold for that signature.
@@ -75,8 +76,10 @@ DEFAULT_BLOCK_THRESHOLD = 0.7
 DENSE_WHERE_BELOW = 0.5
 """Below this fraction of sharp windows the dense path picks with the mask instead of gathering smooth centres.
 
-A design measurement (in-process A/B over cifar_resnet20's layer shapes, both layouts, ρ = 0.1 to 0.9):
-picking cost 0.75-0.9x the gathering at ρ <= 0.25 on the 16-64-channel layers, and gathering won at ρ = 0.9.
+Design measurements (in-process A/B runs): over cifar_resnet20's layer shapes, both layouts, ρ = 0.1 to
+0.9, picking cost 0.75-0.9x the gathering at ρ <= 0.25 on the 16-64-channel layers and gathering won at
+ρ = 0.9; on the deployed CAC cifar_resnet20 (batch 64, ρ ramped 0.2 -> 0.8 by depth) the step went from
+1.69-1.74x to 1.61x the standard model, and picking in the caller's (NCHW) layout made it slower (1.91x).
 """
 
 _COLUMN_CHUNK_BYTES = 64 << 20
@@ -378,11 +381,12 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         """The k×k conv everywhere; the 1×1 over the smooth windows.
 
         With few smooth windows (``sharp_fraction >= DENSE_WHERE_BELOW``) the 1×1 runs on their gathered
-        centres and is written over the conv's output (channels-last); with many, both convs run
-        everywhere in the caller's layout and the mask picks, which costs less than gathering most of
-        the map (the dense masked form itself).
+        centres and is written over the conv's output; with many, both convs run everywhere and the mask
+        picks, which costs less than gathering most of the map (the dense masked form itself). Both
+        run channels-last, as every path of this module does.
         """
         if sharp_fraction < DENSE_WHERE_BELOW:
+            x = x.contiguous(memory_format=torch.channels_last)
             smooth = self._smooth(x, None, out_size)
             return torch.where(mask.unsqueeze(1), self.spec.conv2d(x, self.weight, self.bias), smooth)
         x = x.contiguous(memory_format=torch.channels_last)
