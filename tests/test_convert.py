@@ -16,8 +16,7 @@ from convzoo import (
     fold_batchnorm,
     reparameterize,
 )
-from convzoo.ops.cac_cost import calibrate_sharp_ratio_
-from convzoo.testing import randomize_batchnorm_
+from convzoo.testing import make_trained_like_, randomize_batchnorm_
 
 
 def small_net() -> nn.Sequential:
@@ -380,16 +379,8 @@ def test_timm_reparameterize_model_folds_every_kind_exactly(name: str, kind: str
     """timm.utils.reparameterize_model understands every operator's fuse(), as convzoo.deploy() does."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = convzoo.create_model(name, conv=kind, dtype=torch.float64)
-    randomize_batchnorm_(model)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, DOConv2d):
-                module.d_delta.normal_(0, 0.1)
-    model.eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    if kind == "cac":  # about half the windows sharp, so both branches of every layer run
-        calibrate_sharp_ratio_(model, x, 0.5)
+    model = make_trained_like_(convzoo.create_model(name, conv=kind, dtype=torch.float64), x)
     expected = model(x)
     folded = timm.utils.reparameterize_model(model)
     assert {type(m) for m in folded.modules()} != {type(m) for m in model.modules()}, "nothing was folded"

@@ -7,18 +7,7 @@ import torch
 
 import convzoo
 from convzoo import DOConv2d
-from convzoo.ops.cac_cost import calibrate_sharp_ratio_
-from convzoo.testing import randomize_batchnorm_
-
-
-def _trained_doconv_resnet() -> torch.nn.Module:
-    model = convzoo.create_model("cifar_resnet20", conv="doconv")
-    randomize_batchnorm_(model)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, DOConv2d):
-                module.d_delta.normal_(0, 0.1)
-    return model.eval()
+from convzoo.testing import make_trained_like_
 
 
 def test_torch_compile_training_form_matches_eager() -> None:
@@ -44,15 +33,9 @@ def test_torch_compile_inductor_training_step() -> None:
 
 
 def _trained(name: str, kind: str) -> torch.nn.Module:
-    """A model of ``kind`` in a trained-like state: random BN statistics, non-identity operator parameters."""
-    if kind == "doconv":
-        return _trained_doconv_resnet()
+    """A model of ``kind`` in a trained-like state (random BN statistics and D', CAC half sharp)."""
     torch.manual_seed(0)
-    model = convzoo.create_model(name, conv=kind)
-    randomize_batchnorm_(model)
-    if kind == "cac":  # about half the windows sharp in every layer, so both branches appear
-        calibrate_sharp_ratio_(model.eval(), torch.randn(4, 3, 32, 32), 0.5)
-    return model.eval()
+    return make_trained_like_(convzoo.create_model(name, conv=kind), torch.randn(4, 3, 32, 32))
 
 
 EXPORTED = [

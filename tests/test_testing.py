@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from convzoo.testing import randomize_batchnorm_
+import convzoo
+from convzoo.ops.cac import cac_layers
+from convzoo.ops.doconv import DOConv2d
+from convzoo.testing import make_trained_like_, randomize_batchnorm_
 
 
 def _net() -> nn.Module:
@@ -67,3 +70,16 @@ def test_randomize_batchnorm_handles_bns_without_running_statistics_or_affine() 
 def test_randomize_batchnorm_needs_a_module() -> None:
     with pytest.raises(TypeError, match="model must be an nn.Module, got NoneType"):
         randomize_batchnorm_(None)
+
+
+@pytest.mark.parametrize("kind", ["doconv", "cac"])
+def test_make_trained_like_moves_bn_d_prime_and_cac_masks(kind: str) -> None:
+    x = torch.randn(2, 3, 16, 16)
+    model = make_trained_like_(convzoo.create_model("cifar_resnet20", conv=kind), x, sharp_ratio=0.5)
+    assert not model.training
+    assert all((bn.running_mean != 0).all() for bn in _bns(model))
+    if kind == "doconv":
+        assert all(m.d_delta.abs().sum() > 0 for m in model.modules() if isinstance(m, DOConv2d))
+    else:
+        model(x)
+        assert all(0.2 < float(layer.last_rho().mean()) < 0.8 for _, layer in cac_layers(model))

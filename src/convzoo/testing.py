@@ -8,7 +8,7 @@ from torch import nn
 from convzoo.ops.registry import check_module
 from convzoo.profiling import count_parameters
 
-__all__ = ["assert_same_backward", "count_parameters", "randomize_batchnorm_"]
+__all__ = ["assert_same_backward", "count_parameters", "make_trained_like_", "randomize_batchnorm_"]
 
 
 @torch.no_grad()
@@ -31,6 +31,34 @@ def randomize_batchnorm_(model: nn.Module, *, generator: torch.Generator | None 
             if module.affine:
                 module.weight.copy_(torch.randn(shape, generator=generator).to(**like) * 0.5 + 1.0)
                 module.bias.copy_(torch.randn(shape, generator=generator).to(**like) * 0.5)
+    return model
+
+
+@torch.no_grad()
+def make_trained_like_(model: nn.Module, inputs: torch.Tensor, *, sharp_ratio: float = 0.5) -> nn.Module:
+    """Put a model with convzoo operators into a trained-like state, in place, and return it in eval mode.
+
+    A freshly converted model hides folding bugs (BN near identity, DO-Conv's D' = 0, every CAC window
+    sharp). This randomizes every BatchNorm (:func:`randomize_batchnorm_`), draws DO-Conv's D' from
+    N(0, 0.1²) and calibrates CAC layers so that ``sharp_ratio`` of the windows of ``inputs`` are sharp
+    (both branches of every layer then run).
+
+    Args:
+        model: any model; operators it does not hold are left alone.
+        inputs: a batch (B, C, H, W) for the CAC calibration.
+        sharp_ratio: the target fraction of sharp CAC windows in [0, 1].
+    """
+    from convzoo.ops.cac import has_cac_layers
+    from convzoo.ops.cac_cost import calibrate_sharp_ratio_
+    from convzoo.ops.doconv import DOConv2d
+
+    randomize_batchnorm_(model)
+    for module in model.modules():
+        if isinstance(module, DOConv2d):
+            module.d_delta.normal_(0, 0.1)
+    model.eval()
+    if has_cac_layers(model):
+        calibrate_sharp_ratio_(model, inputs, sharp_ratio)
     return model
 
 
