@@ -385,3 +385,99 @@ def test_timm_reparameterize_model_folds_every_kind_exactly(name: str, kind: str
     folded = timm.utils.reparameterize_model(model)
     assert {type(m) for m in folded.modules()} != {type(m) for m in model.modules()}, "nothing was folded"
     torch.testing.assert_close(folded(x), expected, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------- devices and dtypes
+def _kind_net(kind: str, **factory) -> nn.Module:
+    """One layer of ``kind`` then BN and ReLU: (B, 8, H, W) -> (B, C, H, W). 5x5 kernels, so that the
+    depthwise parts are wider than 3 and take the CPU fast paths (column-block weight gradients)."""
+    if kind == "cpwc":
+        conv = nn.Conv2d(8, 12, 1, bias=False, **factory)
+    elif kind == "pyramid":
+        conv = nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=False, **factory)
+    else:
+        conv = nn.Conv2d(8, 12, 5, padding=2, bias=False, **factory)
+    net = nn.Sequential(conv, nn.BatchNorm2d(conv.out_channels, **factory), nn.ReLU())
+    return convert(net, kind, strict=True)
+
+
+@pytest.mark.parametrize("kind", list(convzoo.list_convs()))
+def test_every_kind_trains_under_autocast(kind: str) -> None:
+    """Forward and backward under torch.autocast (CPU bfloat16 here; CUDA float16 takes the same code):
+    the output comes out in the autocast dtype and every float32 parameter gets a float32 gradient."""
+    net = _kind_net(kind)
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = net(x)
+    assert y.dtype == torch.bfloat16  # CAC's straight-through term used to promote its output to float32
+    y.float().square().mean().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    for name, parameter in net.named_parameters():
+        if parameter.grad is not None:
+            assert parameter.grad.dtype == torch.float32 and parameter.grad.isfinite().all(), name
+
+
+@pytest.mark.parametrize("kind", list(convzoo.list_convs()))
+def test_every_kind_runs_on_the_meta_device(kind: str) -> None:
+    """Built on the meta device, every form runs there: a tensor made in forward or fuse() on another
+    device (a CPU default, say, where CUDA is meant) would raise when mixed with the meta input."""
+    net = _kind_net(kind, device="meta")
+    x = torch.empty(2, 8, 9, 9, device="meta")
+    assert net(x).device.type == "meta"
+    assert net.eval()(x).device.type == "meta"
+    deployed = deploy(net)
+    assert {p.device.type for p in deployed.parameters()} == {"meta"}
+    if kind != "cac":  # the sparse CAC form reads its sharp-window count on the host (one sync per call)
+        assert deployed(x).device.type == "meta"
+
+
+@pytest.mark.parametrize("kind", list(convzoo.list_convs()))
+def test_every_kind_deploys_in_float16_with_float32_batchnorms(kind: str) -> None:
+    """A half-precision model that keeps its BatchNorms in float32 (a common mixed set-up) deploys to
+    float16 layers, as torch's fuse_conv_bn_eval does for nn.Conv2d, and computes what it computed."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float16)
+    net = _kind_net(kind).half()
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.float()
+    make_trained_like_(net, x)
+    with torch.no_grad():
+        expected = net(x)
+        deployed = deploy(net)
+        y = deployed(x)
+    assert y.dtype == torch.float16
+    assert {p.dtype for p in deployed.parameters()} == {torch.float16}
+    torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+class _ConvBnReLU(nn.Module):
+    def __init__(self, kind: str | None = None) -> None:
+        super().__init__()
+        conv = nn.Conv2d(4, 6, 1 if kind == "cpwc" else 3, padding=0 if kind == "cpwc" else 1, bias=False)
+        self.conv = conv if kind is None else convert(conv, kind)
+        self.bn = nn.BatchNorm2d(6)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("kind", [None, "cpwc", "cac"])
+@pytest.mark.parametrize("container", ["sequential", "traced"])
+def test_sync_batchnorm_folds_like_batchnorm(kind: str | None, container: str) -> None:
+    """A model trained with SyncBatchNorm (``--sync-bn`` on CUDA) deploys with its BNs folded, into a plain
+    conv and into the operators with fuse_batchnorm(); it used to keep every SyncBatchNorm unfolded."""
+    torch.manual_seed(0)
+    model = _ConvBnReLU(kind)
+    if container == "sequential":
+        model = nn.Sequential(model.conv, model.bn, model.act)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(randomize_batchnorm_(model)).eval()
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        expected = model(x)
+        deployed = deploy(model)
+        y = deployed(x)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deployed.modules())
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)

@@ -217,7 +217,7 @@ def _reparameterize(module: nn.Module, name: str) -> nn.Module:
     return module
 
 
-_FOLDABLE_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+_FOLDABLE_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)  # SyncBatchNorm: what --sync-bn CUDA training holds
 
 
 def _bn_replacement(bn: nn.Module) -> nn.Module | None:
@@ -231,7 +231,7 @@ def _bn_replacement(bn: nn.Module) -> nn.Module | None:
 
 def _foldable(bn: nn.Module) -> bool:
     return (
-        isinstance(bn, nn.BatchNorm2d)
+        isinstance(bn, _FOLDABLE_BN)
         and _bn_replacement(bn) is not None
         and bn.running_mean is not None
         and bn.running_var is not None
@@ -242,7 +242,7 @@ class _PairTracer(fx.Tracer):
     """Traces module-level dataflow; convs, BNs and convzoo operators stay leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, nn.Conv2d | nn.BatchNorm2d) or operator_kind(m) is not None or _accepts_bn(m):
+        if isinstance(m, (nn.Conv2d, *_FOLDABLE_BN)) or operator_kind(m) is not None or _accepts_bn(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

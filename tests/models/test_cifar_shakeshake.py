@@ -81,3 +81,19 @@ def test_deploy_traces_and_folds_every_bn_that_follows_a_conv() -> None:
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         CifarShakeShake(**kwargs)
+
+
+def test_a_cpu_generator_serves_branches_on_another_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.rand(device='cuda', generator=<CPU generator>) raises; the coefficients are drawn on the
+    generator's device and moved. (Meta tensors stand in for CUDA; rand is checked as CUDA checks it.)"""
+    rand = torch.rand
+
+    def checked_rand(*args, generator=None, device=None, **kwargs):
+        if generator is not None and torch.device(device).type != generator.device.type:
+            raise RuntimeError(f"Expected a '{torch.device(device).type}' device type for generator")
+        return rand(*args, generator=generator, device=device, **kwargs)
+
+    monkeypatch.setattr(torch, "rand", checked_rand)
+    x1, x2 = torch.empty(4, 3, 2, 2, device="meta"), torch.empty(4, 3, 2, 2, device="meta")
+    mixed = shake_shake(x1, x2, training=True, generator=torch.Generator().manual_seed(0))
+    assert mixed.device.type == "meta" and mixed.shape == x1.shape

@@ -77,3 +77,13 @@ def test_nothing_is_timed_or_cached_under_a_dispatch_mode() -> None:
     with FlopCounterMode(display=False):
         assert cache.choose(torch.zeros(3), candidates) == "first"
     assert calls == {} and len(cache) == 0
+
+
+def test_signature_tells_devices_and_autocast_apart() -> None:
+    """A choice timed in float32 is not reused under autocast (the convs then run in half precision)."""
+    x = torch.zeros(2, 3, 4, 5)
+    plain = input_signature(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert input_signature(x) != plain
+    assert input_signature(x.to("meta")) != plain
+    assert "cpu" in plain  # the device with its index, e.g. 'cuda:1'

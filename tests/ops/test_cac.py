@@ -347,3 +347,17 @@ def test_backward_is_finite_on_flat_inputs() -> None:
     layer(x).square().sum().backward()
     for name, grad in [("x", x.grad), ("gamma", layer.gamma.grad), ("beta", layer.beta.grad), ("w", layer.weight.grad)]:
         assert torch.isfinite(grad).all(), name
+
+
+def test_training_output_keeps_the_autocast_dtype() -> None:
+    """The straight-through term (float32 score map) used to promote the bfloat16 output to float32 in
+    training, unlike eval; it is 0 in value and still carries the gradient to gamma and beta."""
+    layer = CAConv2d(4, 6, 3, padding=1, gamma_init=1.0, beta_init=-0.5)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        expected = layer.eval()(x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(y, expected)
+    y.float().square().sum().backward()
+    assert layer.gamma.grad is not None and layer.beta.grad is not None and float(layer.beta.grad) != 0

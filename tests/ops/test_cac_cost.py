@@ -244,3 +244,20 @@ def test_calibration_errors() -> None:
         calibrate_sharp_ratio_(model, x, 1.5)
     with pytest.raises(ValueError, match=r"rho must be a ratio in \[0, 1\] or 1 of them"):
         calibrate_sharp_ratio_(model, x, [0.5, 0.5])
+
+
+def test_loss_does_not_read_the_ratio_out_of_the_device() -> None:
+    """``float(ratio)`` in forward synced the device on every training step; ``last_ratio`` is read on
+    demand. On the meta device any read-out raises, so the step itself must do none."""
+    with torch.device("meta"):
+        model = convzoo.convert(CifarResNet(1, 4), "cac")
+    loss = CACLoss(model, lam=0.3)
+    task = model(torch.empty(2, 3, 8, 8, device="meta")).sum()
+    assert loss(task).device.type == "meta"
+    cpu_model = _model()
+    cpu_loss = CACLoss(cpu_model, lam=0.3)
+    assert cpu_loss.last_ratio is None
+    cpu_model(torch.randn(2, 3, 6, 6, **F64))
+    cpu_loss(torch.tensor(1.0, **F64))
+    assert isinstance(cpu_loss.last_ratio, float)
+    assert cpu_loss.last_ratio == float(cpu_loss.cost_ratio().detach())

@@ -343,3 +343,29 @@ def test_fuse_batchnorm_errors() -> None:
         sparse.fuse_batchnorm(nn.LayerNorm(8))
     with pytest.raises(ValueError, match="bn has 4 features, the layer 8 output channels"):
         sparse.fuse_batchnorm(nn.BatchNorm2d(4))
+
+
+def test_block_algorithm_under_autocast_with_partial_tiles() -> None:
+    """Its output buffer takes the convs' dtype: under autocast that is bfloat16 / float16 while x is
+    float32, and index_copy_ refuses to mix the two (the map here is not a whole number of tiles)."""
+    torch.manual_seed(0)
+    layer = CAConv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 9, 11)
+    calibrate_sharp_ratio_(layer, x, 0.3)
+    sparse = CACSparseConv2d.from_cac(layer, algorithm="block", threshold=1.0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparse(x)
+        expected = layer.eval()(x)
+    assert sparse.last_path == "sparse" and y.dtype == torch.bfloat16
+    assert_close(y, expected, rtol=0.02, atol=0.02)
+
+
+def test_fuse_batchnorm_keeps_the_layer_dtype() -> None:
+    """A float32 BN after a float16 layer folds into float16 tensors (as torch's fuse_conv_bn_eval)."""
+    layer = CAConv2d(4, 6, 3, padding=1, bias=False, dtype=torch.float16)
+    bn = randomize_batchnorm_(nn.BatchNorm2d(6)).eval()
+    fused = layer.fuse().fuse_batchnorm(bn)
+    assert {p.dtype for p in fused.parameters()} == {torch.float16}
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float16)
+    with torch.no_grad():
+        assert_close(fused(x).float(), bn(layer.eval()(x).float()), rtol=0.02, atol=0.02)

@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import fx, nn
 
-from convzoo.ops.conv_spec import ConvSpec, check_bool, check_input, memory_format_of, relayout
+from convzoo.ops.conv_spec import (
+    ConvSpec,
+    autocast_enabled,
+    check_bool,
+    check_input,
+    memory_format_of,
+    relayout,
+)
 from convzoo.ops.cpwc import CPWConv2d
 from convzoo.ops.dilated import DilatedSeparableConv2d, PyramidDilatedConv2d
 from convzoo.ops.multiception import MulticeptionConv2d, MulticeptionOfficial
@@ -217,3 +224,11 @@ def test_numpy_integers_are_ints_as_in_nn_conv2d() -> None:
     assert all(type(v) is int for v in (*spec.kernel_size, *spec.stride, *spec.padding, spec.in_channels))
     with pytest.raises(TypeError, match="kernel_size must be an int or a pair of ints, got True"):
         ConvSpec.create(4, 6, True)
+
+
+def test_autocast_enabled_is_per_device_type_and_false_for_meta() -> None:
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert not autocast_enabled(cpu) and not autocast_enabled(meta)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_enabled(cpu)
+        assert not autocast_enabled(meta)  # torch.is_autocast_enabled("meta") raises

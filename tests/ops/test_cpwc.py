@@ -362,3 +362,29 @@ def test_unbatched_input_as_nn_conv2d(c: int, z: int, options: dict) -> None:
     out = module(x)
     assert out.dim() == 3 and out.shape[0] == z
     torch.testing.assert_close(out, module(x[None])[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels", [(2, 5), (5, 2)])
+def test_reset_parameters_refills_the_buffers_after_to_empty(channels: tuple[int, int]) -> None:
+    """Built on the meta device then allocated with to_empty(), the identity kernel and case 3's channel
+    index are uninitialized memory until reset_parameters() (garbage indices: a CUDA device-side assert)."""
+    reference = CPWConv2d(*channels)
+    layer = CPWConv2d(*channels, device="meta").to_empty(device="cpu")
+    layer.reset_parameters()
+    assert torch.equal(layer.stage2_identity, reference.stage2_identity)
+    if reference.stage1_channels is None:
+        assert layer.stage1_channels is None
+    else:
+        assert torch.equal(layer.stage1_channels, reference.stage1_channels)
+
+
+@pytest.mark.parametrize("stage2", [True, False])
+def test_fuse_batchnorm_adds_a_bias_in_the_layer_dtype(stage2: bool) -> None:
+    """The bias a bias-free CPWC gets from a float32 BN is float16 like the layer (conv2d refuses to mix)."""
+    layer = CPWConv2d(4, 6, stage2=stage2, dtype=torch.float16).eval()
+    bn = randomize_batchnorm_(nn.BatchNorm2d(6)).eval()
+    fused = layer.fuse_batchnorm(bn)
+    assert {p.dtype for p in fused.parameters()} == {torch.float16}
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float16)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x).float(), bn(layer(x).float()), rtol=0.02, atol=0.02)

@@ -16,6 +16,7 @@ from convzoo.ops.depthwise import (
     input_grad_from_rows,
     padded_for_blocks,
     run_depthwise,
+    uses_column_blocks,
 )
 
 F64 = {"dtype": torch.float64}
@@ -214,3 +215,19 @@ def test_public_api() -> None:
 
     assert convzoo.depthwise_conv2d is depthwise_conv2d
     assert "depthwise_conv2d" in convzoo.__all__
+
+
+def test_column_blocks_stay_off_under_autocast() -> None:
+    """Under autocast F.conv2d casts x and the weight itself; the custom backward would meet a bfloat16
+    gradient next to float32 saved tensors (oneDNN: "could not create a primitive descriptor")."""
+    x = torch.randn(2, 4, 9, 9)
+    weight = torch.randn(4, 1, 5, 5, requires_grad=True)
+    assert uses_column_blocks(x, weight, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not uses_column_blocks(x, weight, 1, 1)
+        y = depthwise_conv2d(x, weight, None, 1, 2)
+        expected = F.conv2d(x, weight.detach(), None, 1, 2, 1, 4)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected)
+    y.float().sum().backward()
+    assert weight.grad is not None and weight.grad.dtype == torch.float32

@@ -402,3 +402,15 @@ def test_dds_stays_scriptable() -> None:
     scripted = torch.jit.script(module)
     x = torch.randn(2, 4, 7, 7, **F64)
     torch.testing.assert_close(scripted(x), module(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_from_conv_in_half_precision(dtype: torch.dtype) -> None:
+    """torch has no float16 / bfloat16 SVD (on CPU or CUDA): the rank-1 init is computed in float32."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    reference = DilatedSeparableConv2d.from_conv(conv, dilation=1)
+    module = DilatedSeparableConv2d.from_conv(conv.to(dtype), dilation=1)
+    assert {p.dtype for p in module.parameters()} == {dtype}
+    for name, parameter in reference.named_parameters():
+        torch.testing.assert_close(module.get_parameter(name).float(), parameter, rtol=0.02, atol=0.02)

@@ -218,3 +218,32 @@ def test_odd_sizes_compute_the_composed_conv(stride, dilation) -> None:
     expected = F.conv2d(x, do.weight, do.bias, stride, dilation, dilation)
     torch.testing.assert_close(do(x), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(do(x), feature_composition(do, x), rtol=1e-10, atol=1e-12)
+
+
+def test_autocast_forward_and_backward() -> None:
+    """Under autocast the kernel is composed in float32 (the conv casts it); the custom backward used to
+    get a bfloat16 gradient against its float32 W and D and fail in bmm."""
+    torch.manual_seed(0)
+    layer = DOConv2d(4, 6, 3, padding=1, groups=2, d_mul=11)
+    with torch.no_grad():
+        layer.d_delta.normal_(0, 0.1)
+    x = torch.randn(2, 4, 7, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    grads = [p.grad for p in (layer.W, layer.d_delta, layer.bias)]
+    reference = DOConv2d(4, 6, 3, padding=1, groups=2, d_mul=11)
+    reference.load_state_dict(layer.state_dict())
+    reference(x).sum().backward()
+    for grad, expected in zip(grads, (reference.W.grad, reference.d_delta.grad, reference.bias.grad)):
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, expected, rtol=0.05, atol=0.05 * float(expected.abs().max()))
+
+
+def test_reset_parameters_refills_the_identity_after_to_empty() -> None:
+    """Built on the meta device then allocated with to_empty(), D's identity is uninitialized memory
+    until reset_parameters() (the meta-init / FSDP pattern, and convzoo's own materialize())."""
+    layer = DOConv2d(4, 6, 3, d_mul=11, device="meta").to_empty(device="cpu")
+    layer.reset_parameters()
+    assert torch.equal(layer.d_identity, identity_init(9, 11))

@@ -358,3 +358,28 @@ def test_unbatched_input_runs_as_a_batch_of_one(cls, stride: int) -> None:
     torch.testing.assert_close(out, layer(x[None])[0], rtol=1e-12, atol=1e-12)
     if cls is not MixConv2d:  # its deploy form holds timm's MixedConv2d, which splits dim 1: batched only
         torch.testing.assert_close(layer.fuse()(x), out, rtol=1e-12, atol=1e-12)
+
+
+def test_fuse_a_float16_layer_with_float32_batchnorms() -> None:
+    """A half-precision model that keeps BatchNorm in float32: the fold computes in float32 (the 1x1
+    weight @ BN shift used to mix Half and Float) and the fused form is float16."""
+    torch.manual_seed(0)
+    module = _randomized(MulticeptionConv2d(4, 6, 3, kernels=(3, 5))).half().eval()
+    module.bn_in.float()
+    module.bn_out.float()
+    fused = module.fuse()
+    assert {p.dtype for p in fused.parameters()} == {torch.float16}
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float16)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x).float(), module(x).float(), rtol=0.02, atol=0.02)
+
+
+def test_cpu_training_under_autocast() -> None:
+    """On CPU the depthwise step runs channels-last with column-block weight gradients; under autocast
+    it must leave them to F.conv2d (a bfloat16 gradient against float32 saved tensors failed in oneDNN)."""
+    module = MulticeptionConv2d(4, 6, 3, kernels=(3, 5, 7))
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x)
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in module.parameters())

@@ -41,13 +41,15 @@ def shake_shake(x1: Tensor, x2: Tensor, training: bool, generator: torch.Generat
     Args:
         x1, x2: branch outputs of the same shape.
         training: draw alpha, beta ~ U(0, 1) independently per image (else alpha = beta = 1/2).
-        generator: random generator for alpha and beta.
+        generator: random generator for alpha and beta, on any device (they are drawn on its device,
+            then moved to the branches'; a CPU generator for CUDA branches is fine).
     """
     if not training:
         return (x1 + x2) * 0.5
     shape = (x1.shape[0],) + (1,) * (x1.dim() - 1)
-    alpha = torch.rand(shape, generator=generator, device=x1.device, dtype=x1.dtype)
-    beta = torch.rand(shape, generator=generator, device=x1.device, dtype=x1.dtype)
+    device = x1.device if generator is None else generator.device
+    alpha = torch.rand(shape, generator=generator, device=device, dtype=x1.dtype).to(x1.device)
+    beta = torch.rand(shape, generator=generator, device=device, dtype=x1.dtype).to(x1.device)
     return ShakeShakeFunction.apply(x1, x2, alpha, beta)
 
 

@@ -18,12 +18,20 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-Signature = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, str]
+from convzoo.ops.conv_spec import autocast_enabled
+
+Signature = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, str, torch.dtype | None]
 
 
 def input_signature(x: Tensor) -> Signature:
-    """What the speed of a conv-like op depends on: shape, strides (layout), dtype and device type."""
-    return tuple(x.shape), tuple(x.stride()), x.dtype, x.device.type
+    """What the speed of a conv-like op depends on: shape, strides (layout), dtype, device and autocast.
+
+    The device with its index (``cuda:0`` and ``cuda:1`` may be different GPUs), and the dtype autocast
+    computes in there (None when it is off): under CUDA autocast the convs run in float16 on a float32
+    input, which can change which candidate is fastest.
+    """
+    computed = torch.get_autocast_dtype(x.device.type) if autocast_enabled(x.device) else None
+    return tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), computed
 
 
 def _synchronize(device: torch.device) -> None:

@@ -299,7 +299,8 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         if torch.is_grad_enabled() and logits.requires_grad:
             soft = torch.sigmoid(logits)
             straight = soft - soft.detach()  # 0.0 in value; d/dM = 1 (straight-through)
-            out = out + straight.unsqueeze(1) * (sharp - smooth).detach()
+            # in the convs' dtype: under autocast the float32 score would otherwise promote the output
+            out = out + (straight.unsqueeze(1) * (sharp - smooth).detach()).to(out.dtype)
             self._ste.value = mask.flatten(1).to(soft.dtype).mean(1) + straight.flatten(1).mean(1)
         else:
             self._ste.value = None

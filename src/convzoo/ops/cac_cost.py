@@ -135,6 +135,8 @@ class CACLoss(nn.Module):
     detached ``c(M) / c(M_b)`` of the latest call. Call ``remove()`` to detach its hooks from ``model``.
     """
 
+    _last_ratio: Tensor | None
+
     def __init__(self, model: nn.Module, lam: float = 0.3) -> None:
         super().__init__()
         self._layers = [layer for _, layer in _check_model(model)]
@@ -142,7 +144,15 @@ class CACLoss(nn.Module):
             raise ValueError(f"lam must be a finite real number >= 0, got {lam!r}")
         self.lam = float(lam)
         self._plain = PlainMacs(model)
-        self.last_ratio: float | None = None
+        self._last_ratio = None
+
+    @property
+    def last_ratio(self) -> float | None:
+        """The detached ``c(M) / c(M_b)`` of the latest call, or None before the first.
+
+        Read out of the device only here: the training step itself never waits for the device.
+        """
+        return None if self._last_ratio is None else float(self._last_ratio)
 
     def cost_ratio(self) -> Tensor:
         """c(M) / c(M_b) of the model's most recent forward, differentiable w.r.t. every γ and β."""
@@ -155,7 +165,7 @@ class CACLoss(nn.Module):
         if not isinstance(task_loss, Tensor):
             raise TypeError(f"task_loss must be a Tensor, got {type(task_loss).__name__}")
         ratio = self.cost_ratio()
-        self.last_ratio = float(ratio.detach())
+        self._last_ratio = ratio.detach()  # kept on the device: float() here would sync every step
         if self.lam == 0:
             return task_loss
         return task_loss * ratio.to(task_loss.dtype) ** self.lam
@@ -229,7 +239,8 @@ def cac_statistics(
     if device is None:
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else None
-    rho_sums = dict.fromkeys((name for name, _ in layers), 0.0)
+    # summed on the model's device and read out once at the end (no device sync per batch and layer)
+    rho_sums: dict[str, Tensor | float] = dict.fromkeys((name for name, _ in layers), 0.0)
     image_macs: list[Tensor] = []
     baseline = 0.0
     training = model.training
@@ -251,19 +262,19 @@ def cac_statistics(
                         f"got shape {tuple(inputs.shape)} (batch {index})"
                     )
                 model(inputs.to(device) if device is not None else inputs)
-                macs = torch.full((inputs.shape[0],), plain.total, dtype=torch.float64)
+                macs: Tensor | float = plain.total
                 baseline = plain.total
                 for name, layer in layers:
-                    rho_sums[name] += float(layer.last_rho().sum())
-                    macs += layer.effective_macs_per_image().cpu()
+                    rho_sums[name] = rho_sums[name] + layer.last_rho().sum()
+                    macs = macs + layer.effective_macs_per_image()  # (B,) float64
                     baseline += baseline_layer_cost(layer)
                 image_macs.append(macs)
     finally:
         model.train(training)
     if not image_macs:
         raise ValueError("data yielded no batch")
-    all_macs = torch.cat(image_macs)
-    return CACStatistics({name: total / len(all_macs) for name, total in rho_sums.items()}, all_macs, baseline)
+    all_macs = torch.cat(image_macs).cpu()
+    return CACStatistics({name: float(total) / len(all_macs) for name, total in rho_sums.items()}, all_macs, baseline)
 
 
 @torch.no_grad()

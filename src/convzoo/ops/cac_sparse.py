@@ -242,7 +242,7 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         t fold into the kernel and bias; the score map reads only the input and is unchanged.
         (``convzoo.deploy`` folds BN only into ``nn.Conv2d``; this is the hook to fold it here.)
         """
-        if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
+        if not isinstance(bn, nn.BatchNorm2d | nn.SyncBatchNorm) or bn.running_mean is None or bn.running_var is None:
             raise TypeError(f"bn must be an nn.BatchNorm2d with running statistics, got {type(bn).__name__}")
         if bn.num_features != self.spec.out_channels:
             raise ValueError(f"bn has {bn.num_features} features, the layer {self.spec.out_channels} output channels")
@@ -253,6 +253,8 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         bias = shift if self.bias is None else self.bias * scale + shift
         spec = ConvSpec.create(**{**self.spec.conv_kwargs(), "bias": True})
         weight = self.weight * scale.reshape(-1, 1, 1, 1)
+        # the layer's dtype, as torch's fuse_conv_bn_eval keeps it (a float32 BN after a float16 layer)
+        weight, bias = weight.to(self.weight.dtype), bias.to(self.weight.dtype)
         options = {"threshold": self.threshold, "tile": self.tile, "algorithm": self.algorithm}
         return CACSparseConv2d(spec, weight, bias, self.gamma, self.beta, **options)
 
@@ -499,7 +501,7 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         if (tiles_h * tile, tiles_w * tile) == (out_h, out_w) and smooth.is_contiguous():
             out = smooth
         else:
-            out = x.new_empty(batch, tiles_h * tile, tiles_w * tile, c_out)
+            out = smooth.new_empty(batch, tiles_h * tile, tiles_w * tile, c_out)  # the convs' dtype (autocast)
             out[:, :out_h, :out_w] = smooth
 
         b, i, j = active.nonzero(as_tuple=True)

@@ -108,6 +108,14 @@ def is_tracing() -> bool:
     return fx_tracing() or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether ``torch.autocast`` is on for ``device``'s type (False for types autocast does not know, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return False
+
+
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """``torch.channels_last`` for a channels-last 4-D tensor, else ``torch.contiguous_format``."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

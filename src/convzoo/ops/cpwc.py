@@ -244,18 +244,24 @@ class CPWConv2d(ConvAttributes, nn.Module):
             self.stage2_weight = nn.Parameter(torch.empty(out_channels, 1, k, k, **factory))
         else:
             self.register_parameter("stage2_weight", None)
-        identity = torch.zeros(1, 1, k, k, **factory)
-        identity[..., k // 2, k // 2] = 1
-        self.register_buffer("stage2_identity", identity, persistent=False)
+        self.register_buffer("stage2_identity", torch.empty(1, 1, k, k, **factory), persistent=False)
         channels = None
         if self.plan.case == 3:
-            channels = torch.tensor(self.plan.connection_channels, dtype=torch.long, device=device)
+            channels = torch.empty(self.plan.num_connections, dtype=torch.long, device=device)
         self.register_buffer("stage1_channels", channels, persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Each kernel as nn.Conv2d initialises it (uniform, bound 1/sqrt(fan_in)); see zero_init_context."""
+        """Each kernel as nn.Conv2d initialises it (uniform, bound 1/sqrt(fan_in)); see zero_init_context.
+
+        Also fills the two constant buffers (stage 2's identity kernel, case 3's channel index), so that a
+        module built on the meta device and allocated with ``to_empty(device=...)`` is made whole by this call.
+        """
+        k = CONTEXT_KERNEL
+        self.stage2_identity.zero_()[..., k // 2, k // 2] = 1
+        if self.stage1_channels is not None:
+            self.stage1_channels.copy_(torch.tensor(self.plan.connection_channels, dtype=torch.long))
         if self.weight is not None:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
@@ -360,7 +366,8 @@ class CPWConv2d(ConvAttributes, nn.Module):
         stage 2), and the bias becomes ``s * b + beta - s * mean``. ``deploy()`` folds BNs only
         into ``nn.Conv2d``; call this for the BN after a CPWC.
         """
-        if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.num_features != self.out_channels:
+        foldable = isinstance(bn, nn.BatchNorm2d | nn.SyncBatchNorm) and bn.running_mean is not None
+        if not foldable or bn.num_features != self.out_channels:
             raise ValueError(f"bn must be a BatchNorm2d({self.out_channels}) with running statistics, got {bn!r}")
         scale = bn.running_var.add(bn.eps).rsqrt()
         if bn.weight is not None:
@@ -368,7 +375,8 @@ class CPWConv2d(ConvAttributes, nn.Module):
         shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0)
         new = copy.deepcopy(self)
         if new.bias is None:
-            new.bias = nn.Parameter(torch.zeros_like(shift))
+            # the layer's dtype and device (a float32 BN after a float16 layer), as fuse_conv_bn_eval keeps them
+            new.bias = nn.Parameter(torch.zeros_like(shift, dtype=new.stage1_weight.dtype))
         new.spec = dataclasses.replace(new.spec, bias=True)
         new.bias.copy_(new.bias * scale + shift)
         if new.weight is not None:

@@ -22,8 +22,8 @@ float64 tests agree to 1e-12).
 
 It is used where it pays: CPU, stride 1, dilation 1, groups = channels (multiplier 1), and a kernel
 wider than 3.
-Everything else runs ``F.conv2d`` unchanged: CUDA (cuDNN has no such cliff), tracing, and other
-geometries.
+Everything else runs ``F.conv2d`` unchanged: CUDA (cuDNN has no such cliff), autocast, tracing, and
+other geometries.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convzoo.ops.conv_spec import PaddingArg, relayout, to_pair
+from convzoo.ops.conv_spec import PaddingArg, autocast_enabled, relayout, to_pair
 
 _conv_backward = torch.ops.aten.convolution_backward
 
@@ -207,12 +207,16 @@ def uses_column_blocks(
 ) -> bool:
     """Whether :func:`depthwise_conv2d` computes this conv's weight gradient by column blocks.
 
-    CPU, a kernel wider than 3, stride 1 and dilation 1. At stride 2 the blocks are no faster (a
-    strided conv reads input rows twice as long): 4.4 vs 4.0 ms for 5x5 and 10.3 vs 5.8 ms for 7x7
-    on (128, 16, 32, 32), in a design measurement.
+    CPU, a kernel wider than 3, stride 1 and dilation 1, autocast off. At stride 2 the blocks are no
+    faster (a strided conv reads input rows twice as long): 4.4 vs 4.0 ms for 5x5 and 10.3 vs 5.8 ms
+    for 7x7 on (128, 16, 32, 32), in a design measurement. Under autocast ``F.conv2d`` runs instead: it
+    casts x and the weight itself, whereas the custom backward would get a reduced-precision gradient
+    next to float32 saved tensors (and in bfloat16 oneDNN has no slow wide-kernel path to avoid: 5x5
+    and 7x7 measured as fast as the blocks).
     """
     return (
         x.device.type == "cpu"
+        and not autocast_enabled(x.device)
         and weight.shape[-1] > FAST_WIDTH
         and to_pair(stride, "stride") == (1, 1)
         and to_pair(dilation, "dilation") == (1, 1)

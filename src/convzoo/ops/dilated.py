@@ -255,6 +255,8 @@ class DilatedSeparableConv2d(nn.Module):
             else:
                 c_out, c_in, k, _ = conv.weight.shape
                 per_input = conv.weight.transpose(0, 1).reshape(c_in, c_out, k * k)
+                # at least float32: torch has no float16 / bfloat16 SVD (CPU or CUDA); copy_ casts back
+                per_input = per_input.to(torch.promote_types(per_input.dtype, torch.float32))
                 u, s, vh = torch.linalg.svd(per_input, full_matrices=False)
                 module.pointwise.weight.copy_((u[:, :, 0] * s[:, :1]).T.reshape(c_out, c_in, 1, 1))
                 module.depthwise.weight.copy_(vh[:, 0, :].reshape(c_in, 1, k, k))

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg
+from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg, autocast_enabled
 from convzoo.ops.registry import needs_spatial_kernel, register_conv
 
 
@@ -99,8 +99,15 @@ def compose_kernel(W: torch.Tensor, D: torch.Tensor, groups: int) -> torch.Tenso
         groups: the conv's groups.
 
     Returns:
-        W' of shape (C_out, C_in/groups, M*N), possibly a strided view.
+        W' of shape (C_out, C_in/groups, M*N), possibly a strided view, in W's dtype.
+
+    Under autocast the composition runs with autocast off, in the parameters' precision (the conv
+    casts W' itself): autocast would run the ``bmm`` in float16 / bfloat16, and the custom backward
+    would then get a reduced-precision gradient next to its float32 saved W and D.
     """
+    if autocast_enabled(W.device):
+        with torch.autocast(W.device.type, enabled=False):
+            return _ComposeKernel.apply(W, D, groups)
     return _ComposeKernel.apply(W, D, groups)
 
 
@@ -169,11 +176,16 @@ class DOConv2d(ConvAttributes, nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """W as nn.Conv2d initialises its kernel (same fan-in when d_mul = M*N); D' = 0."""
+        """W as nn.Conv2d initialises its kernel (same fan-in when d_mul = M*N); D' = 0.
+
+        Also refills the identity buffer, so that a module built on the meta device and allocated with
+        ``to_empty(device=...)`` (uninitialized memory) is made whole by this call.
+        """
         paper_w = torch.empty(self.out_channels, self.in_channels // self.groups, self.d_mul)
         nn.init.kaiming_uniform_(paper_w, a=math.sqrt(5))
         with torch.no_grad():
             self.W.copy_(_to_input_major(paper_w, self.groups))
+            self.d_identity.copy_(identity_init(self.d_identity.shape[0], self.d_mul))
         nn.init.zeros_(self.d_delta)
         if self.bias is not None:
             fan_in = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]

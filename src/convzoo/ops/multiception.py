@@ -264,8 +264,10 @@ class MulticeptionConv2d(_MulticeptionBase):
         fused.depthwise.weight.copy_(depthwise.reshape(c * k_count, 1, k_max, k_max))
         in_scale, in_shift = _bn_scale_shift(self.bn_in)
         out_scale, out_shift = _bn_scale_shift(self.bn_out)
-        weight = self.pointwise.weight.flatten(1)  # (C_out, K*C), branch-major columns
-        bias = weight @ in_shift + self.pointwise.bias
+        # in the wider of the two dtypes (a float32 BN in a float16 model); copy_ casts to the fused form's
+        dtype = torch.promote_types(like["dtype"], in_shift.dtype)
+        weight = self.pointwise.weight.flatten(1).to(dtype)  # (C_out, K*C), branch-major columns
+        bias = weight @ in_shift.to(dtype) + self.pointwise.bias
         weight = out_scale[:, None] * weight * in_scale[None, :]
         # branch-major (j*C + c) -> channel-major (c*K + j), the multiplier conv's output order
         weight = weight.reshape(self.out_channels, k_count, c).transpose(1, 2).reshape(self.out_channels, -1)
