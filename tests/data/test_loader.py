@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from convzoo.data import BatchAugment, ImageSet, TensorLoader
+from convzoo.data.loader import gather_rows
 
 
 def _data(count: int = 48) -> ImageSet:
@@ -66,3 +67,18 @@ def test_chunking_does_not_change_batches() -> None:
             assert torch.equal(x, xc) and torch.equal(y, yc)
     partial = TensorLoader(_data(21), 8, augment, shuffle=False, drop_last=False, chunk_bytes=1 << 20)
     assert [len(y) for _, y in partial] == [8, 8, 5]
+
+
+def test_rows_bound_for_cuda_are_gathered_into_pinned_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a pinned source of the host-to-device copy makes ``non_blocking=True`` asynchronous."""
+    source, rows = torch.arange(24.0).view(6, 4), torch.tensor([4, 0, 2])
+    pinned = []
+
+    def empty(*args, pin_memory: bool = False, **kwargs):  # CPU-only machine: record, do not pin
+        pinned.append(pin_memory)
+        return torch.zeros(*args, **kwargs)
+
+    assert torch.equal(gather_rows(source, rows, torch.device("cpu")), source[rows]) and not pinned
+    monkeypatch.setattr(torch, "empty", empty)
+    assert torch.equal(gather_rows(source, rows, torch.device("cuda")), source[rows])
+    assert pinned == [True]

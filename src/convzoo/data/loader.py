@@ -23,6 +23,19 @@ from convzoo.data.augment import BatchAugment
 from convzoo.data.images import ImageSet
 
 
+def gather_rows(source: Tensor, rows: Tensor, device: torch.device) -> Tensor:
+    """``source[rows]``, gathered into page-locked memory when it is headed for a CUDA device.
+
+    A copy from pinned memory can run asynchronously (``non_blocking=True``); one from the pageable
+    result of a plain ``index_select`` cannot, so pinning the source alone gains nothing. torch's caching
+    host allocator keeps each pinned buffer alive until its copy has finished.
+    """
+    if device.type != "cuda":
+        return source.index_select(0, rows)
+    out = torch.empty((len(rows), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
+    return torch.index_select(source, 0, rows, out=out)
+
+
 class TensorLoader:
     """Iterate ``(inputs, labels)`` batches: inputs (B, C, H, W) float on ``device``, labels (B,) int64.
 
@@ -70,9 +83,6 @@ class TensorLoader:
             )
         self.epoch = 0
         self.start_step = 0
-        pinned = self.device.type == "cuda"
-        self._images = data.images.pin_memory() if pinned else data.images
-        self._labels = data.labels.pin_memory() if pinned else data.labels
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select epoch ``epoch`` (its order and augmentation) and skip its first ``start_step`` batches."""
@@ -107,8 +117,8 @@ class TensorLoader:
         for first in range(self.start_step, steps, group):
             last = min(first + group, steps)
             chunk = indices[first * size : last * size]
-            images = self._images.index_select(0, chunk).to(self.device, non_blocking=non_blocking)
-            labels = self._labels.index_select(0, chunk).to(self.device, non_blocking=non_blocking)
+            images = gather_rows(self.data.images, chunk, self.device).to(self.device, non_blocking=non_blocking)
+            labels = gather_rows(self.data.labels, chunk, self.device).to(self.device, non_blocking=non_blocking)
             offsets = flips = None
             if draws is not None:
                 offsets, flips = draws.offsets[chunk], draws.flips[chunk]
