@@ -20,6 +20,12 @@ from convzoo.runtime import tune_cpu_allocator
 
 # Command modules under convzoo.commands, in help order.
 COMMANDS = ("convs", "models", "profile", "train", "eval", "compare", "demo")
+# How to continue after Ctrl-C, for the commands that train (their finished work is on disk).
+RESUME_HINTS = {
+    "train": "; rerun it with --resume to continue from the last checkpoint",
+    "compare": "; rerun the same command to continue (finished runs are reused)",
+    "demo": "; rerun it with --resume to continue (finished runs are reused)",
+}
 
 
 class CLIError(Exception):
@@ -59,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"convzoo {args.command}: error: {error}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print(f"convzoo {args.command}: interrupted", file=sys.stderr)
+            print(f"convzoo {args.command}: interrupted{RESUME_HINTS.get(args.command, '')}", file=sys.stderr)
             return 130
 
 

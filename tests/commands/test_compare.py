@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,86 @@ def test_content_aware_rows_report_the_trained_models_effective_macs(tmp_path: P
     assert all_smooth < all_sharp
     assert all_smooth <= cac.trained_macs <= all_sharp
     assert table_rows(result)[1][4] == f"{cac.trained_macs / 1e6:.2f}"
+
+
+def _compare(out: Path, *extra: str) -> list[str]:
+    return [
+        "compare",
+        "--model",
+        "test_tiny",
+        "--convs",
+        "standard",
+        "--seeds",
+        "2",
+        *TINY,
+        "--output",
+        str(out),
+        *extra,
+    ]
+
+
+def test_ctrl_c_between_runs_then_rerun_trains_only_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convzoo.train.compare as module
+
+    train, calls = module.train, []
+
+    def interrupted_on_the_second_run(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(module, "train", interrupted_on_the_second_run)
+    assert main(_compare(tmp_path / "c")) == 130
+    err = capsys.readouterr().err
+    assert err == "convzoo compare: interrupted; rerun the same command to continue (finished runs are reused)\n"
+    assert main(_compare(tmp_path / "c")) == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing finished run") == 1 and out.count("training test_tiny") == 1
+    assert [r["seeds"] for r in csv.DictReader((tmp_path / "c" / "compare.csv").open())] == ["2"]
+    assert not [p for p in (tmp_path / "c").rglob(".*.tmp")]
+
+
+def test_stale_or_damaged_results_are_not_reused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "c"
+    args = _compare(out, "--epochs", "2")
+    assert main(_compare(out)) == 0
+    one_epoch = (out / "standard-s0" / "results.json").read_text()
+    assert main(args) == 0  # resumed to 2 epochs
+    table = (out / "compare.csv").read_text()
+    # killed after the 2-epoch checkpoint, before its results.json: the 1-epoch results must not be reused
+    (out / "standard-s0" / "results.json").write_text(one_epoch)
+    (out / "standard-s1" / "results.json").write_text("")  # and a damaged one is re-created, not an error
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("training test_tiny") == 2
+    assert [r["top1_per_seed"] for r in csv.DictReader((out / "compare.csv").open())] == [
+        r["top1_per_seed"] for r in csv.DictReader(io.StringIO(table))
+    ]
+
+
+def test_runs_trained_with_other_settings_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "c"
+    assert main(_compare(out, "--epochs", "2")) == 0
+    capsys.readouterr()
+    assert main(_compare(out, "--epochs", "2", "--lr", "0.05")) == 2
+    assert "c/standard-s0 holds a run with lr=0.1, not lr=0.05; pass another --output" in capsys.readouterr().err
+    assert main(_compare(out)) == 2  # --epochs 1
+    assert "holds a run trained for 2 epochs, more than epochs=1" in capsys.readouterr().err
+
+
+def test_demo_resume_picks_the_latest_demo_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from convzoo.commands.demo import _resume_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--resume"]) == 2
+    assert "no demo run to resume" in capsys.readouterr().err
+    for name in ("demo-20250101-090000", "demo-20250102-080000"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    assert _resume_folder("latest") == "runs/demo-20250102-080000"
+    assert _resume_folder("runs/demo-20250101-090000") == "runs/demo-20250101-090000"
+    assert _resume_folder(None) is None

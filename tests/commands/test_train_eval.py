@@ -206,3 +206,30 @@ def test_late_milestones_print_one_warning_line(tmp_path: Path, capsys: pytest.C
         "in this run (they apply if it is resumed with more epochs); pass --milestones to decay within it"
     )
     assert lines[1].startswith("convzoo train: error: device 'cuda'") and len(lines) == 2
+
+
+def test_ctrl_c_is_one_line_on_a_clean_line_then_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from convzoo.train.engine import Trainer
+
+    step, calls = Trainer._train_step, []
+
+    def ctrl_c_in_epoch_two(self: Trainer, *args: object) -> object:
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return step(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_step", ctrl_c_in_epoch_two)
+    args = ["train", *TINY, "--batch-size", "8", "--epochs", "2", "--progress", "true", "--output", str(tmp_path / "r")]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # the progress bar is cleared first, so the message starts its own line (tqdm redraws with \r)
+    assert err.split("\r")[-1].lstrip("\n") == (
+        "convzoo train: interrupted; rerun it with --resume to continue from the last checkpoint\n"
+    )
+    assert main([*args, "--resume"]) == 0
+    rows = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["epoch", "1", "2"]

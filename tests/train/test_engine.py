@@ -123,3 +123,62 @@ def test_autocast_choice() -> None:
 def test_bf16_autocast_trains(tmp_path: Path) -> None:
     result = train(_config(tmp_path, epochs=1, amp="bf16"))
     assert result.final is not None and 0.0 <= result.final.top1 <= 1.0
+
+
+def test_stopped_before_results_json_keeps_time_and_rate(tmp_path: Path) -> None:
+    config = _config(tmp_path, epochs=2, checkpoint_every=2)
+    whole = train(config)
+    results = config.output_dir() / "results.json"
+    expected = json.loads(results.read_text())
+    assert expected["epoch"] == 2 and expected["train_seconds"] == whole.train_seconds > 0
+    results.unlink()  # killed after the last checkpoint, before results.json
+    again = Trainer(config, resume="auto").fit()
+    summary = json.loads(results.read_text())
+    assert again.train_seconds == whole.train_seconds and summary["train_seconds"] == expected["train_seconds"]
+    assert summary["images_per_s"] == pytest.approx(expected["images_per_s"]) and summary["top1"] == expected["top1"]
+
+
+def test_mid_epoch_resume_counts_the_time_before_the_cut(tmp_path: Path) -> None:
+    config = _config(tmp_path, epochs=2, checkpoint_every=2)
+    trainer, calls = Trainer(config), []
+    step = trainer._train_step
+
+    def dies_in_epoch_two(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        if len(calls) == 9:
+            raise _KilledError
+        return step(inputs, labels)
+
+    trainer._train_step = dies_in_epoch_two
+    with pytest.raises(_KilledError):
+        trainer.fit()
+    cut = load_checkpoint(config.output_dir() / "checkpoint.safetensors").meta
+    assert (cut["epoch"], cut["step"]) == (1, 2) and cut["train_seconds"] > 0
+    result = Trainer(config, resume="auto").fit()
+    assert result.train_seconds > cut["train_seconds"]
+    assert json.loads((config.output_dir() / "results.json").read_text())["train_seconds"] == result.train_seconds
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path: Path) -> None:
+    config = _config(tmp_path, epochs=1)
+    config.output_dir().mkdir()
+    (config.output_dir() / "config.yaml").write_text(config.to_yaml())  # killed in epoch 1, no checkpoint yet
+    with pytest.warns(UserWarning, match="holds no checkpoint yet; starting the run from scratch"):
+        trainer = Trainer(config, resume="auto")
+    assert trainer.resume_from is None and trainer.fit().final is not None
+
+
+def test_onecycle_resumed_with_more_epochs(tmp_path: Path) -> None:
+    train(_config(tmp_path, epochs=1, scheduler="onecycle"))
+    with pytest.warns(UserWarning, match="one-cycle schedule was planned over 5 steps and now spans 10"):
+        longer = Trainer(_config(tmp_path, epochs=2, scheduler="onecycle"), resume="auto")
+    result = longer.fit()
+    assert [int(r["epoch"]) for r in result.rows] == [1, 2]
+
+
+def test_ema_added_on_resume_starts_at_the_loaded_weights(tmp_path: Path) -> None:
+    first = train(_config(tmp_path, epochs=1))
+    resumed = Trainer(_config(tmp_path, epochs=2, ema=0.9), resume="auto")
+    assert resumed.ema is not None
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(resumed.ema.module.state_dict()[key], value), key

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 DEFAULT_CONVS = "standard,doconv,cpwc,multiception,dsconv,mixconv,dds,cac"
 DEFAULT_EPOCHS = 3  # eight kinds in a few minutes on 2 CPU cores
@@ -23,8 +24,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--output", default=None, help="folder for runs and tables (default runs/demo-<time>)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="DIR",
+        help="continue an interrupted demo: the one in DIR or --output, else the latest runs/demo-<time>",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
     parser.set_defaults(run=run)
+
+
+def _resume_folder(resume: str | None) -> str | None:
+    """The folder of the demo to continue: ``resume`` itself, or the latest ``runs/demo-<time>`` for ``latest``."""
+    if resume is None:
+        return None
+    if resume != "latest":
+        if not Path(resume).is_dir():
+            raise ValueError(f"no demo run to resume in {resume}")
+        return resume
+    started = sorted(p for p in Path("runs").glob("demo-*") if p.is_dir())  # demo-<time> sorts by time
+    if not started:
+        raise ValueError("no demo run to resume (no runs/demo-<time> folder here); pass --resume DIR")
+    return str(started[-1])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from convzoo.train.engine import model_from_checkpoint, prepare_data
 
     check_device(args.device)
-    output = args.output or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+    output = args.output or _resume_folder(args.resume) or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+    print(f"demo runs in {output} (after an interruption, --resume continues it)", flush=True)
     start = time.perf_counter()
     convs = [c.strip() for c in args.convs.split(",") if c.strip()]
     overrides = {"device": args.device}

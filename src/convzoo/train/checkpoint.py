@@ -8,9 +8,11 @@ reference. Loading parses JSON and safetensors only: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,10 +72,44 @@ class Checkpoint:
     state: dict[str, Any] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A new temporary path in ``path``'s folder for the block to write; ``os.replace``d over ``path`` when the
+    block completes (after an fsync), removed when it raises. So an interruption at any moment leaves the old
+    file or the new one, never part of one (a killed process leaves the temporary file: see
+    ``remove_stale_temporaries``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield temporary
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """``Path(path).write_text(text)`` through ``atomic_path``."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, newline="")
+    return Path(path)
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Delete the temporary files ``atomic_path`` leaves behind when its process is killed (``.<name>.*.tmp``)."""
+    for stale in Path(folder).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     for name, value in checkpoint.model.items():
         tensors[f"model.{name}"] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
@@ -86,14 +122,8 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:
         "state": json.dumps(skeleton),
         "has_ema": json.dumps(checkpoint.ema is not None),
     }
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
     return path
 
 

@@ -7,6 +7,7 @@ resumed, so a long comparison can be stopped and started again.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from convzoo.train.checkpoint import load_checkpoint
+from convzoo.train.checkpoint import atomic_path, atomic_write_text, load_checkpoint
 from convzoo.train.config import TrainConfig, make_config
 from convzoo.train.engine import (
     CHECKPOINT_NAME,
@@ -75,11 +76,47 @@ def available(conv: str) -> str | None:
     return f"conv kind {conv!r} is not registered (registered: standard, {', '.join(list_convs())})"
 
 
-def _finished(run_dir: Path, epochs: int) -> dict[str, Any] | None:
+# Settings a run on disk may have had other values of and still be reused or resumed: they do not change what
+# it learns (``epochs`` may grow: the run is then resumed to the new count).
+FREE_SETTINGS = frozenset(
+    {"description", "epochs", "progress", "device", "data_dir", "cache_dir", "download", "output", "compile"}
+    | {"checkpoint_every", "eval_every", "deterministic", "channels_last", "sync_bn"}
+)
+
+
+def _check_same_run(meta: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
+    """ValueError when the run in ``run_dir`` was trained with other settings than ``config`` (or for more
+    epochs): reusing or continuing it would put another experiment in the table."""
+    stored = meta.get("config") or {}
+    for key, value in config.to_dict().items():
+        if key not in FREE_SETTINGS and key in stored and stored[key] != value:
+            raise ValueError(
+                f"{run_dir} holds a run with {key}={stored[key]!r}, not {key}={value!r}; "
+                "pass another --output (or delete that run folder)"
+            )
+    if int(meta.get("epoch", 0)) > config.epochs:
+        raise ValueError(
+            f"{run_dir} holds a run trained for {meta['epoch']} epochs, more than epochs={config.epochs}; "
+            "pass another --output (or delete that run folder)"
+        )
+
+
+def _finished(run_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """The results of the run in ``run_dir`` if it has trained all ``config.epochs``, else None (to be trained,
+    resumed, or only evaluated again when it stopped between its last checkpoint and its results.json)."""
     results, checkpoint = run_dir / "results.json", run_dir / CHECKPOINT_NAME
-    if results.is_file() and checkpoint.is_file() and load_checkpoint(checkpoint).meta.get("epoch", 0) >= epochs:
-        return json.loads(results.read_text())
-    return None
+    if not checkpoint.is_file():
+        return None
+    meta = load_checkpoint(checkpoint).meta
+    _check_same_run(meta, config, run_dir)
+    if int(meta.get("epoch", 0)) < config.epochs or not results.is_file():
+        return None
+    try:
+        summary = json.loads(results.read_text())
+    except ValueError:  # damaged: the resumed run evaluates the checkpoint and writes it again
+        return None
+    # results.json written before the checkpoint's last epochs (e.g. of a shorter run since extended) is stale
+    return summary if isinstance(summary, dict) and summary.get("epoch") == meta["epoch"] else None
 
 
 def compare(
@@ -150,7 +187,7 @@ def _train_seeds(
     for seed in range(seeds):
         run_dir = output / f"{conv}-s{seed}"
         config = _with(base, conv=conv, seed=seed, output=str(run_dir))
-        summary = _finished(run_dir, config.epochs)
+        summary = _finished(run_dir, config)
         if summary is None:
             resume = "auto" if (run_dir / CHECKPOINT_NAME).is_file() else None
             log(f"training {model} conv={conv} seed={seed} ({config.epochs} epochs) -> {run_dir}")
@@ -262,40 +299,41 @@ def write_outputs(comparison: Comparison, title: str) -> dict[str, Path]:
     out = comparison.output
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "compare.md", "csv": out / "compare.csv", "png": out / "compare.png"}
-    paths["md"].write_text(markdown(comparison, title))
-    with paths["csv"].open("w", newline="") as handle:
-        writer = csv.writer(handle)
+    atomic_write_text(paths["md"], markdown(comparison, title))
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(
+        [
+            "conv",
+            "params",
+            "macs",
+            "deployed_macs",
+            "trained_macs",
+            "train_seconds_mean",
+            "images_per_s_mean",
+            "top1_mean",
+            "top1_std",
+            "seeds",
+            "top1_per_seed",
+        ]
+    )
+    for row in comparison.rows:
         writer.writerow(
             [
-                "conv",
-                "params",
-                "macs",
-                "deployed_macs",
-                "trained_macs",
-                "train_seconds_mean",
-                "images_per_s_mean",
-                "top1_mean",
-                "top1_std",
-                "seeds",
-                "top1_per_seed",
+                row.conv,
+                row.params,
+                row.macs,
+                row.deployed_macs,
+                row.trained_macs,
+                statistics.fmean(row.train_seconds),
+                statistics.fmean(row.images_per_s),
+                row.top1_mean,
+                row.top1_std,
+                len(row.top1),
+                " ".join(f"{v:.2f}" for v in row.top1),
             ]
         )
-        for row in comparison.rows:
-            writer.writerow(
-                [
-                    row.conv,
-                    row.params,
-                    row.macs,
-                    row.deployed_macs,
-                    row.trained_macs,
-                    statistics.fmean(row.train_seconds),
-                    statistics.fmean(row.images_per_s),
-                    row.top1_mean,
-                    row.top1_std,
-                    len(row.top1),
-                    " ".join(f"{v:.2f}" for v in row.top1),
-                ]
-            )
+    atomic_write_text(paths["csv"], table.getvalue())
     plot_accuracy_vs_macs(comparison, paths["png"], title)
     return paths
 
@@ -314,5 +352,6 @@ def plot_accuracy_vs_macs(comparison: Comparison, path: Path, title: str) -> Non
     axis.set(xlabel="MACs per image, trained and deployed (M)", ylabel="top-1 accuracy (%)", title=title)
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)

@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from convzoo.data import BatchAugment, ImageSet, TensorLoader, load_imageset
 from convzoo.train import distributed
-from convzoo.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from convzoo.train.checkpoint import (
+    Checkpoint,
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from convzoo.train.config import TrainConfig
 from convzoo.train.logger import RunLogger
 from convzoo.train.metrics import EvalResult, evaluate
@@ -205,6 +211,8 @@ class Trainer:
         self.cac_loss = cost_aware_loss(self.core, config.cac_lambda)
         self.start_epoch, self.start_step = 0, 0
         self.running = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count of the current epoch
+        self.train_seconds = 0.0  # training time of the work the checkpoint holds, across resumes
+        self._seconds_from_log = False  # resumed from a checkpoint without train_seconds: sum metrics.csv's
         if self.resume_from is not None:
             self._load_state(self.resume_from)
         if self.resume_from is None:  # training randomness (dropout, shake-shake) differs per rank
@@ -227,6 +235,10 @@ class Trainer:
         path = self.checkpoint_path if resume == "auto" else Path(resume)
         if path.is_dir():
             path = path / CHECKPOINT_NAME
+        if resume == "auto" and not path.is_file() and (self.run_dir / "config.yaml").is_file():
+            # the run was interrupted before its first checkpoint: there is no finished work to keep
+            warnings.warn(f"{self.run_dir} holds no checkpoint yet; starting the run from scratch", stacklevel=2)
+            return None
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint to resume at {path}")
         return path
@@ -255,7 +267,7 @@ class Trainer:
         test_augment = BatchAugment(data.mean, data.std, "none")
         self.test_loader = TensorLoader(data.test, 256, test_augment, shuffle=False, drop_last=False, **common)
 
-    def _meta(self, epoch: int, step: int, row: dict[str, Any] | None) -> dict[str, Any]:
+    def _meta(self, epoch: int, step: int, row: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
         config, data = self.config, self.data
         return {
             "model": config.model,
@@ -271,9 +283,12 @@ class Trainer:
             "step": step,
             "world_size": self.dist.world_size,
             "metrics": row or {},
+            "train_seconds": seconds,
         }
 
-    def _save(self, epoch: int, step: int, row: dict[str, Any] | None = None) -> None:
+    def _save(self, epoch: int, step: int, row: dict[str, Any] | None = None, *, seconds: float | None = None) -> None:
+        """Checkpoint after ``step`` steps of epoch ``epoch``; ``seconds``: training time so far (default
+        ``self.train_seconds``)."""
         if not self.dist.is_main:
             return
         state: dict[str, Any] = {
@@ -287,7 +302,8 @@ class Trainer:
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         ema = self.ema.module.state_dict() if self.ema is not None else None
-        checkpoint = Checkpoint(self.core.state_dict(), self._meta(epoch, step, row), ema, state)
+        meta = self._meta(epoch, step, row, self.train_seconds if seconds is None else seconds)
+        checkpoint = Checkpoint(self.core.state_dict(), meta, ema, state)
         save_checkpoint(self.checkpoint_path, checkpoint)
 
     def _load_state(self, path: Path) -> None:
@@ -296,14 +312,16 @@ class Trainer:
             raise ValueError(f"{path} holds weights only, not a training checkpoint to resume")
         check_compatible(checkpoint.meta, self.config, self.data.num_classes, path)
         load_weights(self.core, checkpoint.model, path)
-        if self.ema is not None and checkpoint.ema is not None:
-            self.ema.module.load_state_dict(checkpoint.ema)
+        if self.ema is not None:  # a run resumed with --ema that had none starts its average at the loaded weights
+            self.ema.module.load_state_dict(checkpoint.ema if checkpoint.ema is not None else checkpoint.model)
         state = checkpoint.state
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state.get("schedule", {}))
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.start_step = int(checkpoint.meta["epoch"]), int(checkpoint.meta["step"])
+        self.train_seconds = float(checkpoint.meta.get("train_seconds", 0.0))
+        self._seconds_from_log = "train_seconds" not in checkpoint.meta
         if self.start_step >= len(self.train_loader):
             self.start_epoch, self.start_step = self.start_epoch + 1, 0
         if self.start_step:
@@ -356,9 +374,6 @@ class Trainer:
         loader.set_epoch(epoch, start_step)
         self.model.train()
         steps = len(loader)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = 0
         progress = None
         if self.dist.is_main and self.config.progress:
             from tqdm import tqdm
@@ -371,6 +386,18 @@ class Trainer:
                 dynamic_ncols=True,
             )
         start = time.perf_counter()
+        try:
+            self._run_steps(epoch, start_step, steps, start, progress)
+        finally:
+            if progress is not None:  # also on Ctrl-C: the interruption message then starts on a clean line
+                progress.close()
+        return time.perf_counter() - start
+
+    def _run_steps(self, epoch: int, start_step: int, steps: int, start: float, progress: Any) -> None:
+        loader = self.train_loader
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
         for step, (inputs, labels) in enumerate(loader, start=start_step):
             self.schedule.set_step(epoch * steps + step)
             loss, hits = self._train_step(inputs, labels)
@@ -390,32 +417,29 @@ class Trainer:
                 self.running += torch.stack([loss_sum.cpu(), correct.cpu(), torch.tensor(float(count))]).double()
                 loss_sum.zero_(), correct.zero_()
                 count = 0
-                self._save(epoch, step + 1)
-        seconds = time.perf_counter() - start
-        if progress is not None:
-            progress.close()
+                self._save(epoch, step + 1, seconds=self.train_seconds + time.perf_counter() - start)
         self.running += torch.stack([loss_sum.cpu(), correct.cpu(), torch.tensor(float(count))]).double()
-        return seconds
 
     def fit(self) -> TrainResult:
         """Run the remaining epochs; returns the final evaluation and where everything was written."""
         config, main = self.config, self.dist.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config.to_yaml())
+            remove_stale_temporaries(self.run_dir)  # left by a process killed while writing
+            atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
         logger = RunLogger(self.run_dir, enabled=main, resume_epoch=self.start_epoch)
+        if self._seconds_from_log:  # a checkpoint written before train_seconds was kept: the logged epochs' times
+            self.train_seconds = sum(float(r.get("epoch_seconds") or 0.0) for r in logger.rows)
         final: EvalResult | None = None
-        rates: list[float] = []
-        train_seconds = 0.0
         try:
             for epoch in range(self.start_epoch, config.epochs):
                 start_step = self.start_step if epoch == self.start_epoch else 0
                 if not start_step:
                     self.running.zero_()
                 seconds = self._train_epoch(epoch, start_step)
-                train_seconds += seconds
+                self.train_seconds += seconds
                 images = (len(self.train_loader) - start_step) * self.train_loader.batch_size * self.dist.world_size
-                rates.append(images / max(seconds, 1e-9))
+                rate = images / max(seconds, 1e-9)
                 totals = distributed.all_reduce_sum(self.running.to(self.device)).cpu()
                 row: dict[str, Any] = {
                     "epoch": epoch + 1,
@@ -431,7 +455,7 @@ class Trainer:
                             self.ema.module, self.test_loader, self.data.num_classes, autocast_dtype=self.amp_dtype
                         )
                         row.update(ema_top1=ema_result.top1, ema_top5=ema_result.top5)
-                row.update(epoch_seconds=seconds, images_per_s=rates[-1])
+                row.update(epoch_seconds=seconds, images_per_s=rate)
                 logger.log_epoch(row)
                 self._save(epoch + 1, 0, row)
                 if main and config.progress:
@@ -441,6 +465,8 @@ class Trainer:
             logger.close()
         if final is None:  # nothing left to train: evaluate what the checkpoint holds
             final = evaluate(self.core, self.test_loader, self.data.num_classes, autocast_dtype=self.amp_dtype)
+        # every epoch's rate, including those trained before a resume (their rows come from metrics.csv)
+        rates = [float(r["images_per_s"]) for r in logger.rows if r.get("images_per_s") not in (None, "")]
         if main:
             summary = {
                 "top1": final.top1,
@@ -448,16 +474,17 @@ class Trainer:
                 "loss": final.loss,
                 "per_class": final.per_class,
                 "classes": self.data.train.classes,
-                "train_seconds": train_seconds,
+                "train_seconds": self.train_seconds,
                 "images_per_s": sum(rates) / len(rates) if rates else 0.0,
+                "epoch": max(self.start_epoch, config.epochs),  # what the checkpoint holds, for compare's reuse
             }
-            (self.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+            atomic_write_text(self.run_dir / "results.json", json.dumps(summary, indent=2))
         self.core.eval()
         return TrainResult(
             run_dir=self.run_dir,
             rows=logger.rows,
             final=final,
-            train_seconds=train_seconds,
+            train_seconds=self.train_seconds,
             images_per_second=sum(rates) / len(rates) if rates else 0.0,
             checkpoint=self.checkpoint_path,
             model=self.core,

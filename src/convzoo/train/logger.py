@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
+
+from convzoo.train.checkpoint import atomic_path, atomic_write_text
 
 
 class RunLogger:
     """Appends one row per epoch to ``<run>/metrics.csv`` (and TensorBoard scalars under ``<run>/tb``).
 
-    A resumed run keeps the rows of epochs before the resume point and drops later ones.
+    A resumed run keeps the rows of epochs before the resume point and drops later ones (also from
+    TensorBoard). Rewrites of the file are atomic, so an interruption never loses finished epochs' rows.
     """
 
     def __init__(self, run_dir: Path, *, enabled: bool = True, resume_epoch: int = 0) -> None:
@@ -23,12 +27,13 @@ class RunLogger:
             return
         if resume_epoch and self.csv_path.is_file():
             with self.csv_path.open() as handle:
-                self.rows = [row for row in csv.DictReader(handle) if int(row["epoch"]) <= resume_epoch]
+                self.rows = [row for row in csv.DictReader(handle) if _epoch(row) <= resume_epoch]
             self._rewrite()
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tb"))
+            # purge_step hides the events of epochs after the resume point, which are logged again
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_epoch + 1 if resume_epoch else None)
         except (ImportError, ModuleNotFoundError):
             self.tb = None
 
@@ -41,10 +46,11 @@ class RunLogger:
             self.csv_path.unlink(missing_ok=True)
             return
         self._header = self._columns()
-        with self.csv_path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self._header, restval="")
-            writer.writeheader()
-            writer.writerows(self.rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self._header, restval="")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.csv_path, text.getvalue())
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         """Record one epoch's summary (``epoch`` is 1-based); missing columns are written empty.
@@ -57,9 +63,9 @@ class RunLogger:
         self.rows.append(row)
         if not self.csv_path.is_file() or any(key not in self._header for key in row):
             self._rewrite()
-            return
-        with self.csv_path.open("a", newline="") as handle:
-            csv.DictWriter(handle, fieldnames=self._header, restval="").writerow(row)
+        else:
+            with self.csv_path.open("a", newline="") as handle:
+                csv.DictWriter(handle, fieldnames=self._header, restval="").writerow(row)
         if self.tb is not None:
             for key, value in row.items():
                 if key != "epoch" and isinstance(value, int | float):
@@ -74,6 +80,16 @@ class RunLogger:
             self.tb.close()
         if self.rows:
             plot_curves(self.rows, self.run_dir / "curves.png")
+
+
+def _epoch(row: dict[str, Any]) -> float:
+    """A CSV row's epoch; infinity for a damaged (torn) row, dropped on resume like the rows after the checkpoint."""
+    if None in row or None in row.values():  # more or fewer fields than the header
+        return float("inf")
+    try:
+        return int(row["epoch"])
+    except (KeyError, TypeError, ValueError):
+        return float("inf")
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
@@ -98,5 +114,6 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
     plt.close(figure)

@@ -92,5 +92,16 @@ class LRSchedule:
         return {k: v for k, v in self.torch.state_dict().items() if k != "anneal_func"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.torch is not None and state:
-            self.torch.load_state_dict(state)
+        if self.torch is None or not state:
+            return
+        if state.get("total_steps") != self.torch.total_steps:
+            # resumed with another epoch count: one-cycle's rate is a function of the step and the new total, so
+            # keep the new plan (set_step fast-forwards it) rather than the old one, which would stop at its total
+            warnings.warn(
+                f"the one-cycle schedule was planned over {state.get('total_steps')} steps and now spans "
+                f"{self.torch.total_steps}: the rate follows the new plan from here on",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        self.torch.load_state_dict(state)
