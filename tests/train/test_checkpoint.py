@@ -74,3 +74,18 @@ def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path: Path) -> Non
     (tmp_path / "metrics.csv").write_text("epoch\n1\n")
     remove_stale_temporaries(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+def test_loading_reads_the_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run may replace its checkpoint while another process loads it: one read cannot mix two files."""
+    path = save_checkpoint(tmp_path / "c.safetensors", Checkpoint({"w": torch.arange(3.0)}, {"epoch": 4}))
+    reads = []
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or read_bytes(self))
+
+    def second_open(*args, **kwargs):
+        raise AssertionError("the file was opened a second time")
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", second_open)
+    loaded = load_checkpoint(path)
+    assert reads == [path] and loaded.meta == {"epoch": 4} and torch.equal(loaded.model["w"], torch.arange(3.0))

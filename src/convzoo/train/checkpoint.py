@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -134,10 +134,14 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         path = path / "checkpoint.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    # One read of the whole file: safetensors' own loader opens the path twice (header, then tensors),
+    # so a save_checkpoint replacing the file in between (a run writing while another process reads)
+    # could pair one file's header with the other's data.
+    data = path.read_bytes()
     try:
-        with safe_open(str(path), framework="pt", device=str(map_location)) as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        header_size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+        tensors = {key: value.to(map_location) for key, value in load_safetensors(data).items()}
     except Exception as error:  # safetensors raises its own error type for a damaged or foreign file
         raise ValueError(f"{path} is not a readable safetensors checkpoint: {error}") from None
     if metadata.get("format") != FORMAT:
