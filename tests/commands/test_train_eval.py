@@ -190,7 +190,7 @@ def test_missing_accelerator_is_refused_up_front(
 
 @pytest.mark.usefixtures("no_accelerators")
 def test_cpu_and_auto_devices_pass_the_check() -> None:
-    from convzoo.commands.train import check_device
+    from convzoo.train.distributed import check_device
 
     check_device("cpu")
     check_device("auto")

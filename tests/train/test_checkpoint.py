@@ -59,21 +59,6 @@ def test_an_interrupted_write_keeps_the_previous_file(tmp_path: Path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, Checkpoint({"w": torch.zeros(2)}, {"epoch": 2}))
     assert load_checkpoint(path).meta == {"epoch": 1} and [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
-    with pytest.raises(KeyboardInterrupt), module.atomic_path(tmp_path / "results.json") as temporary:
-        temporary.write_text("{")
-        raise KeyboardInterrupt
-    assert not (tmp_path / "results.json").exists()
-    module.atomic_write_text(tmp_path / "results.json", "{}")
-    assert (tmp_path / "results.json").read_text() == "{}"
-
-
-def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path: Path) -> None:
-    from convzoo.train.checkpoint import remove_stale_temporaries
-
-    (tmp_path / ".checkpoint.safetensors.123.abcd.tmp").write_bytes(b"half")  # SIGKILL leaves this behind
-    (tmp_path / "metrics.csv").write_text("epoch\n1\n")
-    remove_stale_temporaries(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
 
 
 def test_loading_reads_the_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -77,5 +77,5 @@ def test_single_process_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
     assert torch.equal(all_reduce_sum(torch.tensor([1.0, 2.0])), torch.tensor([1.0, 2.0]))
     assert resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(ValueError, match="device must be 'auto'"):
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda, cuda:N or mps, got 'tpu9'"):
         resolve_device("tpu9")

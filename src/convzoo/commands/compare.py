@@ -23,8 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from convzoo.commands.train import check_device, check_model, config_overrides
+    from convzoo.commands.train import check_model, config_overrides
     from convzoo.train.compare import compare, markdown, write_outputs
+    from convzoo.train.distributed import check_device
 
     overrides = config_overrides(args)
     overrides.pop("output", None)

@@ -54,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import convzoo
-    from convzoo.commands.train import check_device
     from convzoo.train.checkpoint import load_checkpoint
     from convzoo.train.compare import compare, markdown, write_outputs
     from convzoo.train.config import make_config
+    from convzoo.train.distributed import check_device
     from convzoo.train.engine import model_from_checkpoint, prepare_data
 
     check_device(args.device)

@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from convzoo.commands.train import check_device
+    from convzoo.train.distributed import check_device
     from convzoo.train.evaluate import evaluate_checkpoint
 
     check_device(args.device)

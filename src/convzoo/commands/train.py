@@ -76,36 +76,6 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
         parser.add_argument(flag, dest=name, **kwargs)
 
 
-def check_device(name: str) -> None:
-    """ValueError up front when ``name`` is not a device, or names an accelerator this machine lacks."""
-    import torch
-
-    if name == "auto":
-        return
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(
-                f"device {name!r}: CUDA is not available on this machine (no usable NVIDIA GPU or driver; torch "
-                f"{torch.__version__}); use --device cpu or --device auto"
-            )
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(
-                f"device {name!r}: MPS (Apple GPU) is not available on this machine; use --device cpu or --device auto"
-            )
-    elif device.type != "cpu":
-        backend = getattr(torch, device.type, None)
-        if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
-            raise ValueError(f"device {name!r}: {device.type} is not available on this machine; use --device cpu")
-
-
 def check_model(name: str) -> None:
     """ValueError up front for a model name that neither the zoo nor torchvision/timm (tv:/timm:) knows."""
     from convzoo.models.registry import get_model_entry
@@ -164,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     config = make_config(args.recipe, **config_overrides(args))
     check_model(config.model)
-    check_device(config.device)
+    distributed.check_device(config.device)
     try:
         result = train(config, resume=args.resume)
     except TrainingDivergedError as error:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from convzoo.atomic_files import atomic_path
 from convzoo.data.images import ImageSet
 
 
@@ -25,16 +25,9 @@ def cache_key(*parts: object) -> str:
 
 def write_cache(path: Path, data: ImageSet) -> None:
     """Write ``data`` to ``path`` via a temporary file and ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        tensors = {"images": data.images.contiguous(), "labels": data.labels.contiguous()}
-        save_file(tensors, temporary, metadata={"classes": json.dumps(data.classes)})
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    tensors = {"images": data.images.contiguous(), "labels": data.labels.contiguous()}
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata={"classes": json.dumps(data.classes)})
 
 
 def read_cache(path: Path) -> ImageSet | None:

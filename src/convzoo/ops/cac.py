@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg, check_input, is_tracing
-from convzoo.ops.registry import needs_spatial_kernel, register_conv
+from convzoo.ops.registry import check_module, needs_spatial_kernel, register_conv
 
 SCORE_MACS_PER_POSITION = 13
 """Score-map MACs per output position (eq. 16): four 3-tap 1-d convolutions plus the affine map."""
@@ -362,9 +362,7 @@ def cac_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def has_cac_layers(model: nn.Module) -> bool:
     """Whether ``model`` contains a CAC layer (training or inference form)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    return any(isinstance(m, CACStatsMixin) for m in model.modules())
+    return any(isinstance(m, CACStatsMixin) for m in check_module(model).modules())
 
 
 _COST_NAMES = ("CACLoss", "CACStatistics", "cac_statistics", "calibrate_sharp_ratio_")

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from convzoo.ops.cac import SCORE_MACS_PER_POSITION, CAConv2d, CACStatsMixin, cac_layers, gradient_map
+from convzoo.ops.registry import check_module
 
 
 def layer_cost(layer: CACStatsMixin) -> Tensor:
@@ -112,9 +113,7 @@ class PlainMacs:
 
 
 def _check_model(model: object) -> list[tuple[str, nn.Module]]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = cac_layers(model)
+    layers = cac_layers(check_module(model))
     if not layers:
         raise ValueError(
             f"model {type(model).__name__} has no CAC layer; convert it with convzoo.convert(model, 'cac')"

@@ -372,12 +372,9 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         return F.conv2d(centres, kernel, self.bias, 1, 0, 1, self.groups)
 
     def _masked(self, x: Tensor, mask: Tensor, out_size: tuple[int, int]) -> Tensor:
-        """Both convs everywhere, then the mask picks (the training form's inference; static shapes)."""
-        padded = pad_input(self.spec, x)
-        sharp = F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        centres = centre_pixels(self.spec, padded, out_size)
-        smooth = F.conv2d(centres, summed_kernel(self.weight), self.bias, 1, 0, 1, self.groups)
-        return torch.where(mask.unsqueeze(1), sharp, smooth)
+        """Both convs everywhere, then the mask picks: the dense masked form (static shapes)."""
+        sharp = self.spec.conv2d(x, self.weight, self.bias)
+        return torch.where(mask.unsqueeze(1), sharp, self._smooth(x, None, out_size))
 
     def _dense(self, x: Tensor, mask: Tensor, out_size: tuple[int, int], sharp_fraction: float) -> Tensor:
         """The k×k conv everywhere; the 1×1 over the smooth windows.
@@ -388,9 +385,7 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         run channels-last, as every path of this module does.
         """
         if sharp_fraction < DENSE_WHERE_BELOW:
-            x = x.contiguous(memory_format=torch.channels_last)
-            smooth = self._smooth(x, None, out_size)
-            return torch.where(mask.unsqueeze(1), self.spec.conv2d(x, self.weight, self.bias), smooth)
+            return self._masked(x.contiguous(memory_format=torch.channels_last), mask, out_size)
         x = x.contiguous(memory_format=torch.channels_last)
         out = self.spec.conv2d(x, self.weight, self.bias).permute(0, 2, 3, 1)  # (B, H', W', C_out)
         if not out.is_contiguous():

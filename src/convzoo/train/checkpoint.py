@@ -8,11 +8,7 @@ reference. Loading parses JSON and safetensors only: nothing is ever unpickled.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +17,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor
+
+from convzoo.atomic_files import atomic_path
 
 FORMAT = "convzoo-checkpoint-1"
 
@@ -70,41 +68,6 @@ class Checkpoint:
     meta: dict[str, Any]
     ema: dict[str, Tensor] | None = None
     state: dict[str, Any] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A new temporary path in ``path``'s folder for the block to write; ``os.replace``d over ``path`` when the
-    block completes (after an fsync), removed when it raises. So an interruption at any moment leaves the old
-    file or the new one, never part of one (a killed process leaves the temporary file: see
-    ``remove_stale_temporaries``).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield temporary
-        descriptor = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """``Path(path).write_text(text)`` through ``atomic_path``."""
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, newline="")
-    return Path(path)
-
-
-def remove_stale_temporaries(folder: str | Path) -> None:
-    """Delete the temporary files ``atomic_path`` leaves behind when its process is killed (``.<name>.*.tmp``)."""
-    for stale in Path(folder).glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> Path:

@@ -17,7 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from convzoo.train.checkpoint import atomic_path, atomic_write_text, load_checkpoint
+from convzoo.atomic_files import atomic_path, atomic_write_text
+from convzoo.train.checkpoint import load_checkpoint
 from convzoo.train.config import TrainConfig, make_config
 from convzoo.train.engine import (
     CHECKPOINT_NAME,

@@ -34,14 +34,19 @@ class DistInfo:
         return self.world_size > 1
 
 
+def parse_device(name: str) -> torch.device:
+    """``torch.device(name)``, with a ValueError naming the allowed forms (``auto`` is not a device here)."""
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> this process's CUDA device when available, else CPU; else ``torch.device(name)``."""
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', ..., got {name!r}") from None
+    device = parse_device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
@@ -72,3 +77,28 @@ def all_reduce_sum(values: Tensor) -> Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def check_device(name: str) -> None:
+    """ValueError up front when ``name`` is not a device, or names an accelerator this machine lacks."""
+    if name == "auto":
+        return
+    device = parse_device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device {name!r}: CUDA is not available on this machine (no usable NVIDIA GPU or driver; torch "
+                f"{torch.__version__}); use --device cpu or --device auto"
+            )
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(
+                f"device {name!r}: MPS (Apple GPU) is not available on this machine; use --device cpu or --device auto"
+            )
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+            raise ValueError(f"device {name!r}: {device.type} is not available on this machine; use --device cpu")

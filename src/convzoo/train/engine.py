@@ -21,15 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from convzoo.atomic_files import atomic_write_text, remove_stale_temporaries
 from convzoo.data import BatchAugment, ImageSet, TensorLoader, load_imageset
 from convzoo.train import distributed
-from convzoo.train.checkpoint import (
-    Checkpoint,
-    atomic_write_text,
-    load_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
-)
+from convzoo.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from convzoo.train.config import TrainConfig
 from convzoo.train.logger import RunLogger
 from convzoo.train.metrics import EvalResult, evaluate

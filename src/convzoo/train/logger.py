@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from convzoo.train.checkpoint import atomic_path, atomic_write_text
+from convzoo.atomic_files import atomic_path, atomic_write_text
 
 
 class RunLogger:
