@@ -140,6 +140,30 @@ def test_pixel_path_in_several_column_chunks_is_unchanged(monkeypatch: pytest.Mo
     assert sparse.last_path == "sparse"
 
 
+@pytest.mark.parametrize(
+    ("image", "out", "kernel", "stride", "dilation", "top_left"),
+    [((5, 6), (5, 6), (3, 3), (1, 1), (1, 1), (1, 1)), ((7, 4), (3, 3), (2, 5), (2, 1), (1, 2), (2, 3))],
+)
+def test_window_taps_against_a_loop_over_windows(image, out, kernel, stride, dilation, top_left) -> None:
+    from convzoo.ops.cac_sparse import window_taps
+
+    pixels, outside, on_border = window_taps(image, out, kernel, stride, dilation, top_left, torch.device("cpu"))
+    assert pixels.shape == outside.shape == (out[0] * out[1], kernel[0] * kernel[1])
+    for position in range(out[0] * out[1]):
+        i, j = divmod(position, out[1])
+        for tap in range(kernel[0] * kernel[1]):
+            r = i * stride[0] - top_left[0] + (tap // kernel[1]) * dilation[0]
+            c = j * stride[1] - top_left[1] + (tap % kernel[1]) * dilation[1]
+            inside = 0 <= r < image[0] and 0 <= c < image[1]
+            assert bool(outside[position, tap]) is not inside
+            if inside:
+                assert int(pixels[position, tap]) == r * image[1] + c
+            else:  # clamped into the image: a valid row to gather (zeroed afterwards)
+                assert 0 <= int(pixels[position, tap]) < image[0] * image[1]
+        assert bool(on_border[position]) is bool(outside[position].any())
+    assert on_border.any()
+
+
 def test_default_thresholds_follow_the_algorithm() -> None:
     from convzoo.ops.cac_sparse import DEFAULT_BLOCK_THRESHOLD
 

@@ -75,7 +75,10 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
         keeps backward finite where G = 0 (``hypot``'s gradient is undefined there; flat image regions
         such as the digits' background hit it on the first step).
     """
-    mean = pad_input(spec, x.detach().mean(dim=1, keepdim=True))  # padding commutes with the channel mean
+    # the channel sum divided on the 1-channel map: the same mean (bit-identical in our checks), and
+    # ~2x faster than mean() over the channels of a channels-last input on CPU
+    mean = x.detach().sum(dim=1, keepdim=True) / x.shape[1]
+    mean = pad_input(spec, mean)  # padding commutes with the channel mean
     margins = []
     for k, d in zip(spec.kernel_size, spec.dilation):
         centre = (k - 1) // 2

@@ -27,7 +27,7 @@ Above a fraction of active units (``threshold``: sharp windows for "pixel", bloc
 dense conv is faster and the module runs it instead, then writes the 1×1 over the smooth windows
 only (gathered centres) or, when most windows are smooth (small layers, where the sparse path cannot
 win), runs the 1×1 everywhere too and picks with the mask; nothing more when every window is sharp.
-Where the two cross depends on the layer's size and the machine (64 channels at 32×32: ρ ≈ 0.45;
+Where the two cross depends on the layer's size and the machine (64 channels at 32×32: ρ ≈ 0.5;
 16 channels: ≈ 0.2), so by default (``threshold="auto"``) the pixel algorithm measures it once per input signature, like
 ``torch.backends.cudnn.benchmark``: on the first input of a new shape / layout / dtype / device it
 times both paths on that input with random masks at ρ = 0.2 and 0.6 and takes the crossing of
@@ -37,6 +37,7 @@ Every path equals the dense masked form of the training layer.
 
 from __future__ import annotations
 
+import functools
 import math
 from functools import partial
 from numbers import Real
@@ -82,8 +83,14 @@ Design measurements (in-process A/B runs): over cifar_resnet20's layer shapes, b
 1.69-1.74x to 1.61x the standard model, and picking in the caller's (NCHW) layout made it slower (1.91x).
 """
 
-_COLUMN_CHUNK_BYTES = 64 << 20
-"""The pixel path gathers the columns of at most this many bytes at a time (bounded memory)."""
+_COLUMN_CHUNK_BYTES = 24 << 20
+"""The pixel path gathers the columns of at most this many bytes at a time (bounded memory).
+
+Below glibc's 32 MiB ceiling on ``M_MMAP_THRESHOLD``: with ``convzoo.tune_cpu_allocator()`` a chunk is then
+reused from the heap, where a larger one is ``mmap``-ed and page-faulted afresh on every call (a 64 MiB
+chunk, i.e. one 38 MB buffer for the benchmark layer at ρ = 0.25, swung between 8.5 and 12 ms per call;
+24 MiB chunks held 8.7-9.5 ms).
+"""
 
 DEFAULT_TILE = 4
 """Output block size of the sparse path (blocks of 4×4 outputs, 6×6 inputs for a 3×3 kernel)."""
@@ -141,6 +148,44 @@ def rows_times_kernel(rows: Tensor, kernel: Tensor, bias: Tensor | None, groups:
     n = rows.shape[0]
     out = F.conv2d(rows.reshape(1, n, 1, -1).permute(0, 3, 1, 2), kernel, bias, 1, 0, 1, groups)  # (1, C_out, n, 1)
     return out.permute(0, 2, 3, 1).reshape(n, -1)
+
+
+@functools.lru_cache(maxsize=64)
+def window_taps(
+    image_size: tuple[int, int],
+    out_size: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    top_left: tuple[int, int],
+    device: torch.device,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Where each window's taps fall in one image: the pixel tables the pixel path gathers with.
+
+    Args:
+        image_size: (H, W) of the image the taps are read from (channels-last rows, one per pixel).
+        out_size: (H', W'), one window per output position.
+        kernel_size, stride, dilation: the conv's.
+        top_left: the padding above and left of the image (0 when the image is already padded).
+        device: where the tables live.
+
+    Returns:
+        pixels: (H'·W', taps) int64, the pixel ``row * W + col`` under each tap, clamped into the image;
+        outside: (H'·W', taps) bool, the taps that fall in the padding instead (they must read zero);
+        on_border: (H'·W',) bool, the windows with at least one such tap.
+
+    Taps are (i, j)-major, like the weight's columns. Cached: a layer sees a few input sizes, and
+    rebuilding the tables was a tenth of the pixel path's time (about a dozen ops over n·taps indices).
+    """
+    (height, width), (out_h, out_w), (kh, kw) = image_size, out_size, kernel_size
+    (sh, sw), (dh, dw), (top, left) = stride, dilation, top_left
+    rows = (torch.arange(out_h, device=device) * sh - top)[:, None] + torch.arange(kh, device=device) * dh  # (H', kh)
+    cols = (torch.arange(out_w, device=device) * sw - left)[:, None] + torch.arange(kw, device=device) * dw  # (W', kw)
+    tap_row = rows[:, None, :, None].expand(out_h, out_w, kh, kw).reshape(out_h * out_w, kh * kw)
+    tap_col = cols[None, :, None, :].expand(out_h, out_w, kh, kw).reshape(out_h * out_w, kh * kw)
+    pixels = tap_row.clamp(0, height - 1) * width + tap_col.clamp(0, width - 1)
+    outside = (tap_row < 0) | (tap_row >= height) | (tap_col < 0) | (tap_col >= width)
+    return pixels, outside, outside.any(dim=1)
 
 
 class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
@@ -452,24 +497,23 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         # the weight as one (C_out, taps * C_in/g) matrix per group, taps (i, j)-major like the columns
         taps = kh * kw
         weight = self.weight.permute(0, 2, 3, 1).reshape(c_out, taps * (c_in // groups), 1, 1)
-        tap_rows = (torch.arange(kh, device=x.device) * dh).repeat_interleave(kw)  # (taps,)
-        tap_cols = (torch.arange(kw, device=x.device) * dw).repeat(kh)
+        pixels, outside, on_border = window_taps(
+            (height, width), out_size, self.kernel_size, (sh, sw), (dh, dw), (top, left), x.device
+        )
         chunk = max(1, _COLUMN_CHUNK_BYTES // (taps * c_in * x.element_size()))
         for start in range(0, sharp.numel(), chunk):
             positions = sharp[start : start + chunk]
             n = positions.numel()
-            image, rest = positions // (out_h * out_w), positions % (out_h * out_w)
-            tap_row = ((rest // out_w) * sh - top)[:, None] + tap_rows  # (n, taps), may fall in the padding
-            tap_col = ((rest % out_w) * sw - left)[:, None] + tap_cols
-            index = (image[:, None] * height + tap_row.clamp(0, height - 1)) * width + tap_col.clamp(0, width - 1)
+            image, within = positions // (out_h * out_w), positions % (out_h * out_w)
+            index = pixels.index_select(0, within).add_((image * (height * width))[:, None])  # (n, taps)
             # im2col of the sharp windows: whole pixels (C_in contiguous values) with one index_select; the
             # taps that fall in the zero padding read a clamped pixel and are zeroed after (index_fill_
             # writes only those rows: cheaper than masking every border window's columns)
             columns = rows.index_select(0, index.flatten())  # (n * taps, C_in)
-            outside = ((tap_row < 0) | (tap_row >= height) | (tap_col < 0) | (tap_col >= width)).flatten()
-            outside = outside.nonzero().squeeze(1)
-            if outside.numel():
-                columns.index_fill_(0, outside, 0)
+            border = on_border.index_select(0, within).nonzero().squeeze(1)  # the windows that reach the padding
+            if border.numel():
+                window, tap = outside.index_select(0, within.index_select(0, border)).nonzero().unbind(1)
+                columns.index_fill_(0, border.index_select(0, window) * taps + tap, 0)
             columns = columns.view(n, taps, c_in)
             if groups > 1:  # (n, taps, g, C/g) -> (n, g, taps, C/g): each group's columns contiguous
                 columns = columns.view(n, taps, groups, -1).transpose(1, 2)
