@@ -115,6 +115,50 @@ def test_rho_one_equals_the_conv(kwargs: dict, h: int, w: int) -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "h", "w"), GEOMETRIES, ids=IDS)
+def test_an_always_sharp_layer_deploys_to_the_plain_conv(kwargs: dict, h: int, w: int) -> None:
+    cac = CAConv2d.from_conv(_conv(kwargs)).eval()
+    with torch.no_grad():  # a trained-looking always-sharp layer: γ > 0, β > 0, weights moved
+        cac.gamma.fill_(0.7)
+        cac.beta.fill_(0.01)
+        cac.weight.mul_(1.5)
+    x = torch.randn(2, 4, h, w, **F64)
+    fused = cac.fuse()
+    assert cac.always_sharp() and type(fused) is nn.Conv2d and not fused.training
+    assert fused.padding_mode == cac.padding_mode and fused.stride == cac.stride and fused.groups == cac.groups
+    with torch.no_grad():
+        assert_close(fused(x), cac(x), **TIGHT)
+    assert bool(cac.last_mask.all())
+
+
+@pytest.mark.parametrize(
+    ("gamma", "beta", "always"),
+    [(0.0, 1.0, True), (2.0, 1e-6, True), (1.0, 0.0, False), (-1e-3, 5.0, False), (0.0, -1.0, False)],
+)
+def test_always_sharp_needs_nonnegative_gamma_and_positive_beta(gamma: float, beta: float, always: bool) -> None:
+    from convzoo.ops.cac_sparse import CACSparseConv2d
+
+    cac = CAConv2d(4, 4, 3)  # no zero padding: a constant input then has G = 0 in every window
+    with torch.no_grad():
+        cac.gamma.fill_(gamma)
+        cac.beta.fill_(beta)
+    assert cac.always_sharp() is always
+    assert isinstance(cac.fuse(), nn.Conv2d if always else CACSparseConv2d)
+    assert isinstance(cac.fuse(fold_always_sharp=False), CACSparseConv2d)
+    if not always and beta <= 0:  # a constant input (G = 0 everywhere) makes every window smooth
+        cac(torch.ones(1, 4, 6, 6))
+        assert not bool(cac.last_mask.any())
+    with pytest.raises(TypeError, match="fold_always_sharp must be a bool, got 'yes'"):
+        cac.fuse(fold_always_sharp="yes")
+
+
+def test_a_layer_on_the_meta_device_deploys_to_the_sparse_form() -> None:
+    from convzoo.ops.cac_sparse import CACSparseConv2d
+
+    cac = CAConv2d(4, 4, 3, padding=1, device="meta")
+    assert not cac.always_sharp() and isinstance(cac.fuse(), CACSparseConv2d)
+
+
+@pytest.mark.parametrize(("kwargs", "h", "w"), GEOMETRIES, ids=IDS)
 def test_matches_per_window_reference(kwargs: dict, h: int, w: int) -> None:
     conv = _conv(kwargs)
     x = torch.randn(2, 4, h, w, **F64)

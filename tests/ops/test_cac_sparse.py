@@ -65,7 +65,13 @@ def test_sparse_and_dense_paths_equal_the_dense_masked_form(
     with torch.no_grad():
         expected = cac(x)
     sparse = CACSparseConv2d.from_cac(cac, algorithm=algorithm)
-    assert isinstance(cac.fuse(), CACSparseConv2d) and cac.fuse().algorithm == "pixel"
+    fused = cac.fuse()
+    if quantile == 0.0:  # γ = 1, β = 1: every window of every input is sharp, so it deploys to the plain conv
+        assert cac.always_sharp() and type(fused) is nn.Conv2d
+        with torch.no_grad():
+            assert_close(fused(x), expected, **TIGHT)
+    else:
+        assert isinstance(fused, CACSparseConv2d) and fused.algorithm == "pixel"
     for threshold, path in ((1.0, "sparse"), (0.0, "dense")):
         sparse.threshold = threshold
         with torch.no_grad():
@@ -170,8 +176,8 @@ def test_default_thresholds_follow_the_algorithm() -> None:
     cac = CAConv2d(4, 4, 3, padding=1)
     assert CACSparseConv2d.from_cac(cac).threshold == "auto"
     assert CACSparseConv2d.from_cac(cac, algorithm="block").threshold == DEFAULT_BLOCK_THRESHOLD
-    assert CAConv2d(4, 4, 3, sparse_threshold=0.2).fuse().threshold == 0.2
-    assert CAConv2d(4, 4, 3, sparse_threshold="auto").fuse().threshold == "auto"
+    assert CAConv2d(4, 4, 3, sparse_threshold=0.2).fuse(fold_always_sharp=False).threshold == 0.2
+    assert CAConv2d(4, 4, 3, sparse_threshold="auto").fuse(fold_always_sharp=False).threshold == "auto"
     with pytest.raises(ValueError, match=r"algorithm must be one of \('pixel', 'block'\), got 'tiles'"):
         CACSparseConv2d.from_cac(cac, algorithm="tiles")
     with pytest.raises(ValueError, match="threshold='auto' needs algorithm='pixel', got algorithm='block'"):
@@ -288,7 +294,9 @@ def test_deploy_selects_the_sparse_form_and_keeps_outputs() -> None:
         warnings.simplefilter("error")  # fx tracing must not fail: the sparse form is a leaf
         deployed = convzoo.deploy(model)
     layers = cac_layers(deployed)
-    assert len(layers) == 7 and all(isinstance(m, CACSparseConv2d) for _, m in layers)
+    # the layer calibrated to ρ = 1 (γ = 1, β = 1) is sharp for every input: a plain conv, its BN folded
+    assert len(layers) == 6 and all(isinstance(m, CACSparseConv2d) for _, m in layers)
+    assert type(deployed.layer2[0].conv2) is nn.Conv2d and isinstance(deployed.layer2[0].bn2, nn.Identity)
     assert {m.threshold for _, m in layers} == {"auto"}
     for _, layer in layers:  # a fixed threshold, so that which path runs does not depend on timings
         layer.threshold = 0.45
@@ -313,7 +321,7 @@ def test_sparse_form_records_statistics_like_the_training_form() -> None:
 
 
 def test_convert_skips_the_deployed_form() -> None:
-    sparse = CAConv2d(4, 4, 3, padding=1).fuse()
+    sparse = CAConv2d(4, 4, 3, padding=1).fuse(fold_always_sharp=False)
     model = nn.Sequential(sparse, nn.Conv2d(4, 4, 3))
     converted = convzoo.convert(model, "cac")
     assert converted[0].__class__ is CACSparseConv2d and isinstance(converted[1], CAConv2d)
@@ -340,7 +348,7 @@ def test_constructor_checks_spec_and_weight_shape() -> None:
 
 
 def test_input_is_checked_and_unbatched_input_is_a_batch_of_one() -> None:
-    layer = CAConv2d(4, 4, 3, padding=1).fuse()
+    layer = CAConv2d(4, 4, 3, padding=1).fuse(fold_always_sharp=False)
     with pytest.raises(ValueError, match="CACSparseConv2d expects a 4-D input"):
         layer(torch.randn(5, 5))
     with pytest.raises(ValueError, match="CACSparseConv2d has in_channels=4, got an input with 8 channels"):
@@ -362,7 +370,7 @@ def test_fuse_batchnorm_is_exact(bias: bool) -> None:
 
 
 def test_fuse_batchnorm_errors() -> None:
-    sparse = CAConv2d(4, 8, 3).fuse()
+    sparse = CAConv2d(4, 8, 3).fuse(fold_always_sharp=False)
     with pytest.raises(TypeError, match="bn must be an nn.BatchNorm2d with running statistics, got LayerNorm"):
         sparse.fuse_batchnorm(nn.LayerNorm(8))
     with pytest.raises(ValueError, match="bn has 4 features, the layer 8 output channels"):
@@ -388,7 +396,7 @@ def test_fuse_batchnorm_keeps_the_layer_dtype() -> None:
     """A float32 BN after a float16 layer folds into float16 tensors (as torch's fuse_conv_bn_eval)."""
     layer = CAConv2d(4, 6, 3, padding=1, bias=False, dtype=torch.float16)
     bn = randomize_batchnorm_(nn.BatchNorm2d(6)).eval()
-    fused = layer.fuse().fuse_batchnorm(bn)
+    fused = layer.fuse(fold_always_sharp=False).fuse_batchnorm(bn)
     assert {p.dtype for p in fused.parameters()} == {torch.float16}
     x = torch.randn(2, 4, 8, 8, dtype=torch.float16)
     with torch.no_grad():

@@ -341,8 +341,36 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         module.weight.requires_grad_(conv.weight.requires_grad)
         return module
 
-    def fuse(self) -> nn.Module:
-        """The inference form: a :class:`~convzoo.ops.cac_sparse.CACSparseConv2d` with these weights."""
+    def always_sharp(self) -> bool:
+        """Whether every window is sharp for every finite input: γ >= 0 and β > 0.
+
+        G >= 0 everywhere, so γG + β >= β > 0. This is the state a converted layer starts in
+        (γ = 0, β = 1), and one that training under a loose budget can end in.
+        """
+        if self.gamma.is_meta or self.beta.is_meta:  # no values to decide on: the general (sparse) form
+            return False
+        return bool(self.gamma.detach() >= 0) and bool(self.beta.detach() > 0)
+
+    def fuse(self, *, fold_always_sharp: bool = True) -> nn.Module:
+        """The inference form with these weights.
+
+        Args:
+            fold_always_sharp: when the layer is ``always_sharp()``, return the plain ``nn.Conv2d`` it
+                then equals for every finite input: no score map, and the BN after it folds as after any
+                conv. False: always the sparse form (which records ρ per call).
+
+        Returns:
+            ``nn.Conv2d`` (always-sharp layers) or :class:`~convzoo.ops.cac_sparse.CACSparseConv2d`.
+        """
+        if not isinstance(fold_always_sharp, bool):
+            raise TypeError(f"fold_always_sharp must be a bool, got {fold_always_sharp!r}")
+        if fold_always_sharp and self.always_sharp():
+            conv = nn.Conv2d(**self.spec.conv_kwargs(), device=self.weight.device, dtype=self.weight.dtype)
+            with torch.no_grad():
+                conv.weight.copy_(self.weight)
+                if self.bias is not None:
+                    conv.bias.copy_(self.bias)
+            return conv.train(self.training)
         from convzoo.ops.cac_sparse import CACSparseConv2d
 
         return CACSparseConv2d.from_cac(self)
