@@ -235,9 +235,10 @@ thread-scheduling penalty that the single big nn.Conv2d call does not; re-run on
 ## One layer: 3×3 conv 64→64, 32×32, batch 64 (speed-up over nn.Conv2d on the same input; >1 is faster)
 
 Targets: ≥ 1.5× at ρ = 0.25, ≥ 1/1.1 = 0.91× at ρ = 1 (deployed = automatic path choice).
-At ρ = 1 the layer calibrated with γ = 1, β = 1 is sharp for *every* input (G ≥ 0), so `fuse()` returns the
-plain nn.Conv2d it equals; the "ρ = 1 (β < 0)" rows set β = -min(G)/2 instead, so that every window of this
-input is sharp but the mask still has to be computed: there the deployed module runs the score map, then the conv.
+At ρ = 1 the layer calibrated with γ = 1, β = 1 is sharp for *every* input (G ≥ 0), so `fuse()` returns
+the plain conv it equals (`CACSharpConv2d`); the "ρ = 1 (β < 0)" rows set β = -min(G)/2 instead, so that
+every window of this input is sharp but the mask still has to be computed: there the deployed module runs
+the score map, then the conv.
 Each cell is a median of interleaved runs; single cells move by about ±0.05 from run to run on this machine.
 "pixel"/"block"/"dense" force the path; "training form" is the dense masked CAConv2d (both convs everywhere).
 
@@ -260,7 +261,7 @@ Each step timed on its own, on the benchmark layer's input (the gather uses inte
 "std" is the deployed standard model (BN folded into its convs). `convzoo.deploy` folds the BN after each CAC
 layer through `CACSparseConv2d.fuse_batchnorm` (exact), so the last two columns, which fold it explicitly,
 time the same form again. In the "1.00 → 1.00" row every layer is calibrated to γ = 1, β = 1, sharp for every
-input, so `deploy()` turns each into the plain nn.Conv2d it equals (BN folded as after any conv).
+input, so `deploy()` turns each into the plain conv it equals (`CACSharpConv2d`, BN folded).
 
 {model_table}
 """

@@ -12,6 +12,7 @@ from torch.testing import assert_close
 
 import convzoo
 from convzoo.ops.cac import CAConv2d, cac_layers, gradient_map, has_cac_layers
+from convzoo.ops.cac_sharp import CACSharpConv2d
 from convzoo.ops.conv_spec import ConvSpec
 from convzoo.testing import randomize_batchnorm_
 
@@ -123,7 +124,7 @@ def test_an_always_sharp_layer_deploys_to_the_plain_conv(kwargs: dict, h: int, w
         cac.weight.mul_(1.5)
     x = torch.randn(2, 4, h, w, **F64)
     fused = cac.fuse()
-    assert cac.always_sharp() and type(fused) is nn.Conv2d and not fused.training
+    assert cac.always_sharp() and isinstance(fused, CACSharpConv2d) and not fused.training
     assert fused.padding_mode == cac.padding_mode and fused.stride == cac.stride and fused.groups == cac.groups
     with torch.no_grad():
         assert_close(fused(x), cac(x), **TIGHT)
@@ -142,13 +143,29 @@ def test_always_sharp_needs_nonnegative_gamma_and_positive_beta(gamma: float, be
         cac.gamma.fill_(gamma)
         cac.beta.fill_(beta)
     assert cac.always_sharp() is always
-    assert isinstance(cac.fuse(), nn.Conv2d if always else CACSparseConv2d)
+    assert isinstance(cac.fuse(), CACSharpConv2d if always else CACSparseConv2d)
     assert isinstance(cac.fuse(fold_always_sharp=False), CACSparseConv2d)
     if not always and beta <= 0:  # a constant input (G = 0 everywhere) makes every window smooth
         cac(torch.ones(1, 4, 6, 6))
         assert not bool(cac.last_mask.any())
     with pytest.raises(TypeError, match="fold_always_sharp must be a bool, got 'yes'"):
         cac.fuse(fold_always_sharp="yes")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_score_map_does_not_overflow(dtype: torch.dtype) -> None:
+    """A float16 channel sum (64 channels of ~1100) or Sobel response (a step of 30000) overflows; G must not."""
+    cac = CAConv2d(64, 8, 3, padding=1, dtype=dtype).eval()  # γ = 0, β = 1: sharp for every finite input
+    flat = torch.full((1, 64, 6, 6), 1100.0, dtype=dtype)
+    step = torch.zeros(1, 64, 6, 6, dtype=dtype)
+    step[..., 3:] = 30000.0
+    for x in (flat, step):
+        grad = gradient_map(cac.spec, x, (6, 6))
+        assert grad.dtype == torch.float32 and bool(torch.isfinite(grad).all())
+        with torch.no_grad():
+            out = cac(x)
+            assert bool(cac.last_mask.all())
+            assert_close(cac.fuse()(x).float(), out.float(), rtol=0, atol=0)
 
 
 def test_a_layer_on_the_meta_device_deploys_to_the_sparse_form() -> None:

@@ -13,6 +13,7 @@ import convzoo
 from convzoo.models.cifar_resnet import CifarResNet
 from convzoo.ops.cac import CAConv2d, cac_layers, gradient_map
 from convzoo.ops.cac_cost import calibrate_sharp_ratio_
+from convzoo.ops.cac_sharp import CACSharpConv2d
 from convzoo.ops.cac_sparse import CACSparseConv2d
 from convzoo.ops.conv_spec import ConvSpec
 from convzoo.testing import randomize_batchnorm_
@@ -67,7 +68,7 @@ def test_sparse_and_dense_paths_equal_the_dense_masked_form(
     sparse = CACSparseConv2d.from_cac(cac, algorithm=algorithm)
     fused = cac.fuse()
     if quantile == 0.0:  # γ = 1, β = 1: every window of every input is sharp, so it deploys to the plain conv
-        assert cac.always_sharp() and type(fused) is nn.Conv2d
+        assert cac.always_sharp() and isinstance(fused, CACSharpConv2d)
         with torch.no_grad():
             assert_close(fused(x), expected, **TIGHT)
     else:
@@ -147,27 +148,73 @@ def test_pixel_path_in_several_column_chunks_is_unchanged(monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize(
+    ("size", "out", "kernel", "stride", "dilation", "pad"),
+    [(6, 6, 3, 1, 1, 1), (7, 3, 2, 2, 1, 2), (4, 3, 5, 1, 2, 3), (5, 5, 1, 1, 1, 0)],
+)
+def test_axis_taps_against_a_loop_over_windows(size, out, kernel, stride, dilation, pad) -> None:
+    from convzoo.ops.cac_sparse import axis_taps
+
+    at, outside, reaches_out = axis_taps(size, out, kernel, stride, dilation, pad, torch.device("cpu"))
+    assert at.shape == outside.shape == (out, kernel) and at.dtype == torch.int64
+    for window in range(out):
+        for tap in range(kernel):
+            coordinate = window * stride - pad + tap * dilation
+            inside = 0 <= coordinate < size
+            assert bool(outside[window, tap]) is not inside
+            # a tap in the padding reads a clamped (valid) pixel, zeroed after the gather
+            assert int(at[window, tap]) == (coordinate if inside else min(max(coordinate, 0), size - 1))
+        assert bool(reaches_out[window]) is bool(outside[window].any())
+    assert axis_taps(size, out, kernel, stride, dilation, pad, torch.device("cpu"))[0] is at  # cached
+
+
+@pytest.mark.parametrize("per_window_table", [True, False])
+@pytest.mark.parametrize(
     ("image", "out", "kernel", "stride", "dilation", "top_left"),
     [((5, 6), (5, 6), (3, 3), (1, 1), (1, 1), (1, 1)), ((7, 4), (3, 3), (2, 5), (2, 1), (1, 2), (2, 3))],
 )
-def test_window_taps_against_a_loop_over_windows(image, out, kernel, stride, dilation, top_left) -> None:
-    from convzoo.ops.cac_sparse import window_taps
+def test_sharp_window_taps_against_a_loop_over_windows(
+    image, out, kernel, stride, dilation, top_left, per_window_table, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convzoo.ops.cac_sparse as cac_sparse
 
-    pixels, outside, on_border = window_taps(image, out, kernel, stride, dilation, top_left, torch.device("cpu"))
-    assert pixels.shape == outside.shape == (out[0] * out[1], kernel[0] * kernel[1])
-    for position in range(out[0] * out[1]):
-        i, j = divmod(position, out[1])
-        for tap in range(kernel[0] * kernel[1]):
-            r = i * stride[0] - top_left[0] + (tap // kernel[1]) * dilation[0]
-            c = j * stride[1] - top_left[1] + (tap % kernel[1]) * dilation[1]
-            inside = 0 <= r < image[0] and 0 <= c < image[1]
-            assert bool(outside[position, tap]) is not inside
-            if inside:
-                assert int(pixels[position, tap]) == r * image[1] + c
-            else:  # clamped into the image: a valid row to gather (zeroed afterwards)
-                assert 0 <= int(pixels[position, tap]) < image[0] * image[1]
-        assert bool(on_border[position]) is bool(outside[position].any())
-    assert on_border.any()
+    if not per_window_table:  # the path of large maps: pixels from the per-axis tables, chunk by chunk
+        monkeypatch.setattr(cac_sparse, "_TAP_TABLE_MAX_ENTRIES", 0)
+    batch, (height, width), (out_h, out_w), (kh, kw) = 3, image, out, kernel
+    positions = torch.randperm(batch * out_h * out_w, generator=torch.Generator().manual_seed(0))[:20]
+    pixels, border, outside = cac_sparse.sharp_window_taps(positions, image, out, kernel, stride, dilation, top_left)
+    expected_outside = []
+    for n, position in enumerate(positions.tolist()):
+        b, rest = divmod(position, out_h * out_w)
+        i, j = divmod(rest, out_w)
+        taps_outside = []
+        for tap in range(kh * kw):
+            r = i * stride[0] - top_left[0] + (tap // kw) * dilation[0]
+            c = j * stride[1] - top_left[1] + (tap % kw) * dilation[1]
+            inside = 0 <= r < height and 0 <= c < width
+            taps_outside.append(not inside)
+            r, c = min(max(r, 0), height - 1), min(max(c, 0), width - 1)  # clamped: a valid row, zeroed later
+            assert int(pixels[n, tap]) == (b * height + r) * width + c
+        if any(taps_outside):
+            expected_outside.append((n, taps_outside))
+    assert border.tolist() == [n for n, _ in expected_outside]
+    assert outside.tolist() == [taps for _, taps in expected_outside]
+
+
+@pytest.mark.parametrize(("kwargs", "h", "w"), GEOMETRIES, ids=IDS)
+def test_pixel_path_without_per_window_tables_is_unchanged(
+    kwargs: dict, h: int, w: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convzoo.ops.cac_sparse as cac_sparse
+
+    x = torch.randn(2, 4, h, w, **F64)
+    cac = _half_sharp(kwargs, x, 0.4)
+    with torch.no_grad():
+        expected = cac(x)
+    monkeypatch.setattr(cac_sparse, "_TAP_TABLE_MAX_ENTRIES", 0)
+    monkeypatch.setattr(cac_sparse, "_COLUMN_CHUNK_BYTES", 5 * 9 * 4 * 8)  # several chunks too
+    sparse = CACSparseConv2d.from_cac(cac, threshold=1.0)
+    assert_close(sparse(x), expected, **TIGHT)
+    assert sparse.last_path == "sparse"
 
 
 def test_default_thresholds_follow_the_algorithm() -> None:
@@ -293,10 +340,12 @@ def test_deploy_selects_the_sparse_form_and_keeps_outputs() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # fx tracing must not fail: the sparse form is a leaf
         deployed = convzoo.deploy(model)
-    layers = cac_layers(deployed)
-    # the layer calibrated to ρ = 1 (γ = 1, β = 1) is sharp for every input: a plain conv, its BN folded
+    # the layer calibrated to ρ = 1 (γ = 1, β = 1) is sharp for every input: the plain conv, its BN folded
+    sharp = deployed.layer2[0].conv2
+    assert isinstance(sharp, CACSharpConv2d) and isinstance(deployed.layer2[0].bn2, nn.Identity)
+    assert [m for _, m in cac_layers(deployed)].index(sharp) == 4  # still a CAC layer for the statistics
+    layers = [(name, m) for name, m in cac_layers(deployed) if m is not sharp]
     assert len(layers) == 6 and all(isinstance(m, CACSparseConv2d) for _, m in layers)
-    assert type(deployed.layer2[0].conv2) is nn.Conv2d and isinstance(deployed.layer2[0].bn2, nn.Identity)
     assert {m.threshold for _, m in layers} == {"auto"}
     for _, layer in layers:  # a fixed threshold, so that which path runs does not depend on timings
         layer.threshold = 0.45

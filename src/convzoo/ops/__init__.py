@@ -10,6 +10,7 @@ from convzoo.ops import (
 )
 from convzoo.ops.cac import CAConv2d, has_cac_layers
 from convzoo.ops.cac_cost import CACLoss, CACStatistics, cac_statistics
+from convzoo.ops.cac_sharp import CACSharpConv2d
 from convzoo.ops.cac_sparse import CACSparseConv2d
 from convzoo.ops.conv_spec import ConvSpec
 from convzoo.ops.cpwc import CPWCGroupingPlan, CPWConv2d, cpwc_grouping_plan
@@ -22,6 +23,7 @@ from convzoo.ops.separable import DSConv2d, MixConv2d
 
 __all__ = [
     "CACLoss",
+    "CACSharpConv2d",
     "CACSparseConv2d",
     "CACStatistics",
     "CAConv2d",

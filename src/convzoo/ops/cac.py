@@ -70,14 +70,17 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
         out_size: (H', W'), the conv's output size for this input.
 
     Returns:
-        G of shape (B, H', W'), >= 0. G is computed from ``x.detach()``: the score map passes no gradient
-        back into the features (only γ and β learn through the straight-through estimator), which also
-        keeps backward finite where G = 0 (``hypot``'s gradient is undefined there; flat image regions
-        such as the digits' background hit it on the first step).
+        G of shape (B, H', W'), >= 0, in x's dtype or float32 if that is wider. G is computed from
+        ``x.detach()``: the score map passes no gradient back into the features (only γ and β learn
+        through the straight-through estimator), which also keeps backward finite where G = 0 (``hypot``'s
+        gradient is undefined there; flat image regions such as the digits' background hit it on the
+        first step).
     """
-    # the channel sum divided on the 1-channel map: the same mean (bit-identical in our checks), and
-    # ~2x faster than mean() over the channels of a channels-last input on CPU
-    mean = x.detach().sum(dim=1, keepdim=True) / x.shape[1]
+    # the channel sum divided on the 1-channel map (~2x faster than mean() over the channels of a
+    # channels-last input on CPU), and G in at least float32: a float16 sum or Sobel response overflows
+    # (to inf, then NaN) where the float32 one does not, which would turn sharp windows smooth
+    precision = torch.promote_types(x.dtype, torch.float32)
+    mean = x.detach().sum(dim=1, keepdim=True, dtype=precision) / x.shape[1]
     mean = pad_input(spec, mean)  # padding commutes with the channel mean
     margins = []
     for k, d in zip(spec.kernel_size, spec.dilation):
@@ -197,7 +200,8 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
             starts sharp (ρ = 1) and the layer computes exactly ``nn.Conv2d``.
         sparse_threshold: keyword-only; the inference form (``fuse()``) runs the sparse path when the
             fraction of sharp windows is at most this, else the dense one. None or "auto": measured
-            per input signature on first use (see :mod:`convzoo.ops.cac_sparse`).
+            per input signature on first use (see :mod:`convzoo.ops.cac_sparse`). Unused when the layer
+            is always sharp at ``fuse()`` time (it then deploys to its plain conv).
 
     Shapes:
         input (B, C_in, H, W) -> output (B, C_out, H', W') exactly as ``nn.Conv2d``.
@@ -352,28 +356,27 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         return bool(self.gamma.detach() >= 0) and bool(self.beta.detach() > 0)
 
     def fuse(self, *, fold_always_sharp: bool = True) -> nn.Module:
-        """The inference form with these weights.
+        """The inference form with these weights (in this layer's training mode).
 
         Args:
-            fold_always_sharp: when the layer is ``always_sharp()``, return the plain ``nn.Conv2d`` it
-                then equals for every finite input: no score map, and the BN after it folds as after any
-                conv. False: always the sparse form (which records ρ per call).
+            fold_always_sharp: when the layer is ``always_sharp()``, return a
+                :class:`~convzoo.ops.cac_sharp.CACSharpConv2d`: the ``nn.Conv2d`` it then equals for every
+                finite input, with no score map, which still records ρ = 1 for the statistics. False:
+                always the sparse form.
 
         Returns:
-            ``nn.Conv2d`` (always-sharp layers) or :class:`~convzoo.ops.cac_sparse.CACSparseConv2d`.
+            ``CACSharpConv2d`` (always-sharp layers) or :class:`~convzoo.ops.cac_sparse.CACSparseConv2d`.
         """
         if not isinstance(fold_always_sharp, bool):
             raise TypeError(f"fold_always_sharp must be a bool, got {fold_always_sharp!r}")
-        if fold_always_sharp and self.always_sharp():
-            conv = nn.Conv2d(**self.spec.conv_kwargs(), device=self.weight.device, dtype=self.weight.dtype)
-            with torch.no_grad():
-                conv.weight.copy_(self.weight)
-                if self.bias is not None:
-                    conv.bias.copy_(self.bias)
-            return conv.train(self.training)
+        from convzoo.ops.cac_sharp import CACSharpConv2d
         from convzoo.ops.cac_sparse import CACSparseConv2d
 
-        return CACSparseConv2d.from_cac(self)
+        if fold_always_sharp and self.always_sharp():
+            fused: nn.Module = CACSharpConv2d(self.spec, self.weight, self.bias, self.gamma, self.beta)
+        else:
+            fused = CACSparseConv2d.from_cac(self)
+        return fused.train(self.training)
 
     def extra_repr(self) -> str:
         s = self.spec.describe()

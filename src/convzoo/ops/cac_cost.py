@@ -72,7 +72,7 @@ def _no_hook() -> Callable[..., None]:
 
 
 class PlainMacs:
-    """Records the MACs per image of every ``nn.Conv2d`` / ``nn.Linear`` call in a model (forward hooks).
+    """Records the MACs per image of every ``nn.Conv2d`` / ``nn.Linear`` call but CAC layers' (forward hooks).
 
     ``total`` is the sum over those modules of their most recent call. Use as a context manager
     or call ``remove()``.
@@ -84,7 +84,8 @@ class PlainMacs:
         self._handles: list[RemovableHandle] = [
             module.register_forward_hook(hook)
             for module in model.modules()
-            if isinstance(module, nn.Conv2d | nn.Linear)
+            # CAC layers are costed by their own formula (CACSharpConv2d is also an nn.Conv2d)
+            if isinstance(module, nn.Conv2d | nn.Linear) and not isinstance(module, CACStatsMixin)
         ]
 
     def record(self, module: nn.Module, output: Tensor) -> None:

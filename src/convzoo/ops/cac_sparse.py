@@ -150,8 +150,73 @@ def rows_times_kernel(rows: Tensor, kernel: Tensor, bias: Tensor | None, groups:
     return out.permute(0, 2, 3, 1).reshape(n, -1)
 
 
-@functools.lru_cache(maxsize=64)
-def window_taps(
+@functools.lru_cache(maxsize=256)
+def axis_taps(
+    size: int, out_size: int, kernel: int, stride: int, dilation: int, pad: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Where the taps of each window fall along one axis of the image the pixel path gathers from.
+
+    Args:
+        size: the image's length along the axis (H or W).
+        out_size: the number of windows along it (H' or W').
+        kernel, stride, dilation: the conv's along the axis.
+        pad: the padding before the image (0 when the image is already padded).
+        device: where the tables live.
+
+    Returns:
+        at: (out_size, kernel) int64, the coordinate of each tap, clamped into the image;
+        outside: (out_size, kernel) bool, the taps that fall in the padding instead (they must read zero);
+        reaches_out: (out_size,) bool, the windows with at least one such tap.
+
+    A window's pixel is ``row * W + col`` from the two axes' tables. Cached: a few kilobytes per input size
+    (the windows' index arithmetic, rebuilt on every call, was a tenth of the pixel path's time).
+    The returned tensors are shared between calls: read them, never write into them.
+    """
+    coordinate = (torch.arange(out_size, device=device) * stride - pad)[:, None] + torch.arange(
+        kernel, device=device
+    ) * dilation
+    outside = (coordinate < 0) | (coordinate >= size)
+    return coordinate.clamp(0, size - 1), outside, outside.any(dim=1)
+
+
+@torch.no_grad()
+def batchnorm_folded(
+    spec: ConvSpec, weight: Tensor, bias: Tensor | None, bn: nn.Module
+) -> tuple[ConvSpec, Tensor, Tensor]:
+    """A conv's (spec, weight, bias) with eval-mode ``bn`` after it folded in: W·s, b·s + t (exact).
+
+    Args:
+        spec: the conv's geometry; the returned one has a bias.
+        weight: (C_out, C_in/g, kh, kw); bias: (C_out,) or None.
+        bn: an ``nn.BatchNorm2d`` (or ``SyncBatchNorm``) over C_out channels, with running statistics.
+
+    The results keep the weight's dtype, as torch's ``fuse_conv_bn_eval`` does (a float32 BN after a
+    float16 layer).
+    """
+    if not isinstance(bn, nn.BatchNorm2d | nn.SyncBatchNorm) or bn.running_mean is None or bn.running_var is None:
+        raise TypeError(f"bn must be an nn.BatchNorm2d with running statistics, got {type(bn).__name__}")
+    if bn.num_features != spec.out_channels:
+        raise ValueError(f"bn has {bn.num_features} features, the layer {spec.out_channels} output channels")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
+    folded_bias = shift if bias is None else bias * scale + shift
+    folded_weight = weight * scale.reshape(-1, 1, 1, 1)
+    folded_spec = ConvSpec.create(**{**spec.conv_kwargs(), "bias": True})
+    return folded_spec, folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
+
+
+_TAP_TABLE_MAX_ENTRIES = 1 << 18
+"""Per-window pixel tables (``window_pixels``) are kept for maps of at most this many windows × taps (2.3 MB).
+
+Larger maps (a 7×7 stem on a large image, say) compute each chunk's pixels from the per-axis tables instead,
+which costs about 0.3 ms more per 16k windows but keeps the cache a few kilobytes.
+"""
+
+
+@functools.lru_cache(maxsize=32)
+def window_pixels(
     image_size: tuple[int, int],
     out_size: tuple[int, int],
     kernel_size: tuple[int, int],
@@ -159,39 +224,70 @@ def window_taps(
     dilation: tuple[int, int],
     top_left: tuple[int, int],
     device: torch.device,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Where each window's taps fall in one image: the pixel tables the pixel path gathers with.
-
-    Args:
-        image_size: (H, W) of the image the taps are read from (channels-last rows, one per pixel).
-        out_size: (H', W'), one window per output position.
-        kernel_size, stride, dilation: the conv's.
-        top_left: the padding above and left of the image (0 when the image is already padded).
-        device: where the tables live.
+) -> tuple[Tensor, Tensor]:
+    """Per window of one image: the pixel under each tap and whether any tap falls in the padding.
 
     Returns:
-        pixels: (H'·W', taps) int64, the pixel ``row * W + col`` under each tap, clamped into the image;
-        outside: (H'·W', taps) bool, the taps that fall in the padding instead (they must read zero);
-        on_border: (H'·W',) bool, the windows with at least one such tap.
+        pixels: (H'·W', taps) int64, ``row * W + col`` of each tap (clamped into the image), (i, j)-major;
+        reaches_out: (H'·W',) bool.
 
-    Taps are (i, j)-major, like the weight's columns. Cached: a layer sees a few input sizes, and
-    rebuilding the tables was a tenth of the pixel path's time (about a dozen ops over n·taps indices).
+    Built from :func:`axis_taps`; cached like it (at most ``_TAP_TABLE_MAX_ENTRIES`` entries per table,
+    which the caller checks). Shared between calls: never write into the returned tensors.
     """
     (height, width), (out_h, out_w), (kh, kw) = image_size, out_size, kernel_size
-    (sh, sw), (dh, dw), (top, left) = stride, dilation, top_left
-    rows = (torch.arange(out_h, device=device) * sh - top)[:, None] + torch.arange(kh, device=device) * dh  # (H', kh)
-    cols = (torch.arange(out_w, device=device) * sw - left)[:, None] + torch.arange(kw, device=device) * dw  # (W', kw)
-    tap_row = rows[:, None, :, None].expand(out_h, out_w, kh, kw).reshape(out_h * out_w, kh * kw)
-    tap_col = cols[None, :, None, :].expand(out_h, out_w, kh, kw).reshape(out_h * out_w, kh * kw)
-    pixels = tap_row.clamp(0, height - 1) * width + tap_col.clamp(0, width - 1)
-    outside = (tap_row < 0) | (tap_row >= height) | (tap_col < 0) | (tap_col >= width)
-    return pixels, outside, outside.any(dim=1)
+    row_at, _, row_reaches = axis_taps(height, out_h, kh, stride[0], dilation[0], top_left[0], device)
+    col_at, _, col_reaches = axis_taps(width, out_w, kw, stride[1], dilation[1], top_left[1], device)
+    pixels = (row_at[:, None, :, None] * width + col_at[None, :, None, :]).reshape(out_h * out_w, kh * kw)
+    return pixels, (row_reaches[:, None] | col_reaches[None, :]).flatten()
+
+
+def sharp_window_taps(
+    positions: Tensor,
+    image_size: tuple[int, int],
+    out_size: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    top_left: tuple[int, int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The pixels the taps of some windows read, and which of those taps fall in the padding.
+
+    Args:
+        positions: (n,) flat output positions ``(image * H' + row) * W' + col``.
+        image_size, out_size, kernel_size, stride, dilation, top_left: as :func:`axis_taps`, per axis.
+
+    Returns:
+        pixels: (n, taps) int64 flat pixel ``(image * H + r) * W + c`` under each tap (clamped into the image);
+        border: (m,) int64, which of the n windows have a tap in the padding;
+        outside: (m, taps) bool, those windows' taps in the padding (their pixels must read as zero).
+    """
+    (height, width), (out_h, out_w), (kh, kw) = image_size, out_size, kernel_size
+    device = positions.device
+    row_at, row_outside, row_reaches = axis_taps(height, out_h, kh, stride[0], dilation[0], top_left[0], device)
+    col_at, col_outside, col_reaches = axis_taps(width, out_w, kw, stride[1], dilation[1], top_left[1], device)
+    if out_h * out_w * kh * kw <= _TAP_TABLE_MAX_ENTRIES:
+        table, reaches_out = window_pixels(image_size, out_size, kernel_size, stride, dilation, top_left, device)
+        image, within = positions // (out_h * out_w), positions % (out_h * out_w)
+        pixels = table.index_select(0, within).add_((image * (height * width))[:, None])
+        border = reaches_out.index_select(0, within).nonzero().squeeze(1)
+        within = within.index_select(0, border)
+        row, col = within // out_w, within % out_w  # of the border windows only
+    else:
+        image_row, col = positions // out_w, positions % out_w  # image_row = image * H' + row
+        image, row = image_row // out_h, image_row % out_h
+        pixels = (row_at.index_select(0, row) + (image * height)[:, None]) * width
+        pixels = (pixels[:, :, None] + col_at.index_select(0, col)[:, None, :]).flatten(1)
+        border = (row_reaches.index_select(0, row) | col_reaches.index_select(0, col)).nonzero().squeeze(1)
+        row, col = row.index_select(0, border), col.index_select(0, border)
+    outside = row_outside.index_select(0, row)[:, :, None] | col_outside.index_select(0, col)[:, None, :]
+    return pixels, border, outside.flatten(1)
 
 
 class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
     """Inference form of :class:`~convzoo.ops.cac.CAConv2d`: sparse below ``threshold`` sharp windows.
 
-    Built by ``CAConv2d.fuse()`` (so ``convzoo.deploy`` selects it). It is the deployed form of
+    Built by ``CAConv2d.fuse()`` (so ``convzoo.deploy`` selects it) for layers that are not always sharp
+    (those get :class:`~convzoo.ops.cac_sharp.CACSharpConv2d`). It is the deployed form of
     kind ``"cac"`` (``convzoo_kind``), which keeps it a leaf for tracers and for ``convert()``.
 
     Args:
@@ -287,19 +383,7 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         t fold into the kernel and bias; the score map reads only the input and is unchanged.
         (``convzoo.deploy`` folds BN only into ``nn.Conv2d``; this is the hook to fold it here.)
         """
-        if not isinstance(bn, nn.BatchNorm2d | nn.SyncBatchNorm) or bn.running_mean is None or bn.running_var is None:
-            raise TypeError(f"bn must be an nn.BatchNorm2d with running statistics, got {type(bn).__name__}")
-        if bn.num_features != self.spec.out_channels:
-            raise ValueError(f"bn has {bn.num_features} features, the layer {self.spec.out_channels} output channels")
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
-        bias = shift if self.bias is None else self.bias * scale + shift
-        spec = ConvSpec.create(**{**self.spec.conv_kwargs(), "bias": True})
-        weight = self.weight * scale.reshape(-1, 1, 1, 1)
-        # the layer's dtype, as torch's fuse_conv_bn_eval keeps it (a float32 BN after a float16 layer)
-        weight, bias = weight.to(self.weight.dtype), bias.to(self.weight.dtype)
+        spec, weight, bias = batchnorm_folded(self.spec, self.weight, self.bias, bn)
         options = {"threshold": self.threshold, "tile": self.tile, "algorithm": self.algorithm}
         return CACSparseConv2d(spec, weight, bias, self.gamma, self.beta, **options)
 
@@ -475,7 +559,7 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         # channels-last first: the 1x1 then reads x itself, and a pixel is a row of C_in values
         x = x.contiguous(memory_format=torch.channels_last)
         c_out, groups = self.spec.out_channels, self.groups
-        (out_h, out_w), (kh, kw), (sh, sw), (dh, dw) = out_size, self.kernel_size, self.stride, self.dilation
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         left, right, top, bottom = self.spec.explicit_padding
         if self.padding_mode == "zeros" and self._first_centre_inside(x, out_size) is not None:
             # gather straight from x: the taps of border windows that fall in the zero padding are
@@ -497,22 +581,18 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         # the weight as one (C_out, taps * C_in/g) matrix per group, taps (i, j)-major like the columns
         taps = kh * kw
         weight = self.weight.permute(0, 2, 3, 1).reshape(c_out, taps * (c_in // groups), 1, 1)
-        pixels, outside, on_border = window_taps(
-            (height, width), out_size, self.kernel_size, (sh, sw), (dh, dw), (top, left), x.device
-        )
-        chunk = max(1, _COLUMN_CHUNK_BYTES // (taps * c_in * x.element_size()))
+        geometry = ((height, width), out_size, (kh, kw), (sh, sw), (dh, dw), (top, left))
+        chunk = max(1, _COLUMN_CHUNK_BYTES // (taps * max(c_in * x.element_size(), 8)))  # columns or indices
         for start in range(0, sharp.numel(), chunk):
             positions = sharp[start : start + chunk]
             n = positions.numel()
-            image, within = positions // (out_h * out_w), positions % (out_h * out_w)
-            index = pixels.index_select(0, within).add_((image * (height * width))[:, None])  # (n, taps)
+            pixels, border, outside = sharp_window_taps(positions, *geometry)
             # im2col of the sharp windows: whole pixels (C_in contiguous values) with one index_select; the
             # taps that fall in the zero padding read a clamped pixel and are zeroed after (index_fill_
             # writes only those rows: cheaper than masking every border window's columns)
-            columns = rows.index_select(0, index.flatten())  # (n * taps, C_in)
-            border = on_border.index_select(0, within).nonzero().squeeze(1)  # the windows that reach the padding
+            columns = rows.index_select(0, pixels.flatten())  # (n * taps, C_in)
             if border.numel():
-                window, tap = outside.index_select(0, within.index_select(0, border)).nonzero().unbind(1)
+                window, tap = outside.nonzero().unbind(1)
                 columns.index_fill_(0, border.index_select(0, window) * taps + tap, 0)
             columns = columns.view(n, taps, c_in)
             if groups > 1:  # (n, taps, g, C/g) -> (n, g, taps, C/g): each group's columns contiguous
