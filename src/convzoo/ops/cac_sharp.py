@@ -56,21 +56,35 @@ class CACSharpConv2d(CACStatsMixin, nn.Conv2d):
         self.requires_grad_(False)
         self.gamma = nn.Parameter(gamma.detach().clone().reshape(()), requires_grad=False)
         self.beta = nn.Parameter(beta.detach().clone().reshape(()), requires_grad=False)
-        self.last_mask: Tensor | None = None
-        self.last_sharp_count: Tensor | None = None
         self.last_output_size: tuple[int, int] | None = None
+        self._last_call: tuple[int, torch.device] | None = None  # (batch, device) of the last call
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C_in, H, W) -> (B, C_out, H', W'): the conv; records ρ = 1 (except under tracing)."""
         if check_input(x, self.in_channels, "CACSharpConv2d"):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         out = super().forward(x)
-        if not is_tracing():
-            batch, height, width = out.shape[0], out.shape[2], out.shape[3]
-            self.last_output_size = (height, width)
-            self.last_sharp_count = torch.full((batch,), height * width, dtype=torch.int64, device=out.device)
-            self.last_mask = torch.ones((), dtype=torch.bool, device=out.device).expand(batch, height, width)
+        if not is_tracing():  # plain ints only: the mask and counts are built when someone reads them
+            self.last_output_size = (out.shape[2], out.shape[3])
+            self._last_call = (out.shape[0], out.device)
         return out
+
+    @property
+    def last_mask(self) -> Tensor | None:  # type: ignore[override]
+        """The last call's sharp-window mask, (B, H', W') bool: all True (an expanded view)."""
+        if self._last_call is None or self.last_output_size is None:
+            return None
+        batch, device = self._last_call
+        return torch.ones((), dtype=torch.bool, device=device).expand(batch, *self.last_output_size)
+
+    @property
+    def last_sharp_count(self) -> Tensor | None:  # type: ignore[override]
+        """The last call's sharp windows per image, (B,) int64: every window."""
+        if self._last_call is None or self.last_output_size is None:
+            return None
+        batch, device = self._last_call
+        height, width = self.last_output_size
+        return torch.full((batch,), height * width, dtype=torch.int64, device=device)
 
     def effective_macs_per_image(self) -> Tensor:
         """MACs of each image of the last call, (B,) float64: the k×k conv at every position, nothing more."""
