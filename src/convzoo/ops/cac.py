@@ -121,6 +121,95 @@ def centre_pixels(spec: ConvSpec, padded: Tensor, out_size: tuple[int, int]) -> 
     return padded[..., ch::sh, cw::sw][..., : out_size[0], : out_size[1]]
 
 
+def first_centre_inside(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> tuple[int, int] | None:
+    """The pixel (row, col) of x under the first window's centre, if every window's centre lies inside x."""
+    (ch, cw), (sh, sw) = centre_offset(spec), spec.stride
+    left, _, top, _ = spec.explicit_padding
+    first_h, first_w = ch - top, cw - left
+    inside = (
+        first_h >= 0
+        and first_w >= 0
+        and first_h + (out_size[0] - 1) * sh < x.shape[2]
+        and first_w + (out_size[1] - 1) * sw < x.shape[3]
+    )
+    return (first_h, first_w) if inside else None
+
+
+def centre_conv(
+    spec: ConvSpec,
+    x: Tensor,
+    kernel: Tensor,
+    bias: Tensor | None,
+    out_size: tuple[int, int],
+    padded: Tensor | None = None,
+) -> Tensor:
+    """A 1×1 conv at every window centre (eq. 6 with ``kernel`` = Σw): x (B, C_in, H, W) -> (B, C_out, H', W').
+
+    Args:
+        spec: the k×k conv's geometry (stride, padding, dilation, groups, padding mode).
+        x: the input.
+        kernel: (C_out, C_in/g, 1, 1); bias: (C_out,) or None.
+        out_size: (H', W').
+        padded: x padded as the conv pads it, (B, C_in, Hp, Wp), possibly a channels-last view;
+            None: padded here if it is needed.
+
+    When the first window's centre is x's first pixel (any 'same'-like padding of an odd kernel), or every
+    centre lies inside a channels-last ``x``, the 1×1 runs on ``x`` itself with the conv's stride: no copy.
+    Otherwise the centre pixels of the padded input are taken (copied densely first when channels-last:
+    oneDNN's 1×1 conv runs ~5x faster on them than on the strided view).
+    """
+    first = first_centre_inside(spec, x, out_size)
+    if first == (0, 0) or (first is not None and x.is_contiguous(memory_format=torch.channels_last)):
+        source = x if first == (0, 0) else x[..., first[0] :, first[1] :]
+        out = F.conv2d(source, kernel, bias, spec.stride, 0, 1, spec.groups)
+        return out[..., : out_size[0], : out_size[1]]
+    if padded is None:
+        padded = pad_input(spec, x)
+    centres = centre_pixels(spec, padded, out_size)
+    if padded.stride(1) == 1:
+        centres = centres.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(centres, kernel, bias, 1, 0, 1, spec.groups)
+
+
+def pick(mask: Tensor, sharp: Tensor, smooth: Tensor) -> Tensor:
+    """``torch.where(mask, sharp, smooth)`` for finite values, as sharp·m + smooth·(1 - m) with m in {0, 1}.
+
+    x·1 = x and y·0 = 0 exactly, so the values are the same (a signed zero aside); the two vectorized
+    passes beat ``torch.where``'s scalar CPU loop, and autograd splits the gradient the same way. (Where
+    the other branch is inf or NaN the product would be NaN: the dense conv outputs this is used on are
+    finite wherever the input is.)
+    """
+    keep = mask.to(sharp.dtype)
+    return torch.addcmul(sharp * keep, smooth, 1 - keep)
+
+
+class _PickStraightThrough(torch.autograd.Function):
+    """``pick(mask, sharp, smooth)`` whose gradient also reaches the soft score M (straight-through, eq. 12).
+
+    Forward: the hard pick. Backward: d/d(sharp) = g·m, d/d(smooth) = g·(1 - m), and d/dM = Σ_c g·(sharp -
+    smooth): the hard mask's gradient taken as the soft score's, which is what adding
+    ``(M - M.detach())·(sharp - smooth).detach()`` to the output does, without its three full-size passes.
+    """
+
+    @staticmethod
+    def forward(ctx, mask: Tensor, sharp: Tensor, smooth: Tensor, soft: Tensor) -> Tensor:
+        keep = mask.to(sharp.dtype)
+        # one saved full-size tensor (the difference), not both branches
+        ctx.save_for_backward(keep, sharp - smooth if ctx.needs_input_grad[3] else None)
+        ctx.soft_dtype = soft.dtype
+        return torch.addcmul(sharp * keep, smooth, 1 - keep)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None, Tensor | None]:
+        keep, difference = ctx.saved_tensors
+        grad_sharp = grad * keep if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None
+        grad_smooth = grad - grad_sharp if ctx.needs_input_grad[2] else None
+        grad_soft = None
+        if ctx.needs_input_grad[3]:
+            grad_soft = (grad * difference).sum(dim=1, keepdim=True).to(ctx.soft_dtype)
+        return None, grad_sharp if ctx.needs_input_grad[1] else None, grad_smooth, grad_soft
+
+
 def summed_kernel(weight: Tensor) -> Tensor:
     """The 1×1 kernel Σw of eq. (6): (C_out, C_in/g, kh, kw) -> (C_out, C_in/g, 1, 1)."""
     return weight.sum(dim=(2, 3), keepdim=True)
@@ -298,18 +387,17 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         logits = self.score_logits(x, out_size)
         mask = logits > 0
         self._record(mask, out_size)
-        padded = pad_input(self.spec, x)
-        sharp = F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        centres = centre_pixels(self.spec, padded, out_size)
-        smooth = F.conv2d(centres, summed_kernel(self.weight), self.bias, 1, 0, 1, self.groups)
-        out = torch.where(mask.unsqueeze(1), sharp, smooth)
+        sharp = self.spec.conv2d(x, self.weight, self.bias)
+        smooth = centre_conv(self.spec, x, summed_kernel(self.weight), self.bias, out_size)
         if torch.is_grad_enabled() and logits.requires_grad:
             soft = torch.sigmoid(logits)
-            straight = soft - soft.detach()  # 0.0 in value; d/dM = 1 (straight-through)
-            # in the convs' dtype: under autocast the float32 score would otherwise promote the output
-            out = out + (straight.unsqueeze(1) * (sharp - smooth).detach()).to(out.dtype)
+            # the hard pick, with the straight-through gradient Σ_c g·(sharp - smooth) to M (in the convs'
+            # dtype: under autocast the float32 score must not promote the output)
+            out = _PickStraightThrough.apply(mask.unsqueeze(1), sharp, smooth, soft.unsqueeze(1))
+            straight = soft - soft.detach()  # 0.0 in value; d/dM = 1
             self._ste.value = mask.flatten(1).to(soft.dtype).mean(1) + straight.flatten(1).mean(1)
         else:
+            out = pick(mask.unsqueeze(1), sharp, smooth)
             self._ste.value = None
         return out
 
