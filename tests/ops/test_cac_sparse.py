@@ -181,7 +181,8 @@ def test_sharp_window_taps_against_a_loop_over_windows(
         monkeypatch.setattr(cac_sparse, "_TAP_TABLE_MAX_ENTRIES", 0)
     batch, (height, width), (out_h, out_w), (kh, kw) = 3, image, out, kernel
     positions = torch.randperm(batch * out_h * out_w, generator=torch.Generator().manual_seed(0))[:20]
-    pixels, border, outside = cac_sparse.sharp_window_taps(positions, image, out, kernel, stride, dilation, top_left)
+    geometry = cac_sparse.WindowGeometry(image, out, kernel, stride, dilation, top_left)
+    pixels, border, outside = cac_sparse.sharp_window_taps(positions, geometry)
     expected_outside = []
     for n, position in enumerate(positions.tolist()):
         b, rest = divmod(position, out_h * out_w)

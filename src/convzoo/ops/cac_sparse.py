@@ -41,6 +41,7 @@ import functools
 import math
 from functools import partial
 from numbers import Real
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -218,16 +219,34 @@ which costs about 0.3 ms more per 16k windows but keeps the cache a few kilobyte
 """
 
 
+class WindowGeometry(NamedTuple):
+    """Where a conv's windows lie on the image the pixel path gathers from, per axis (rows, cols)."""
+
+    image_size: tuple[int, int]
+    """(H, W) of the image (channels-last rows, one per pixel)."""
+    out_size: tuple[int, int]
+    """(H', W'): one window per output position."""
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    top_left: tuple[int, int]
+    """The padding above and left of the image (0 when the image is already padded)."""
+
+    def axis(self, dim: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`axis_taps` along rows (0) or columns (1)."""
+        return axis_taps(
+            self.image_size[dim],
+            self.out_size[dim],
+            self.kernel_size[dim],
+            self.stride[dim],
+            self.dilation[dim],
+            self.top_left[dim],
+            device,
+        )
+
+
 @functools.lru_cache(maxsize=32)
-def window_pixels(
-    image_size: tuple[int, int],
-    out_size: tuple[int, int],
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    top_left: tuple[int, int],
-    device: torch.device,
-) -> tuple[Tensor, Tensor]:
+def window_pixels(geometry: WindowGeometry, device: torch.device) -> tuple[Tensor, Tensor]:
     """Per window of one image: the pixel under each tap and whether any tap falls in the padding.
 
     Returns:
@@ -237,39 +256,31 @@ def window_pixels(
     Built from :func:`axis_taps`; cached like it (at most ``_TAP_TABLE_MAX_ENTRIES`` entries per table,
     which the caller checks). Shared between calls: never write into the returned tensors.
     """
-    (height, width), (out_h, out_w), (kh, kw) = image_size, out_size, kernel_size
-    row_at, _, row_reaches = axis_taps(height, out_h, kh, stride[0], dilation[0], top_left[0], device)
-    col_at, _, col_reaches = axis_taps(width, out_w, kw, stride[1], dilation[1], top_left[1], device)
+    (out_h, out_w), (kh, kw), width = geometry.out_size, geometry.kernel_size, geometry.image_size[1]
+    row_at, _, row_reaches = geometry.axis(0, device)
+    col_at, _, col_reaches = geometry.axis(1, device)
     pixels = (row_at[:, None, :, None] * width + col_at[None, :, None, :]).reshape(out_h * out_w, kh * kw)
     return pixels, (row_reaches[:, None] | col_reaches[None, :]).flatten()
 
 
-def sharp_window_taps(
-    positions: Tensor,
-    image_size: tuple[int, int],
-    out_size: tuple[int, int],
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    top_left: tuple[int, int],
-) -> tuple[Tensor, Tensor, Tensor]:
+def sharp_window_taps(positions: Tensor, geometry: WindowGeometry) -> tuple[Tensor, Tensor, Tensor]:
     """The pixels the taps of some windows read, and which of those taps fall in the padding.
 
     Args:
         positions: (n,) flat output positions ``(image * H' + row) * W' + col``.
-        image_size, out_size, kernel_size, stride, dilation, top_left: as :func:`axis_taps`, per axis.
+        geometry: where the windows lie.
 
     Returns:
         pixels: (n, taps) int64 flat pixel ``(image * H + r) * W + c`` under each tap (clamped into the image);
         border: (m,) int64, which of the n windows have a tap in the padding;
         outside: (m, taps) bool, those windows' taps in the padding (their pixels must read as zero).
     """
-    (height, width), (out_h, out_w), (kh, kw) = image_size, out_size, kernel_size
+    (height, width), (out_h, out_w), (kh, kw) = geometry.image_size, geometry.out_size, geometry.kernel_size
     device = positions.device
-    row_at, row_outside, row_reaches = axis_taps(height, out_h, kh, stride[0], dilation[0], top_left[0], device)
-    col_at, col_outside, col_reaches = axis_taps(width, out_w, kw, stride[1], dilation[1], top_left[1], device)
+    row_at, row_outside, row_reaches = geometry.axis(0, device)
+    col_at, col_outside, col_reaches = geometry.axis(1, device)
     if out_h * out_w * kh * kw <= _TAP_TABLE_MAX_ENTRIES:
-        table, reaches_out = window_pixels(image_size, out_size, kernel_size, stride, dilation, top_left, device)
+        table, reaches_out = window_pixels(geometry, device)
         image, within = positions // (out_h * out_w), positions % (out_h * out_w)
         pixels = table.index_select(0, within).add_((image * (height * width))[:, None])
         border = reaches_out.index_select(0, within).nonzero().squeeze(1)
@@ -563,12 +574,12 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         # the weight as one (C_out, taps * C_in/g) matrix per group, taps (i, j)-major like the columns
         taps = kh * kw
         weight = self.weight.permute(0, 2, 3, 1).reshape(c_out, taps * (c_in // groups), 1, 1)
-        geometry = ((height, width), out_size, (kh, kw), (sh, sw), (dh, dw), (top, left))
+        geometry = WindowGeometry((height, width), out_size, (kh, kw), (sh, sw), (dh, dw), (top, left))
         chunk = max(1, _COLUMN_CHUNK_BYTES // (taps * max(c_in * x.element_size(), 8)))  # columns or indices
         for start in range(0, sharp.numel(), chunk):
             positions = sharp[start : start + chunk]
             n = positions.numel()
-            pixels, border, outside = sharp_window_taps(positions, *geometry)
+            pixels, border, outside = sharp_window_taps(positions, geometry)
             # im2col of the sharp windows: whole pixels (C_in contiguous values) with one index_select; the
             # taps that fall in the zero padding read a clamped pixel and are zeroed after (index_fill_
             # writes only those rows: cheaper than masking every border window's columns)
