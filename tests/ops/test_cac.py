@@ -227,14 +227,16 @@ def test_training_forward_value_is_the_hard_mask_exactly() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_pick_equals_where(dtype: torch.dtype, channels_last: bool) -> None:
-    from convzoo.ops.cac import pick
+def test_fused_pick_equals_where(dtype: torch.dtype, channels_last: bool) -> None:
+    from convzoo.ops.cac import _PickStraightThrough
 
     sharp, smooth = torch.randn(2, 5, 4, 3, dtype=dtype), torch.randn(2, 5, 4, 3, dtype=dtype)
     if channels_last:
         sharp, smooth = (t.contiguous(memory_format=torch.channels_last) for t in (sharp, smooth))
     mask = torch.rand(2, 1, 4, 3) < 0.5
-    assert torch.equal(pick(mask, sharp, smooth), torch.where(mask, sharp, smooth))
+    soft = torch.rand(2, 1, 4, 3, requires_grad=True)
+    fused = _PickStraightThrough.apply(mask, sharp, smooth, soft)
+    assert torch.equal(fused.detach(), torch.where(mask, sharp, smooth))
 
 
 def test_pick_straight_through_matches_the_additive_estimator() -> None:
@@ -258,6 +260,37 @@ def test_pick_straight_through_matches_the_additive_estimator() -> None:
         assert_close(mine.grad, theirs.grad, **TIGHT)
     # the true derivative w.r.t. the branches (the soft score's is straight-through by design, not checkable)
     torch.autograd.gradcheck(lambda a, b: _PickStraightThrough.apply(mask, a, b, soft), reference[:2])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # raised inside torch.func
+def test_straight_through_under_torch_func_and_forward_mode() -> None:
+    """torch.func.grad and forward-mode AD see the same straight-through derivative as backward."""
+    from torch.func import functional_call, grad
+
+    from convzoo.ops.cac import _PickStraightThrough
+
+    conv = _conv({"kernel_size": 3, "padding": 1})
+    x = torch.randn(2, 4, 6, 6, **F64)
+    _, g = reference(conv, x, 0.0, 1.0)
+    cac = _cac(conv, 0.7, -0.7 * _threshold_between(g, 0.5))
+    params = {name: p.detach() for name, p in cac.named_parameters()}
+    functional = grad(lambda p: functional_call(cac, (p,), (x,)).square().sum())(params)
+    cac.zero_grad()
+    cac(x).square().sum().backward()
+    for name, p in cac.named_parameters():
+        assert_close(functional[name], p.grad, **TIGHT)
+    # forward mode: the tangent of the fused op equals that of the additive estimator
+    generator = torch.Generator().manual_seed(0)
+    sharp, smooth, s_t, m_t = (torch.randn(2, 3, 4, 5, generator=generator, **F64) for _ in range(4))
+    soft, soft_t = torch.rand(2, 1, 4, 5, **F64), torch.randn(2, 1, 4, 5, **F64)
+    mask = soft > 0.5
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        a, b, m = fwad.make_dual(sharp, s_t), fwad.make_dual(smooth, m_t), fwad.make_dual(soft, soft_t)
+        fused = fwad.unpack_dual(_PickStraightThrough.apply(mask, a, b, m)).tangent
+        additive = torch.where(mask, a, b) + (m - m.detach()) * (a - b).detach()
+        assert_close(fused, fwad.unpack_dual(additive).tangent, **TIGHT)
 
 
 def test_straight_through_gradients_reach_gamma_and_beta() -> None:

@@ -25,8 +25,9 @@ per group and the channel mean spans all input channels.
 **Training.** The forward pass uses the hard mask ``m = [γG + β > 0]``. Its gradient is the
 straight-through estimator: backward treats ``∂m/∂M = 1``, so ``∂L/∂M = Σ_c ∂L/∂y · (y_kxk - y_1x1)``
 and γ, β receive ``M(1 - M)·G`` and ``M(1 - M)`` times that. The output value is exactly
-``where(m, y_kxk, y_1x1)``: the estimator's term is added as ``(M - M.detach()) · (...)``, which
-is 0.0 in the forward pass. γ starts at 0 and β at 1, so ``γG + β = 1 > 0`` for every window
+``where(m, y_kxk, y_1x1)``; one autograd op (``_PickStraightThrough``) makes the pick and gives the
+estimator's gradient, as adding ``(M - M.detach()) · (y_kxk - y_1x1).detach()`` (0.0 in the forward pass)
+would. γ starts at 0 and β at 1, so ``γG + β = 1 > 0`` for every window
 (ρ = 1) and a converted model computes exactly what it did before.
 """
 
@@ -171,33 +172,32 @@ def centre_conv(
     return F.conv2d(centres, kernel, bias, 1, 0, 1, spec.groups)
 
 
-def pick(mask: Tensor, sharp: Tensor, smooth: Tensor) -> Tensor:
-    """``torch.where(mask, sharp, smooth)`` for finite values, as sharp·m + smooth·(1 - m) with m in {0, 1}.
-
-    x·1 = x and y·0 = 0 exactly, so the values are the same (a signed zero aside); the two vectorized
-    passes beat ``torch.where``'s scalar CPU loop, and autograd splits the gradient the same way. (Where
-    the other branch is inf or NaN the product would be NaN: the dense conv outputs this is used on are
-    finite wherever the input is.)
-    """
-    keep = mask.to(sharp.dtype)
-    return torch.addcmul(sharp * keep, smooth, 1 - keep)
-
-
 class _PickStraightThrough(torch.autograd.Function):
-    """``pick(mask, sharp, smooth)`` whose gradient also reaches the soft score M (straight-through, eq. 12).
+    """``where(mask, sharp, smooth)`` whose gradient also reaches the soft score M (straight-through, eq. 12).
 
-    Forward: the hard pick. Backward: d/d(sharp) = g·m, d/d(smooth) = g·(1 - m), and d/dM = Σ_c g·(sharp -
-    smooth): the hard mask's gradient taken as the soft score's, which is what adding
-    ``(M - M.detach())·(sharp - smooth).detach()`` to the output does, without its three full-size passes.
+    Forward: the hard pick, as sharp·m + smooth·(1 - m) with m in {0, 1} (x·1 = x and y·0 = 0, so the
+    values equal ``torch.where``'s for finite branches; two vectorized passes beat its scalar CPU loop).
+    Backward: d/d(sharp) = g·m, d/d(smooth) = g·(1 - m) and d/dM = Σ_c g·(sharp - smooth), the hard mask's
+    gradient taken as the soft score's: what adding ``(M - M.detach())·(sharp - smooth).detach()`` to the
+    output did, without its three full-size passes. Like that sum, a branch that is inf or NaN where it is
+    not picked makes the output NaN. Supports ``torch.func`` transforms and forward-mode AD (the tangent
+    gets the same straight-through term).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, mask: Tensor, sharp: Tensor, smooth: Tensor, soft: Tensor) -> Tensor:
+    def forward(mask: Tensor, sharp: Tensor, smooth: Tensor, soft: Tensor) -> Tensor:
         keep = mask.to(sharp.dtype)
-        # one saved full-size tensor (the difference), not both branches
-        ctx.save_for_backward(keep, sharp - smooth if ctx.needs_input_grad[3] else None)
-        ctx.soft_dtype = soft.dtype
         return torch.addcmul(sharp * keep, smooth, 1 - keep)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor, Tensor], output: Tensor) -> None:
+        mask, sharp, smooth, soft = inputs
+        keep, difference = mask.to(sharp.dtype), sharp - smooth  # one saved full-size tensor, not both branches
+        ctx.save_for_backward(keep, difference)
+        ctx.save_for_forward(keep, difference)
+        ctx.soft_dtype = soft.dtype
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None, Tensor | None]:
@@ -208,6 +208,18 @@ class _PickStraightThrough(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_soft = (grad * difference).sum(dim=1, keepdim=True).to(ctx.soft_dtype)
         return None, grad_sharp if ctx.needs_input_grad[1] else None, grad_smooth, grad_soft
+
+    @staticmethod
+    def jvp(ctx, mask_t: None, sharp_t: Tensor | None, smooth_t: Tensor | None, soft_t: Tensor | None) -> Tensor:
+        keep, difference = ctx.saved_tensors
+        tangent = torch.zeros_like(difference)
+        if sharp_t is not None:
+            tangent = tangent + sharp_t * keep
+        if smooth_t is not None:
+            tangent = tangent + smooth_t * (1 - keep)
+        if soft_t is not None:
+            tangent = tangent + (soft_t * difference).to(difference.dtype)
+        return tangent
 
 
 def summed_kernel(weight: Tensor) -> Tensor:
@@ -396,8 +408,8 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
             out = _PickStraightThrough.apply(mask.unsqueeze(1), sharp, smooth, soft.unsqueeze(1))
             straight = soft - soft.detach()  # 0.0 in value; d/dM = 1
             self._ste.value = mask.flatten(1).to(soft.dtype).mean(1) + straight.flatten(1).mean(1)
-        else:
-            out = pick(mask.unsqueeze(1), sharp, smooth)
+        else:  # no estimator: torch.where keeps a finite picked value wherever the other branch overflows
+            out = torch.where(mask.unsqueeze(1), sharp, smooth)
             self._ste.value = None
         return out
 
