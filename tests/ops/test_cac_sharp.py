@@ -74,7 +74,10 @@ def test_mixed_model_reports_every_layer() -> None:
             layer.threshold = 0.5  # no timing: the same outputs on either path
     folded = cac_statistics(deployed, [x])
     assert list(folded.rho) == list(trained.rho)
-    assert_close(torch.tensor(list(folded.rho.values())), torch.tensor(list(trained.rho.values())))
+    # calibration puts β exactly at a window's G, so the last-bit differences of folded BatchNorms can flip
+    # that one window (1/256 of a layer's windows here); the values must agree to a few windows
+    folded_rho, trained_rho = torch.tensor(list(folded.rho.values())), torch.tensor(list(trained.rho.values()))
+    assert_close(folded_rho, trained_rho, rtol=0, atol=0.01)
     assert profile_model(deployed, (3, 16, 16)).cac.layers == 19
 
 

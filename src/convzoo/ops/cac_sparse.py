@@ -46,6 +46,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from convzoo.ops.autotune import Signature, best_time, input_signature
@@ -194,21 +195,18 @@ def batchnorm_folded(
         weight: (C_out, C_in/g, kh, kw); bias: (C_out,) or None.
         bn: an ``nn.BatchNorm2d`` (or ``SyncBatchNorm``) over C_out channels, with running statistics.
 
-    The results keep the weight's dtype, as torch's ``fuse_conv_bn_eval`` does (a float32 BN after a
-    float16 layer).
+    torch's ``fuse_conv_bn_weights`` does the arithmetic; the results keep the weight's dtype (a float32
+    BN after a float16 layer).
     """
     if not isinstance(bn, nn.BatchNorm2d | nn.SyncBatchNorm) or bn.running_mean is None or bn.running_var is None:
         raise TypeError(f"bn must be an nn.BatchNorm2d with running statistics, got {type(bn).__name__}")
     if bn.num_features != spec.out_channels:
         raise ValueError(f"bn has {bn.num_features} features, the layer {spec.out_channels} output channels")
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
-    folded_bias = shift if bias is None else bias * scale + shift
-    folded_weight = weight * scale.reshape(-1, 1, 1, 1)
+    folded_weight, folded_bias = fuse_conv_bn_weights(
+        weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    )
     folded_spec = ConvSpec.create(**{**spec.conv_kwargs(), "bias": True})
-    return folded_spec, folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
+    return folded_spec, folded_weight.detach(), folded_bias.detach().to(weight.dtype)
 
 
 _TAP_TABLE_MAX_ENTRIES = 1 << 18
@@ -474,10 +472,6 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
             mask = grid
         return mask.view(batch, blocks_h, tile, blocks_w, tile).permute(0, 1, 3, 2, 4)
 
-    def _first_centre_inside(self, x: Tensor, out_size: tuple[int, int]) -> tuple[int, int] | None:
-        """The input pixel (row, col) under the first window's centre, if every window's centre lies inside x."""
-        return first_centre_inside(self.spec, x, out_size)
-
     def _smooth(self, x: Tensor, padded: Tensor | None, out_size: tuple[int, int]) -> Tensor:
         """The 1×1 conv Σw at every window centre -> (B, C_out, H', W') (see :func:`~convzoo.ops.cac.centre_conv`)."""
         return centre_conv(self.spec, x, summed_kernel(self.weight), self.bias, out_size, padded)
@@ -516,7 +510,7 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         if smooth.numel():
             (out_h, out_w), (sh, sw) = out_size, self.stride
             image, rest = smooth // (out_h * out_w), smooth % (out_h * out_w)
-            first = self._first_centre_inside(x, out_size)
+            first = first_centre_inside(self.spec, x, out_size)
             if first is not None:  # the centres are pixels of x itself
                 rows, (height, width) = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), x.shape[2:]
             else:  # some centre lies in the padding
@@ -554,7 +548,7 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         c_out, groups = self.spec.out_channels, self.groups
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         left, right, top, bottom = self.spec.explicit_padding
-        if self.padding_mode == "zeros" and self._first_centre_inside(x, out_size) is not None:
+        if self.padding_mode == "zeros" and first_centre_inside(self.spec, x, out_size) is not None:
             # gather straight from x: the taps of border windows that fall in the zero padding are
             # clamped into x and zeroed after the gather (no padded copy of the input)
             source = x.permute(0, 2, 3, 1)  # (B, H, W, C_in), a view
