@@ -45,7 +45,9 @@ NOTES = """## Notes
 - `official` is the authors' form (`MulticeptionOfficial`: full-resolution depthwise convs, stride in the
   1x1, NCHW). `convzoo` is `MulticeptionConv2d` (stride in the depthwise convs, depthwise step
   channels-last on CPU); `convzoo deployed` is `convzoo.deploy()` of it (`FusedMulticeptionConv2d`,
-  `algorithm="auto"`); `branch only` pins every layer to the branch-window form (the previous default).
+  `algorithm="auto"`, which on CPU picks convzoo's native kernel in every layer here); `torch forms only`
+  is the same with the native kernel excluded (each layer the fastest of branch / accumulate / dense, what
+  convzoo shipped before the kernel).
   Rows in channels-last convert the whole model and its input (`model.to(memory_format=torch.channels_last)`)
   and are compared with the standard model converted alike.
 - Training on CPU (`convzoo` rows): in layers with a kernel wider than 3, the depthwise branches, BN(K*C)
@@ -65,6 +67,12 @@ NOTES = """## Notes
   layers whose kernels are all 3x3 (0.9-1.0x, so they keep the modules).
 - Deploy, whole model (1 thread, CPU time): standard 1.00, canonical `pointwise(depthwise(x))` 4.7x,
   branch windows channels-last 2.3x, + batch chunks (intermediate in cache) 1.44x.
+- The native kernel (`src/convzoo/csrc/multiception_fused.cpp`, `algorithm="native"`) runs one pass per
+  block of 8 output pixels: each branch's window taps as 16-channel vector FMAs on a padded copy of the
+  rows it reads (one load per input pixel per row, reused by the 8 pixels' accumulators), the K*C branch
+  outputs into a small buffer, and the 1x1 from there. The K*C intermediate never reaches memory, and
+  5x5 / 7x7 windows cost their MACs, not oneDNN's per-tap overhead. It is built on first use (about
+  15 s, cached) and reads NCHW or channels-last input directly.
 """
 
 
@@ -105,6 +113,15 @@ def _pinned(model: nn.Module, algorithm: str) -> nn.Module:
     return model
 
 
+def _without_native(model: nn.Module) -> nn.Module:
+    """A copy of a deployed model whose FusedMulticeptionConv2d layers choose among the torch forms only."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, FusedMulticeptionConv2d):
+            module._native_applies = lambda x: False
+    return model
+
+
 def speed(batch: int, repeats: int) -> str:
     x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -113,11 +130,14 @@ def speed(batch: int, repeats: int) -> str:
     official = to_official(fast)
     deployed, deployed_standard = convzoo.deploy(fast), convzoo.deploy(standard)
     with torch.no_grad():  # tune the "auto" layers before timing (like a cudnn.benchmark warm-up)
+        torch_forms, torch_forms_cl = _without_native(deployed), _channels_last(_without_native(deployed))
         deployed(x)
         chosen = [m.last_algorithm for m in deployed.modules() if isinstance(m, FusedMulticeptionConv2d)]
         deployed_cl = _channels_last(deployed)
         deployed_cl(x_cl)
         chosen_cl = [m.last_algorithm for m in deployed_cl.modules() if isinstance(m, FusedMulticeptionConv2d)]
+        torch_forms(x)
+        torch_forms_cl(x_cl)
     train = interleaved_median_times(
         {
             "standard": train_step_fn(standard, x, t),
@@ -136,9 +156,10 @@ def speed(batch: int, repeats: int) -> str:
             "standard": inference_fn(deployed_standard, x),
             "official": inference_fn(official, x),
             "convzoo": inference_fn(fast, x),
-            "convzoo deployed (branch only)": inference_fn(_pinned(deployed, "branch"), x),
+            "convzoo deployed, torch forms only": inference_fn(torch_forms, x),
             "convzoo deployed": inference_fn(deployed, x),
             "standard CL": inference_fn(_channels_last(deployed_standard), x_cl),
+            "convzoo deployed, torch forms only CL": inference_fn(torch_forms_cl, x_cl),
             "convzoo deployed CL": inference_fn(deployed_cl, x_cl),
         },
         warmup=2,
@@ -173,7 +194,7 @@ def deploy_layers(batch: int, repeats: int) -> str:
     """Each deployed Multiception layer shape, channels-last, every exact form against the standard 3x3 conv,
     then stage 1's parts timed one by one (warm cache): what the layer could cost at best."""
     rows = []
-    algorithms = ("branch", "accumulate", "dense")
+    algorithms = ("branch", "accumulate", "dense", "native")
     for c_in, c_out, size, kernels, stride in LAYERS:
         fused = MulticeptionConv2d(c_in, c_out, 3, stride, kernels=kernels).eval().fuse()
         standard = nn.Conv2d(c_in, c_out, 3, stride, 1).eval().to(memory_format=torch.channels_last)

@@ -33,7 +33,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from convzoo.native import native_ops
 from convzoo.ops.autotune import AlgorithmCache
 from convzoo.ops.conv_spec import (
     ConvSpec,
@@ -57,8 +59,11 @@ SCHEDULES: dict[str, tuple[tuple[int, ...], ...]] = {
     "paper": ((3, 5, 7), (3, 5), (3,)),
 }
 
-FUSED_ALGORITHMS = ("auto", "canonical", "branch", "accumulate", "dense")
+FUSED_ALGORITHMS = ("auto", "canonical", "branch", "accumulate", "dense", "native")
 """How :class:`FusedMulticeptionConv2d` computes its output in eager mode (all exact)."""
+
+NATIVE_KERNEL_SIZES = frozenset({1, 3, 5, 7, 9, 11})
+"""Branch kernel sizes the native kernel (``csrc/multiception_fused.cpp``) is compiled for."""
 
 # On CPU, the deploy form runs in batch chunks whose K*C intermediate is about this size, so it
 # stays in cache between the depthwise and the 1x1 conv.
@@ -296,9 +301,15 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
     * ``"dense"``: the two convs multiplied out into one dense k_max x k_max conv C_in -> C_out,
       ``W[o, c] = sum_j P[o, c*K + j] * D[c*K + j]`` (cached per weight version). It has more MACs,
       but for few channels oneDNN runs it about as fast as the 3x3 conv that Multiception replaced;
-    * ``"auto"`` (default): time the candidates of the device (CPU: branch, accumulate, dense; otherwise:
-      canonical, dense) on the first input of each shape / layout / dtype, like
-      ``torch.backends.cudnn.benchmark``, and keep the winner (``last_algorithm`` tells which ran).
+    * ``"native"`` (CPU, float32, C_in and C_out multiples of 16, stride 1 or 2, branch kernels of at
+      most 11): convzoo's C++ kernel (``convzoo.native``, built on first use), which computes the branch
+      windows of a few pixels into a small buffer and feeds them straight to the 1x1: the K*C
+      intermediate never goes to memory. Where it does not apply, or cannot be built, it runs
+      "canonical";
+    * ``"auto"`` (default): time the candidates of the device (CPU: branch, accumulate, dense, and
+      native where it applies; otherwise: canonical, dense) on the first input of each shape / layout /
+      dtype, like ``torch.backends.cudnn.benchmark``, and keep the winner (``last_algorithm`` tells
+      which ran).
 
     When autograd records a graph (an input or a parameter requires grad, grad mode on), every
     algorithm but "dense" (multiplied out with autograd) runs "canonical": the window forms skip
@@ -332,6 +343,7 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
         self.pointwise = nn.Conv2d(c * k_count, self.out_channels, 1, bias=True, **factory)
         self._window_check: tuple[int, int, bool] | None = None
         self._dense_cache: tuple[tuple[int, ...], Tensor] | None = None
+        self._native_cache: tuple[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] | None = None
         self._algorithms = AlgorithmCache()
         self.last_algorithm: str | None = None
 
@@ -428,7 +440,46 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
             out = F.conv2d(z, share, self.pointwise.bias) if out is None else out.add_(F.conv2d(z, share))
         return out.contiguous(memory_format=fmt)
 
+    def _native_applies(self, x: Tensor) -> bool:
+        """Whether the native kernel can compute this call (the cheap checks first; the last one builds it)."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.depthwise.weight.dtype == torch.float32
+            and self.depthwise.weight.device.type == "cpu"
+            and self.in_channels % 16 == 0
+            and self.out_channels % 16 == 0
+            and self.stride[0] == self.stride[1] in (1, 2)
+            and set(self.kernels) <= NATIVE_KERNEL_SIZES
+            and not is_in_torch_dispatch_mode()  # fake tensors, FLOP counting: the torch forms
+            and self._windows_hold_all_taps()
+            and native_ops() is not None
+        )
+
+    def native_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The native kernel's operands, cached per weight version, detached.
+
+        Returns depthwise (K, k_max, k_max, C_in), pointwise (K*C_in, C_out) with row ``j*C_in + c``
+        for branch j on channel c, and the bias (C_out,).
+        """
+        dw, pw, bias = self.depthwise.weight, self.pointwise.weight, self.pointwise.bias
+        key = (dw.data_ptr(), dw._version, pw.data_ptr(), pw._version, bias.data_ptr(), bias._version)
+        if self._native_cache is None or self._native_cache[0] != key:
+            c, k_count, k_max = self.in_channels, len(self.kernels), max(self.kernels)
+            depthwise = dw.detach().reshape(c, k_count, k_max, k_max).permute(1, 2, 3, 0).contiguous()
+            pointwise = pw.detach().reshape(self.out_channels, c, k_count).permute(2, 1, 0)
+            pointwise = pointwise.reshape(k_count * c, self.out_channels).contiguous()
+            self._native_cache = (key, (depthwise, pointwise, bias.detach().contiguous()))
+        return self._native_cache[1]
+
+    def _native_forward(self, x: Tensor) -> Tensor:
+        depthwise, pointwise, bias = self.native_weights()
+        ops = native_ops()
+        return ops.multiception_fused(x, depthwise, list(self.kernels), pointwise, bias, self.stride[0])
+
     def _run(self, algorithm: str, x: Tensor) -> Tensor:
+        if algorithm == "native" and self._native_applies(x):
+            return self._native_forward(x)
         if algorithm == "branch" and self._windows_hold_all_taps():
             return self._branch_layout_forward(x)
         if algorithm == "accumulate" and self._windows_hold_all_taps():
@@ -452,7 +503,11 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
             names = ("branch", "accumulate", "dense") if x.device.type == "cpu" else ("canonical", "dense")
             if "branch" in names and not self._windows_hold_all_taps():
                 names = ("canonical", "dense")
+            elif "branch" in names and self._native_applies(x):
+                names = (*names, "native")
             algorithm = self._algorithms.choose(x, {name: partial(self._run, name, x) for name in names})
+        elif algorithm == "native" and not self._native_applies(x):
+            algorithm = "canonical"
         self.last_algorithm = algorithm
         return self._run(algorithm, x)
 

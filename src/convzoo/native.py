@@ -1,0 +1,113 @@
+"""Native CPU kernels, compiled on first use with torch's C++ extension builder.
+
+Some deploy forms have an exact native kernel that beats any sequence of torch ops on CPU (today:
+``FusedMulticeptionConv2d``'s ``algorithm="native"``, ``csrc/multiception_fused.cpp``). The source
+ships with the package and is compiled the first time it is needed, like StyleGAN's custom ops:
+``torch.utils.cpp_extension.load`` with ninja (a dependency) and the system's C++ compiler, about
+10-20 s once per machine; the result is cached under ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``) and loaded from there afterwards.
+
+The ops are registered with the dispatcher as ``torch.ops.convzoo.*`` (CPU only). Everything that
+uses them has a pure-torch fallback: when the build is impossible (no compiler, not Linux) or
+disabled with ``CONVZOO_NATIVE=0``, :func:`native_ops` returns None after one warning and callers
+use their torch implementations. GPUs never use these kernels.
+
+The build targets the CPU capability torch itself dispatches to (``torch.backends.cpu.get_cpu_capability``),
+not ``-march=native``, and each capability gets its own build folder, so a home directory shared by
+machines of different generations never loads code a machine cannot run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+ENV_VAR = "CONVZOO_NATIVE"
+SOURCES = (Path(__file__).parent / "csrc" / "multiception_fused.cpp",)
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+_lock = threading.Lock()
+_state = SimpleNamespace(ops=None, tried=False, error=None)
+
+
+def native_disabled() -> bool:
+    """Whether ``CONVZOO_NATIVE=0`` (or ``false`` / ``off`` / ``no``) switches the native kernels off."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "off", "no")
+
+
+def build_flags() -> tuple[str, list[str]]:
+    """(build name, compiler flags) for this machine's CPU capability and this torch and source."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    isa = _ISA_FLAGS.get(capability, []) if platform.machine().lower() in ("x86_64", "amd64") else []
+    digest = hashlib.sha256(torch.__version__.encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    name = f"convzoo_native_{capability.lower()}_{digest.hexdigest()[:10]}"
+    return name, ["-O3", "-fopenmp", *isa]
+
+
+def _build() -> Any:
+    if not sys.platform.startswith("linux"):
+        raise RuntimeError(f"native kernels are built on Linux only (this is {sys.platform})")
+    try:  # the ninja wheel's binary, for a venv that is not activated (torch looks for `ninja` on PATH)
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    # importing the builder logs a "no CUDA runtime" warning on CPU-only machines: nothing to do with us
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils import cpp_extension
+
+    name, flags = build_flags()
+    cpp_extension.load(
+        name=name,
+        sources=[str(source) for source in SOURCES],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],  # binds to the libgomp torch already loaded: one OpenMP thread pool
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.convzoo
+
+
+def native_ops() -> Any | None:
+    """``torch.ops.convzoo`` with the native CPU kernels, building them on first use; None if unavailable.
+
+    Thread-safe; the build is attempted once per process. A failure warns once (``RuntimeWarning``,
+    with the reason) and is remembered in :func:`native_error`.
+    """
+    if _state.tried:
+        return _state.ops
+    with _lock:
+        if _state.tried:
+            return _state.ops
+        if not native_disabled():
+            try:
+                _state.ops = _build()
+            except Exception as error:  # no compiler, no ninja, a compile error: fall back, say why once
+                _state.error = error
+                warnings.warn(
+                    f"convzoo: native CPU kernels unavailable, using the torch implementations instead ({error})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        _state.tried = True
+    return _state.ops
+
+
+def native_error() -> Exception | None:
+    """Why the native kernels failed to build in this process (None if they built, or were not tried)."""
+    return _state.error
