@@ -55,6 +55,7 @@ def test_the_native_kernels_build_on_this_machine() -> None:
         (16, 16, 1, (9, 11), 2, (13, 12)),
         (16, 16, 2, (5,), 3, (1, 1)),
         (32, 16, 1, (3, 5), 1, (2, 3)),
+        (16, 16, 1, (3, 5, 7), 2, (29, 701)),  # a wide map: each image in row blocks that fit in L2
     ],
 )
 def test_native_equals_the_two_convs(layout, c_in, c_out, stride, kernels, batch, size) -> None:

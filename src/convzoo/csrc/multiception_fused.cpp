@@ -100,10 +100,15 @@ template <int S>
 void run(const Geometry& g, const float* x, bool channels_last, const int64_t* kernels, const float* dw,
          const float* pw, const float* bias, float* out) {
   const int64_t threads = at::get_num_threads();
-  // enough tasks for every thread even for one image: split each image into blocks of output rows
-  const int64_t blocks_per_image = std::min<int64_t>(g.Ho, std::max<int64_t>(1, (2 * threads + g.N - 1) / g.N));
-  const int64_t rows_per_block = (g.Ho + blocks_per_image - 1) / blocks_per_image;
   const int64_t Wp = g.W + 2 * g.r;
+  // Each image is split into blocks of output rows: enough blocks for every thread even for one image,
+  // and blocks small enough for the padded rows they read to stay in L2 (about kBlockBytes) on big maps.
+  constexpr int64_t kBlockBytes = 512 * 1024;
+  const int64_t rows_that_fit = std::max<int64_t>(1, kBlockBytes / (S * Wp * g.C * int64_t(sizeof(float))));
+  const int64_t blocks_for_threads = (2 * threads + g.N - 1) / g.N;
+  const int64_t blocks_for_cache = (g.Ho + rows_that_fit - 1) / rows_that_fit;
+  const int64_t blocks_per_image = std::min(g.Ho, std::max({int64_t(1), blocks_for_threads, blocks_for_cache}));
+  const int64_t rows_per_block = (g.Ho + blocks_per_image - 1) / blocks_per_image;
   const int64_t max_rows = (rows_per_block - 1) * S + 2 * g.r + 1;  // padded input rows one block reads
   const int64_t pad_floats = max_rows * Wp * g.C;
   const int64_t z_floats = kPixels * g.K * g.C;
