@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled on first use with torch's C++ extension builder.
 
-Some deploy forms have an exact native kernel that beats any sequence of torch ops on CPU (today:
-``FusedMulticeptionConv2d``'s ``algorithm="native"``, ``csrc/multiception_fused.cpp``). The source
+Some deploy forms have an exact native kernel that beats any sequence of torch ops on CPU:
+``FusedMulticeptionConv2d``'s ``algorithm="native"`` (``csrc/multiception_fused.cpp``) and
+``CACSparseConv2d``'s native sparse path (``csrc/cac_sparse.cpp``). The source
 ships with the package and is compiled the first time it is needed, like StyleGAN's custom ops:
 ``torch.utils.cpp_extension.load`` with ninja (a dependency) and the system's C++ compiler, about
 10-20 s once per machine; the result is cached under ``TORCH_EXTENSIONS_DIR`` (default
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 ENV_VAR = "CONVZOO_NATIVE"
-SOURCES = (Path(__file__).parent / "csrc" / "multiception_fused.cpp",)
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("multiception_fused.cpp", "cac_sparse.cpp"))
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],

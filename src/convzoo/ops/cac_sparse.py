@@ -33,6 +33,15 @@ Where the two cross depends on the layer's size and the machine (64 channels at 
 times both paths on that input with random masks at ρ = 0.2 and 0.6 and takes the crossing of
 the two lines as the threshold for that signature.
 Every path equals the dense masked form of the training layer.
+
+On CPU, for float32 inputs of layers with ``groups=1``, zero padding and a multiple of 16 output
+channels, the pixel algorithm runs convzoo's native kernel instead (``csrc/cac_sparse.cpp``, built on
+first use by :mod:`convzoo.native`; ``last_native`` tells): it takes each output row's sharp and
+smooth windows six at a time and reads their taps straight from the channels-last input into one
+register-blocked microkernel (k×k products with W at the sharp windows, the centre times Σw at the
+others), so nothing is gathered, the 1×1 runs only where the mask is clear, and the time follows ρ
+with no fixed cost but the score map. Where it does not apply or cannot be built, the torch pixel
+path above runs.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from convzoo.native import native_ops
 from convzoo.ops.autotune import Signature, best_time, input_signature
 from convzoo.ops.cac import (
     CAConv2d,
@@ -363,6 +373,8 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         self.last_output_size: tuple[int, int] | None = None
         self.last_path: str | None = None
         self.last_active: float | None = None
+        self.last_native: bool | None = None
+        self._native_cache: tuple[tuple[int, ...], tuple[Tensor, Tensor]] | None = None
 
     @classmethod
     def from_cac(
@@ -540,8 +552,46 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
             buffer[:, :pad_h, pad_w:] = 0
         return buffer
 
+    def _native_applies(self, x: Tensor) -> bool:
+        """Whether the native kernel can run this call (the cheap checks first; the last one builds it)."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and self.weight.device.type == "cpu"
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+            and self.out_channels % 16 == 0
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and not is_in_torch_dispatch_mode()  # fake tensors, FLOP counting: the torch path
+            and native_ops() is not None
+        )
+
+    def native_weights(self) -> tuple[Tensor, Tensor]:
+        """The native kernel's operands, cached per weight version: W as (kh*kw, C_in, C_out), Σw as (C_in, C_out)."""
+        weight = self.weight
+        key = (weight.data_ptr(), weight._version)
+        if self._native_cache is None or self._native_cache[0] != key:
+            w = weight.detach()
+            taps = w.permute(2, 3, 1, 0).reshape(-1, w.shape[1], w.shape[0]).contiguous()
+            summed = summed_kernel(w)[:, :, 0, 0].t().contiguous()
+            self._native_cache = (key, (taps, summed))
+        return self._native_cache[1]
+
+    def _native_sparse(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The pixel path in convzoo's native kernel: (B, C_in, H, W) -> (B, C_out, H', W'), channels-last."""
+        taps, summed = self.native_weights()
+        left, _, top, _ = self.spec.explicit_padding
+        bias = None if self.bias is None else self.bias.detach()
+        x = x.contiguous(memory_format=torch.channels_last)
+        geometry = [list(self.kernel_size), list(self.stride), list(self.dilation), [top, left]]
+        return native_ops().cac_sparse(x, mask.contiguous(), taps, summed, bias, *geometry)
+
     def _pixel_sparse(self, x: Tensor, mask: Tensor, out_size: tuple[int, int]) -> Tensor:
         """The k×k conv at the sharp windows only (gathered columns, one GEMM), the 1×1 everywhere else."""
+        self.last_native = self._native_applies(x)
+        if self.last_native:
+            return self._native_sparse(x, mask)
         c_in = x.shape[1]
         # channels-last first: the 1x1 then reads x itself, and a pixel is a row of C_in values
         x = x.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,170 @@
+// convzoo native CPU kernel: CAC's sparse inference (content-aware convolution, deployed form).
+//
+//   out[n, :, oh, ow] = bias + sum_{t, c} W[t, c, :] * x[n, c, tap_t(oh, ow)]   where mask[n, oh, ow] (sharp)
+//   out[n, :, oh, ow] = bias + sum_c   S[c, :]    * x[n, c, centre(oh, ow)]  elsewhere (smooth, S = sum_t W[t])
+//
+// with the conv's geometry: tap (i, j) of window (oh, ow) reads padded pixel (oh*sh + i*dh, ow*sw + j*dw), the
+// centre tap is (i, j) = ((kh-1)/2, (kw-1)/2), and pixels in the zero padding read 0. This is CACSparseConv2d's
+// pixel path without its im2col: each output row's sharp and smooth pixels are taken 6 at a time and their
+// taps read straight from the input, through one register-blocked microkernel (6 pixels x 4 output vectors of
+// 16 channels), so the k x k products are computed only where the mask is set, and nothing is gathered.
+//
+// Layout: x channels-last (N, H, W, C) float32 (the caller converts), C any; W (T, C, O), S (C, O), bias (O),
+// O a multiple of 16; mask (N, Ho, Wo) bool; out channels-last (N, Ho, Wo, O). groups = 1, zero padding.
+// Work is split over output rows with at::parallel_for, on torch's own OpenMP thread pool.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace convzoo_native {
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
+
+constexpr int kPixels = 6;  // pixels per microkernel call (6 x 4 accumulators + 4 weights fit 32 registers)
+
+// acc[p][b] = bias + sum_{t < T, c < C} w[t][c][ob + 16b] * src[t][p][c], for NB output vectors starting at ob;
+// src[t][p]: the pixel tap t of pixel p reads (a zero row for taps in the padding).
+template <int NB>
+inline void microkernel(const float* const* src, int64_t T, int64_t C, const float* w, int64_t O, int64_t ob,
+                        const float* bias, float* const* dst, int valid) {
+  v16 acc[kPixels][NB];
+  for (int b = 0; b < NB; ++b) {
+    const v16 init = bias ? load(bias + ob + 16 * b) : v16{};
+    for (int p = 0; p < kPixels; ++p) acc[p][b] = init;
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const float* const* row = src + t * kPixels;
+    const float* wt = w + t * C * O + ob;
+    for (int64_t c = 0; c < C; ++c) {
+      v16 wv[NB];
+      for (int b = 0; b < NB; ++b) wv[b] = load(wt + c * O + 16 * b);
+      for (int p = 0; p < kPixels; ++p) {
+        const float xv = row[p][c];
+        for (int b = 0; b < NB; ++b) acc[p][b] += xv * wv[b];
+      }
+    }
+  }
+  for (int p = 0; p < valid; ++p)
+    for (int b = 0; b < NB; ++b) store(dst[p] + ob + 16 * b, acc[p][b]);
+}
+
+inline void all_outputs(const float* const* src, int64_t T, int64_t C, const float* w, int64_t O,
+                        const float* bias, float* const* dst, int valid) {
+  int64_t ob = 0;
+  for (; ob + 64 <= O; ob += 64) microkernel<4>(src, T, C, w, O, ob, bias, dst, valid);
+  switch ((O - ob) / 16) {
+    case 3: microkernel<3>(src, T, C, w, O, ob, bias, dst, valid); break;
+    case 2: microkernel<2>(src, T, C, w, O, ob, bias, dst, valid); break;
+    case 1: microkernel<1>(src, T, C, w, O, ob, bias, dst, valid); break;
+    default: break;
+  }
+}
+
+struct Geometry {
+  int64_t N, C, H, W, O, Ho, Wo, kh, kw, sh, sw, dh, dw, top, left;
+};
+
+at::Tensor cac_sparse(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& weight, const at::Tensor& summed,
+                      const c10::optional<at::Tensor>& bias_opt, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                      at::IntArrayRef dilation, at::IntArrayRef padding) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
+              "cac_sparse: x must be a 4-D float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "cac_sparse: x must be channels-last");
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && dilation.size() == 2 && padding.size() == 2,
+              "cac_sparse: kernel_size, stride, dilation and padding (top, left) must be pairs");
+  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(2), mask.size(1), mask.size(2),
+             kernel_size[0], kernel_size[1], stride[0], stride[1], dilation[0], dilation[1], padding[0], padding[1]};
+  const int64_t T = g.kh * g.kw;
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == T && weight.size(1) == g.C && g.O % 16 == 0,
+              "cac_sparse: weight must be (kh*kw, C_in, C_out) with C_out a multiple of 16, got ", weight.sizes());
+  TORCH_CHECK(summed.dim() == 2 && summed.size(0) == g.C && summed.size(1) == g.O,
+              "cac_sparse: summed must be (C_in, C_out), got ", summed.sizes());
+  TORCH_CHECK(mask.dim() == 3 && mask.size(0) == g.N && mask.scalar_type() == at::kBool && mask.is_contiguous(),
+              "cac_sparse: mask must be a contiguous bool (N, H', W') tensor, got ", mask.sizes());
+  TORCH_CHECK(g.sh > 0 && g.sw > 0 && g.dh > 0 && g.dw > 0, "cac_sparse: stride and dilation must be positive");
+  const float* bias = nullptr;
+  at::Tensor bias_t;
+  if (bias_opt.has_value() && bias_opt->defined()) {
+    bias_t = *bias_opt;
+    TORCH_CHECK(bias_t.dim() == 1 && bias_t.size(0) == g.O, "cac_sparse: bias must be (C_out,)");
+  }
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&weight, &summed, &bias_t}) {
+    if (!t->defined()) continue;
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "cac_sparse: weights must be contiguous float32 CPU tensors");
+  }
+  if (bias_t.defined()) bias = bias_t.data_ptr<float>();
+
+  at::Tensor out = at::empty({g.N, g.O, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const float* xd = x.data_ptr<float>();
+  const bool* md = mask.data_ptr<bool>();
+  const float* wd = weight.data_ptr<float>();
+  const float* sd = summed.data_ptr<float>();
+  float* od = out.data_ptr<float>();
+  const int64_t ci = (g.kh - 1) / 2, cj = (g.kw - 1) / 2;  // the centre tap
+
+  at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> zeros(g.C, 0.f);
+    std::vector<const float*> src(T * kPixels);
+    std::vector<int64_t> sharp, smooth;
+    sharp.reserve(g.Wo);
+    smooth.reserve(g.Wo);
+    // pixel that tap (i, j) of window (oh, ow) reads, or the zero row
+    auto tap = [&](int64_t n, int64_t oh, int64_t ow, int64_t i, int64_t j) -> const float* {
+      const int64_t h = oh * g.sh + i * g.dh - g.top, w = ow * g.sw + j * g.dw - g.left;
+      if (h < 0 || h >= g.H || w < 0 || w >= g.W) return zeros.data();
+      return xd + ((n * g.H + h) * g.W + w) * g.C;
+    };
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.Ho, oh = row % g.Ho;
+      const bool* mrow = md + row * g.Wo;
+      sharp.clear();
+      smooth.clear();
+      for (int64_t ow = 0; ow < g.Wo; ++ow) (mrow[ow] ? sharp : smooth).push_back(ow);
+      float* orow = od + row * g.Wo * g.O;
+      float* dst[kPixels];
+      // sharp windows: all T taps with W
+      for (size_t k = 0; k < sharp.size(); k += kPixels) {
+        const int valid = static_cast<int>(std::min<size_t>(kPixels, sharp.size() - k));
+        for (int p = 0; p < kPixels; ++p) {
+          const int64_t ow = sharp[k + std::min(p, valid - 1)];  // a short group repeats its last pixel
+          dst[p] = orow + ow * g.O;
+          for (int64_t i = 0; i < g.kh; ++i)
+            for (int64_t j = 0; j < g.kw; ++j) src[(i * g.kw + j) * kPixels + p] = tap(n, oh, ow, i, j);
+        }
+        all_outputs(src.data(), T, g.C, wd, g.O, bias, dst, valid);
+      }
+      // smooth windows: the centre tap with S = sum_t W[t]
+      for (size_t k = 0; k < smooth.size(); k += kPixels) {
+        const int valid = static_cast<int>(std::min<size_t>(kPixels, smooth.size() - k));
+        for (int p = 0; p < kPixels; ++p) {
+          const int64_t ow = smooth[k + std::min(p, valid - 1)];
+          dst[p] = orow + ow * g.O;
+          src[p] = tap(n, oh, ow, ci, cj);
+        }
+        all_outputs(src.data(), 1, g.C, sd, g.O, bias, dst, valid);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace convzoo_native
+
+TORCH_LIBRARY_FRAGMENT(convzoo, m) {
+  m.def(
+      "cac_sparse(Tensor x, Tensor mask, Tensor weight, Tensor summed, Tensor? bias, int[] kernel_size, "
+      "int[] stride, int[] dilation, int[] padding) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(convzoo, CPU, m) { m.impl("cac_sparse", &convzoo_native::cac_sparse); }

@@ -1,0 +1,183 @@
+"""CACSparseConv2d's native sparse path (convzoo's C++ kernel) against the dense masked form."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from convzoo.native import native_disabled, native_ops
+from convzoo.ops.cac import CAConv2d
+from convzoo.ops.cac_sparse import CACSparseConv2d
+
+pytestmark = pytest.mark.skipif(
+    native_disabled() or (shutil.which("c++") is None and shutil.which("g++") is None),
+    reason="native kernels switched off (CONVZOO_NATIVE=0) or no C++ compiler",
+)
+F32 = {"rtol": 2e-5, "atol": 2e-5}
+
+
+def _sparse(c_in: int, c_out: int, bias: bool = True, **conv) -> CACSparseConv2d:
+    layer = CAConv2d(c_in, c_out, bias=bias, **conv)
+    return CACSparseConv2d.from_cac(layer, threshold=1.0)  # always the sparse path
+
+
+def _reference(sparse: CACSparseConv2d, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The dense masked form in float64 from the float32 weights: k×k conv where sharp, centre times Σw elsewhere."""
+    double = CACSparseConv2d(
+        sparse.spec, sparse.weight.double(), None if sparse.bias is None else sparse.bias.double(),
+        sparse.gamma.double(), sparse.beta.double(),
+    )  # fmt: skip
+    out_size = tuple(mask.shape[1:])
+    return double._masked(x.double(), mask, out_size)
+
+
+GEOMETRIES = [
+    # (C_in, C_out, conv kwargs, input H x W)
+    (64, 64, {"kernel_size": 3, "padding": 1}, (16, 16)),
+    (5, 16, {"kernel_size": 3, "stride": 2, "padding": 1}, (9, 11)),
+    (16, 32, {"kernel_size": 5, "dilation": 2, "padding": 3}, (13, 10)),
+    (8, 16, {"kernel_size": (3, 5), "stride": (2, 1), "dilation": (1, 2), "padding": (0, 2)}, (7, 12)),
+    (16, 80, {"kernel_size": 3, "padding": 0}, (6, 7)),  # 80 outputs: four vectors, then one
+    (3, 48, {"kernel_size": 4, "stride": 2, "padding": 1}, (9, 9)),  # even kernel: centre (k-1)//2
+    (32, 16, {"kernel_size": 3, "padding": "same", "dilation": 3}, (5, 4)),
+    (16, 16, {"kernel_size": 7, "stride": 3, "padding": 1}, (6, 8)),  # windows reaching into the padding
+]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("sharp", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize(("c_in", "c_out", "conv", "size"), GEOMETRIES)
+def test_native_equals_the_dense_masked_form(layout, sharp, c_in, c_out, conv, size) -> None:
+    sparse = _sparse(c_in, c_out, bias=sharp != 0.3, **conv)
+    x = torch.randn(3, c_in, *size)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out_size = sparse.spec.output_size(*size)
+    mask = torch.rand(3, *out_size) < sharp
+    with torch.no_grad():
+        y = sparse._pixel_sparse(x, mask, out_size)
+    assert sparse.last_native
+    torch.testing.assert_close(y.double(), _reference(sparse, x, mask), **F32)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_module_runs_native_and_records_its_statistics() -> None:
+    layer = CAConv2d(16, 32, 3, padding=1)
+    with torch.no_grad():
+        layer.gamma.fill_(1.0)
+        layer.beta.fill_(-1.0)  # a data-dependent mask
+    sparse = CACSparseConv2d.from_cac(layer, threshold=1.0)
+    x = torch.randn(2, 16, 11, 9)
+    with torch.no_grad():
+        y = sparse(x)
+    assert sparse.last_path == "sparse" and sparse.last_native
+    mask = sparse.last_mask
+    assert 0 < int(mask.sum()) < mask.numel()
+    torch.testing.assert_close(y.double(), _reference(sparse, x, mask), **F32)
+    torch.testing.assert_close(y, layer.eval()(x), **F32)  # and the training form
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_rows_across_threads(threads: int) -> None:
+    sparse = _sparse(16, 16, kernel_size=3, padding=1)
+    x = torch.randn(1, 16, 13, 29)
+    mask = torch.rand(1, 13, 29) < 0.5
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            y = sparse._pixel_sparse(x, mask, (13, 29))
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(y.double(), _reference(sparse, x, mask), **F32)
+
+
+def test_an_empty_batch_gives_an_empty_output() -> None:
+    sparse = _sparse(16, 16, kernel_size=3, padding=1)
+    with torch.no_grad():
+        y = sparse._pixel_sparse(torch.randn(0, 16, 5, 5), torch.zeros(0, 5, 5, dtype=torch.bool), (5, 5))
+    assert y.shape == (0, 16, 5, 5)
+
+
+@pytest.mark.parametrize(
+    ("why", "sparse", "x"),
+    [
+        ("float64", _sparse(16, 16, kernel_size=3, padding=1).double(), torch.randn(2, 16, 6, 6).double()),
+        ("8 outputs", _sparse(16, 8, kernel_size=3, padding=1), torch.randn(2, 16, 6, 6)),
+        ("groups", _sparse(16, 16, kernel_size=3, padding=1, groups=4), torch.randn(2, 16, 6, 6)),
+        ("reflect", _sparse(16, 16, kernel_size=3, padding=1, padding_mode="reflect"), torch.randn(2, 16, 6, 6)),
+    ],
+)
+def test_the_torch_pixel_path_runs_where_native_does_not_apply(why, sparse, x) -> None:
+    mask = torch.rand(2, 6, 6) < 0.4
+    with torch.no_grad():
+        y = sparse._pixel_sparse(x, mask, (6, 6))
+    assert sparse.last_native is False, why
+    torch.testing.assert_close(y, sparse._masked(x, mask, (6, 6)), rtol=1e-5, atol=1e-5)
+
+
+def test_native_is_skipped_when_autograd_records_or_under_a_dispatch_mode() -> None:
+    sparse = _sparse(16, 16, kernel_size=3, padding=1)
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    mask = torch.rand(2, 6, 6) < 0.4
+    sparse._pixel_sparse(x, mask, (6, 6)).sum().backward()
+    assert sparse.last_native is False and x.grad is not None
+    with torch.no_grad(), FlopCounterMode(display=False):
+        sparse._pixel_sparse(x.detach(), mask, (6, 6))
+    assert sparse.last_native is False
+
+
+def test_native_weights_follow_in_place_updates() -> None:
+    sparse = _sparse(16, 16, kernel_size=3, padding=1)
+    x = torch.randn(2, 16, 7, 7)
+    mask = torch.rand(2, 7, 7) < 0.5
+    with torch.no_grad():
+        sparse._pixel_sparse(x, mask, (7, 7))
+        sparse.weight.mul_(-3.0)
+        y = sparse._pixel_sparse(x, mask, (7, 7))
+    torch.testing.assert_close(y.double(), _reference(sparse, x, mask), **F32)
+
+
+def test_native_operands_by_hand() -> None:
+    sparse = _sparse(4, 16, kernel_size=(3, 5), padding=1)
+    taps, summed = sparse.native_weights()
+    assert taps.shape == (15, 4, 16) and summed.shape == (4, 16)
+    # tap (i, j) = (1, 3) is row i * kw + j = 8; its (c, o) entry is W[o, c, i, j]
+    torch.testing.assert_close(taps[8, 2], sparse.weight[:, 2, 1, 3], rtol=0, atol=0)
+    torch.testing.assert_close(summed[2], sparse.weight[:, 2].sum((1, 2)))
+
+
+def test_the_op_rejects_bad_operands_with_a_message() -> None:
+    sparse = _sparse(16, 16, kernel_size=3, padding=1)
+    taps, summed = sparse.native_weights()
+    x = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    mask = torch.ones(1, 5, 5, dtype=torch.bool)
+    geometry = [[3, 3], [1, 1], [1, 1], [1, 1]]
+    with pytest.raises(RuntimeError, match="x must be channels-last"):
+        native_ops().cac_sparse(x.contiguous(), mask, taps, summed, None, *geometry)
+    with pytest.raises(RuntimeError, match="mask must be a contiguous bool"):
+        native_ops().cac_sparse(x, mask.float(), taps, summed, None, *geometry)
+    with pytest.raises(RuntimeError, match=r"weight must be \(kh\*kw, C_in, C_out\)"):
+        native_ops().cac_sparse(x, mask, taps[:4], summed, None, *geometry)
+
+
+def test_a_deployed_cac_model_uses_native_and_matches_its_training_form() -> None:
+    model = nn.Sequential(CAConv2d(16, 32, 3, padding=1), nn.ReLU(), CAConv2d(32, 32, 3, stride=2, padding=1))
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, CAConv2d):
+                layer.gamma.fill_(2.0)
+                layer.beta.fill_(-1.5)
+    model.eval()
+    deployed = nn.Sequential(*[m.fuse() if isinstance(m, CAConv2d) else m for m in model])
+    for layer in deployed:
+        if isinstance(layer, CACSparseConv2d):
+            layer.threshold = 1.0
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x), **F32)
+    assert all(m.last_native for m in deployed if isinstance(m, CACSparseConv2d))
