@@ -4,9 +4,10 @@ Layer: one 3×3 conv 64->64 on 32×32 maps, batch 64 (the issue's targets: >= 1.
 nn.Conv2d at ρ = 0.25, never slower than 1.1× at ρ = 1). Masks come from the layer's own score map
 on smooth, image-like inputs (bilinearly upsampled 8×8 noise) with β calibrated to each ρ; an
 i.i.d.-noise input (scattered sharp windows, the worst case for blocks) is reported too. Each ρ
-is timed with the path forced to each sparse algorithm ("pixel": gathered sharp windows + one
-GEMM; "block": active 4×4 blocks with halo) and to dense, which locates the switch-over threshold
-(on ρ for the pixel algorithm, which is what its time follows).
+is timed with the path forced to each sparse algorithm ("pixel": convzoo's native kernel, which reads
+the sharp windows' taps straight from the input; "pixel (torch)": the torch-ops fallback, gathered
+sharp windows + one GEMM; "block": active 4×4 blocks with halo) and to dense, which locates the
+switch-over threshold (on ρ for the pixel algorithm, which is what its time follows).
 
 Model: a CAC cifar_resnet20 whose layers are calibrated to a range of ρ (low in shallow layers,
 high in deep ones, like the paper's Fig. 4), deployed, against the deployed standard model.
@@ -37,6 +38,12 @@ def smooth_images(batch: int, channels: int, size: int, *, generator: torch.Gene
     return F.interpolate(low, size=size, mode="bilinear", align_corners=False)
 
 
+def torch_ops_only(layer: CACSparseConv2d) -> CACSparseConv2d:
+    """The layer with its native kernel switched off: the pixel path in torch ops (the fallback)."""
+    layer._native_applies = lambda x: False
+    return layer
+
+
 def layer_benchmark(rhos: list[float], repeats: int) -> tuple[str, float]:
     """Rows of ρ -> speed-ups of the pixel / block / dense / automatic paths; returns the table and threshold."""
     generator = torch.Generator().manual_seed(0)
@@ -60,6 +67,7 @@ def layer_benchmark(rhos: list[float], repeats: int) -> tuple[str, float]:
                     with torch.no_grad():
                         cac.beta.fill_(-0.5 * float(gradient_map(cac.spec, x, (32, 32)).min()))
                 sparse = CACSparseConv2d.from_cac(cac, threshold=1.0)
+                sparse_torch = torch_ops_only(CACSparseConv2d.from_cac(cac, threshold=1.0))
                 block = CACSparseConv2d.from_cac(cac, threshold=1.0, algorithm="block")
                 dense = CACSparseConv2d.from_cac(cac, threshold=0.0)
                 auto = cac.fuse()
@@ -68,6 +76,7 @@ def layer_benchmark(rhos: list[float], repeats: int) -> tuple[str, float]:
                         {
                             "conv": lambda x=x: conv(x),
                             "sparse": lambda x=x, m=sparse: m(x),
+                            "sparse torch": lambda x=x, m=sparse_torch: m(x),
                             "block": lambda x=x, m=block: m(x),
                             "dense": lambda x=x, m=dense: m(x),
                             "auto": lambda x=x, m=auto: m(x),
@@ -90,6 +99,7 @@ def layer_benchmark(rhos: list[float], repeats: int) -> tuple[str, float]:
                         f"{block.last_active:.2f}",
                         f"{times['conv'] * 1e3:.1f}",
                         f"{speed['sparse']:.2f}×",
+                        f"{speed['sparse torch']:.2f}×",
                         f"{speed['block']:.2f}×",
                         f"{speed['dense']:.2f}×",
                         f"**{speed['auto']:.2f}×**",
@@ -104,6 +114,7 @@ def layer_benchmark(rhos: list[float], repeats: int) -> tuple[str, float]:
         "active 4×4 blocks",
         "nn.Conv2d ms",
         "pixel",
+        "pixel (torch)",
         "block",
         "dense",
         "deployed (auto)",
@@ -181,13 +192,14 @@ def model_benchmark(repeats: int) -> str:
 
 
 def pixel_path_parts(repeats: int) -> str:
-    """The pixel path at ρ = 0.25 (image-like, channels-last) taken apart: each step timed on its own."""
+    """The torch pixel path at ρ = 0.25 (image-like, channels-last) taken apart: each step timed on its own."""
     generator = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).eval()
     x = smooth_images(64, 64, 32, generator=generator).contiguous(memory_format=torch.channels_last)
     cac = CAConv2d.from_conv(conv).eval()
     calibrate_sharp_ratio_(cac, x, 0.25)
-    layer = CACSparseConv2d.from_cac(cac, threshold=1.0)
+    native = CACSparseConv2d.from_cac(cac, threshold=1.0)
+    layer = torch_ops_only(CACSparseConv2d.from_cac(cac, threshold=1.0))
     size = (32, 32)
     with torch.inference_mode():
         mask = score_logits(layer.spec, x, layer.gamma, layer.beta, size) > 0
@@ -208,7 +220,8 @@ def pixel_path_parts(repeats: int) -> str:
             "GEMM (oneDNN 1×1 conv)": lambda: rows_times_kernel(columns, weight, None, 1),
             "GEMM with torch.mm": lambda: columns @ weight.flatten(1).t(),
             "scatter (index_copy_)": lambda: out_rows.index_copy_(0, sharp, products),
-            "whole pixel path (forward, threshold 1)": lambda: layer(x),
+            "whole torch pixel path (forward, threshold 1)": lambda: layer(x),
+            "whole native pixel path (forward, threshold 1)": lambda: native(x),
         }
         times = interleaved_median_times(steps, warmup=2, repeats=repeats)
     rows_out = [[name, f"{seconds * 1e3:.2f}"] for name, seconds in times.items()]
@@ -240,7 +253,9 @@ the plain conv it equals (`CACSharpConv2d`); the "ρ = 1 (β < 0)" rows set β =
 every window of this input is sharp but the mask still has to be computed: there the deployed module runs
 the score map, then the conv.
 Each cell is a median of interleaved runs; single cells move by about ±0.05 from run to run on this machine.
-"pixel"/"block"/"dense" force the path; "training form" is the dense masked CAConv2d (both convs everywhere).
+"pixel"/"pixel (torch)"/"block"/"dense" force the path ("pixel" is convzoo's native kernel, `csrc/cac_sparse.cpp`;
+"pixel (torch)" the torch-ops pixel path it replaces where it applies); "training form" is the dense masked
+CAConv2d (both convs everywhere).
 
 {layer_table}
 
@@ -249,9 +264,10 @@ is `CAConv2d.fuse()` with its default `threshold="auto"`, which measures this cr
 its first call (warm-up); `DEFAULT_SPARSE_THRESHOLD` in `convzoo/ops/cac_sparse.py` (0.45) is the fallback
 where nothing can be timed.
 
-## Where the pixel path's time goes (ρ = 0.25, image-like, channels-last)
+## Where the torch pixel path's time goes (ρ = 0.25, image-like, channels-last)
 
-Each step timed on its own, on the benchmark layer's input (the gather uses interior-window indices).
+The torch-ops pixel path (the fallback where the native kernel does not apply), each step timed on its own,
+on the benchmark layer's input (the gather uses interior-window indices), with both whole paths beside it.
 1.5× Conv2d needs the whole path within Conv2d / 1.5.
 
 {parts_table}

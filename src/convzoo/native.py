@@ -20,6 +20,7 @@ machines of different generations never loads code a machine cannot run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -27,11 +28,15 @@ import platform
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 ENV_VAR = "CONVZOO_NATIVE"
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("multiception_fused.cpp", "cac_sparse.cpp"))
@@ -59,28 +64,49 @@ def build_flags() -> tuple[str, list[str]]:
     return name, ["-O3", "-fopenmp", *isa]
 
 
+_log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _build_environment() -> Iterator[None]:
+    """ninja on PATH (the wheel's binary, for a venv that is not activated) and the builder's logger quiet,
+    for the build only."""
+    path = os.environ.get("PATH", "")
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    try:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+        except ImportError:
+            pass
+        # importing the builder logs a "no CUDA runtime" warning on CPU-only machines: nothing to do with us
+        logger.setLevel(logging.ERROR)
+        yield
+    finally:
+        os.environ["PATH"] = path
+        logger.setLevel(level)
+
+
 def _build() -> Any:
     if not sys.platform.startswith("linux"):
         raise RuntimeError(f"native kernels are built on Linux only (this is {sys.platform})")
-    try:  # the ninja wheel's binary, for a venv that is not activated (torch looks for `ninja` on PATH)
-        import ninja
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    except ImportError:
-        pass
-    # importing the builder logs a "no CUDA runtime" warning on CPU-only machines: nothing to do with us
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils import cpp_extension
-
     name, flags = build_flags()
-    cpp_extension.load(
-        name=name,
-        sources=[str(source) for source in SOURCES],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],  # binds to the libgomp torch already loaded: one OpenMP thread pool
-        is_python_module=False,
-        verbose=False,
-    )
+    with _build_environment():
+        from torch.utils import cpp_extension
+
+        _log.warning("convzoo: loading native CPU kernels %s (compiled once, about 20 s, then cached)", name)
+        cpp_extension.load(
+            name=name,
+            sources=[str(source) for source in SOURCES],
+            extra_cflags=flags,
+            # -fopenmp links libgomp.so.1, which resolves to the copy torch already loaded (same soname):
+            # the kernels' at::parallel_for runs on torch's own OpenMP thread pool, not a second one
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
     return torch.ops.convzoo
 
 
@@ -107,6 +133,22 @@ def native_ops() -> Any | None:
                 )
         _state.tried = True
     return _state.ops
+
+
+def native_kernel_may_run(x: Tensor) -> bool:
+    """What every native kernel needs of a call besides its own shape checks.
+
+    No autograd recording on ``x`` (the kernels have no derivative formulas, backward or forward-mode), no
+    autocast (the torch forms would compute in the autocast dtype; the kernels are float32) and no torch
+    dispatch mode (fake tensors, FLOP counting and convzoo's profiler see the torch forms).
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    if forward_ad.unpack_dual(x).tangent is not None:
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    return not is_in_torch_dispatch_mode()
 
 
 def native_error() -> Exception | None:

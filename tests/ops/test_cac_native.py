@@ -62,7 +62,8 @@ def test_native_equals_the_dense_masked_form(layout, sharp, c_in, c_out, conv, s
         y = sparse._pixel_sparse(x, mask, out_size)
     assert sparse.last_native
     torch.testing.assert_close(y.double(), _reference(sparse, x, mask), **F32)
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.channels_last if layout == "channels_last" and not x.is_contiguous() else torch.contiguous_format
+    assert y.is_contiguous(memory_format=expected)  # the input's layout
 
 
 def test_the_module_runs_native_and_records_its_statistics() -> None:
@@ -157,8 +158,8 @@ def test_the_op_rejects_bad_operands_with_a_message() -> None:
     x = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
     mask = torch.ones(1, 5, 5, dtype=torch.bool)
     geometry = [[3, 3], [1, 1], [1, 1], [1, 1]]
-    with pytest.raises(RuntimeError, match="x must be channels-last"):
-        native_ops().cac_sparse(x.contiguous(), mask, taps, summed, None, *geometry)
+    with pytest.raises(RuntimeError, match="x must be a 4-D float32 CPU tensor"):
+        native_ops().cac_sparse(x.double(), mask, taps, summed, None, *geometry)
     with pytest.raises(RuntimeError, match="mask must be a contiguous bool"):
         native_ops().cac_sparse(x, mask.float(), taps, summed, None, *geometry)
     with pytest.raises(RuntimeError, match=r"weight must be \(kh\*kw, C_in, C_out\)"):
@@ -181,3 +182,39 @@ def test_a_deployed_cac_model_uses_native_and_matches_its_training_form() -> Non
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), model(x), **F32)
     assert all(m.last_native for m in deployed if isinstance(m, CACSparseConv2d))
+
+
+def test_autocast_and_forward_mode_derivatives_take_the_torch_path() -> None:
+    sparse = _sparse(16, 16, kernel_size=3, padding=1)
+    x = torch.randn(2, 16, 6, 6)
+    mask = torch.rand(2, 6, 6) < 0.4
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sparse._pixel_sparse(x, mask, (6, 6))
+    assert sparse.last_native is False
+    tangent = torch.randn_like(x)
+    _, derivative = torch.func.jvp(lambda t: sparse._pixel_sparse(t, mask, (6, 6)), (x,), (tangent,))
+    assert sparse.last_native is False
+    expected = sparse._masked(tangent, mask, (6, 6)) - sparse.bias[:, None, None]
+    torch.testing.assert_close(derivative, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_replaced_weight_is_repacked_even_at_the_same_address() -> None:
+    sparse = _sparse(16, 16, kernel_size=3, padding=1)
+    x = torch.randn(2, 16, 7, 7)
+    mask = torch.rand(2, 7, 7) < 0.5
+    with torch.no_grad():
+        for _ in range(3):
+            sparse.weight = nn.Parameter(torch.randn_like(sparse.weight), requires_grad=False)
+            y = sparse._pixel_sparse(x, mask, (7, 7))
+            torch.testing.assert_close(y.double(), _reference(sparse, x, mask), **F32)
+
+
+def test_an_empty_map_is_refused_by_the_op() -> None:
+    sparse = _sparse(16, 16, kernel_size=3, padding=1)
+    taps, summed = sparse.native_weights()
+    x = torch.randn(1, 16, 0, 5)
+    with pytest.raises(RuntimeError, match="non-empty map"):
+        native_ops().cac_sparse(
+            x, torch.ones(1, 1, 3, dtype=torch.bool), taps, summed, None, [3, 3], [1, 1], [1, 1], [1, 1]
+        )
+    assert not sparse._native_applies(x)

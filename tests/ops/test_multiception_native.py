@@ -56,6 +56,8 @@ def test_the_native_kernels_build_on_this_machine() -> None:
         (16, 16, 2, (5,), 3, (1, 1)),
         (32, 16, 1, (3, 5), 1, (2, 3)),
         (16, 16, 1, (3, 5, 7), 2, (29, 701)),  # a wide map: each image in row blocks that fit in L2
+        (16, 32, 2, (3, 5), 2, (9, 37)),  # stride 2, output rows of 19: blocks of 8 pixels and a tail
+        (32, 16, 2, (3, 5, 7), 1, (23, 640)),  # stride 2 on a wide map
     ],
 )
 def test_native_equals_the_two_convs(layout, c_in, c_out, stride, kernels, batch, size) -> None:
@@ -93,11 +95,15 @@ def test_an_empty_batch_gives_an_empty_output() -> None:
     assert y.shape == (0, 16, 5, 5)
 
 
-def test_auto_times_native_where_it_applies_and_not_elsewhere() -> None:
+def test_auto_times_native_where_it_applies_and_not_elsewhere(monkeypatch) -> None:
     fused = _deployed(16, 32, 1, (3, 5, 7))
     x = torch.randn(2, 16, 8, 8)
+    ran = []
+    native_forward = fused._native_forward
+    monkeypatch.setattr(fused, "_native_forward", lambda x: ran.append(1) or native_forward(x))
     with torch.no_grad():
         fused(x)
+    assert ran  # timed among the candidates
     assert fused.last_algorithm in ("branch", "accumulate", "dense", "native")
     assert fused._native_applies(x)
     small = _deployed(8, 16, 1, (3, 5))  # 8 channels: not a whole vector of 16
@@ -160,8 +166,10 @@ def test_the_op_rejects_bad_operands_with_a_message() -> None:
         native_ops().multiception_fused(x, depthwise, [3, 5], pointwise, bias, 3)
     with pytest.raises(RuntimeError, match="4-D float32 CPU tensor"):
         native_ops().multiception_fused(x.double(), depthwise, [3, 5], pointwise, bias, 1)
-    with pytest.raises(RuntimeError, match="odd and <= k_max"):
+    with pytest.raises(RuntimeError, match="kernel sizes must be odd"):
         native_ops().multiception_fused(x, depthwise, [3, 4], pointwise, bias, 1)
+    with pytest.raises(RuntimeError, match="non-empty map"):
+        native_ops().multiception_fused(x[:, :, :0], depthwise, [3, 5], pointwise, bias, 2)
 
 
 def test_export_records_the_two_convs() -> None:
@@ -172,3 +180,64 @@ def test_export_records_the_two_convs() -> None:
     assert not any("convzoo" in target for target in targets)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), fused(x), **F32)
+
+
+def test_non_contiguous_inputs() -> None:
+    fused = _deployed(16, 16, 2, (3, 5), algorithm="native")
+    base = torch.randn(2, 16, 12, 30)
+    for x in (base[:, :, 1:10, 3:27], base.permute(0, 1, 3, 2), base[..., ::2]):
+        with torch.no_grad():
+            y = fused(x)
+        assert fused.last_algorithm == "native"
+        torch.testing.assert_close(y.double(), _reference(fused, x), **F32)
+
+
+def test_autocast_runs_the_torch_forms_in_the_autocast_dtype() -> None:
+    fused = _deployed(16, 16, 1, (3, 5, 7))
+    pinned = _deployed(16, 16, 1, (3, 5, 7), algorithm="native")
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_pinned, expected = fused(x), pinned(x), fused.pointwise(fused.depthwise(x))
+    assert fused.last_algorithm != "native" and pinned.last_algorithm == "canonical"
+    assert y.dtype == y_pinned.dtype == expected.dtype == torch.bfloat16
+
+
+def test_forward_mode_derivatives_never_go_through_the_kernel() -> None:
+    fused = _deployed(16, 16, 1, (3, 5), algorithm="native")
+    x = torch.randn(1, 16, 5, 5)
+    tangent = torch.randn_like(x)
+    _, derivative = torch.func.jvp(fused, (x,), (tangent,))
+    assert fused.last_algorithm == "canonical"
+    torch.testing.assert_close(
+        derivative, fused.pointwise(fused.depthwise(tangent)) - fused.pointwise.bias[:, None, None]
+    )
+
+
+def test_a_replaced_parameter_is_repacked_even_at_the_same_address() -> None:
+    fused = _deployed(16, 16, 1, (3, 5), algorithm="native")
+    x = torch.randn(2, 16, 7, 7)
+    with torch.no_grad():
+        fused(x)
+        for _ in range(3):  # new tensors may reuse the freed memory of the old ones, with version 0 again
+            fused.pointwise.weight = nn.Parameter(torch.randn_like(fused.pointwise.weight), requires_grad=False)
+            y = fused(x)
+            torch.testing.assert_close(y.double(), _reference(fused, x), **F32)
+        fused.pointwise.weight.data.mul_(-1.0)  # .data writes bypass the version counter: clear() after them
+        fused._native_cache.clear()
+        torch.testing.assert_close(fused(x).double(), _reference(fused, x), **F32)
+
+
+def test_last_algorithm_names_what_ran_after_a_cached_native_choice() -> None:
+    fused = _deployed(16, 16, 1, (3, 5))
+    x = torch.randn(2, 16, 8, 8)
+    fused._algorithms.choose(x, {"native": lambda: None})  # the choice cached for this input signature
+    with torch.no_grad():
+        fused(x)
+        assert fused.last_algorithm == "native"
+        with FlopCounterMode(display=False):
+            fused(x)
+        assert fused.last_algorithm == "canonical"
+        fused.depthwise.weight[0, 0, 0, 0] = 1.0  # a tap outside the 3x3 window: the windows no longer hold
+        y = fused(x)
+    assert fused.last_algorithm == "canonical"
+    torch.testing.assert_close(y, fused.pointwise(fused.depthwise(x)), rtol=0, atol=0)

@@ -9,8 +9,9 @@
 // taps read straight from the input, through one register-blocked microkernel (6 pixels x 4 output vectors of
 // 16 channels), so the k x k products are computed only where the mask is set, and nothing is gathered.
 //
-// Layout: x channels-last (N, H, W, C) float32 (the caller converts), C any; W (T, C, O), S (C, O), bias (O),
-// O a multiple of 16; mask (N, Ho, Wo) bool; out channels-last (N, Ho, Wo, O). groups = 1, zero padding.
+// Layout: x float32, channels-last or NCHW (an NCHW input's rows are transposed into a small ring of
+// channels-last rows as the output rows need them, each input row once), C any; W (T, C, O), S (C, O),
+// bias (O), O a multiple of 16; mask (N, Ho, Wo) bool; out in x's layout. groups = 1, zero padding.
 // Work is split over output rows with at::parallel_for, on torch's own OpenMP thread pool.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -77,7 +78,6 @@ at::Tensor cac_sparse(const at::Tensor& x, const at::Tensor& mask, const at::Ten
                       at::IntArrayRef dilation, at::IntArrayRef padding) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
               "cac_sparse: x must be a 4-D float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "cac_sparse: x must be channels-last");
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && dilation.size() == 2 && padding.size() == 2,
               "cac_sparse: kernel_size, stride, dilation and padding (top, left) must be pairs");
   Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(2), mask.size(1), mask.size(2),
@@ -90,6 +90,8 @@ at::Tensor cac_sparse(const at::Tensor& x, const at::Tensor& mask, const at::Ten
   TORCH_CHECK(mask.dim() == 3 && mask.size(0) == g.N && mask.scalar_type() == at::kBool && mask.is_contiguous(),
               "cac_sparse: mask must be a contiguous bool (N, H', W') tensor, got ", mask.sizes());
   TORCH_CHECK(g.sh > 0 && g.sw > 0 && g.dh > 0 && g.dw > 0, "cac_sparse: stride and dilation must be positive");
+  TORCH_CHECK(g.kh > 0 && g.kw > 0 && g.top >= 0 && g.left >= 0, "cac_sparse: bad kernel size or padding");
+  TORCH_CHECK((g.H > 0 && g.W > 0) || g.Ho * g.Wo == 0, "cac_sparse: the input must have a non-empty map");
   const float* bias = nullptr;
   at::Tensor bias_t;
   if (bias_opt.has_value() && bias_opt->defined()) {
@@ -103,34 +105,63 @@ at::Tensor cac_sparse(const at::Tensor& x, const at::Tensor& mask, const at::Ten
   }
   if (bias_t.defined()) bias = bias_t.data_ptr<float>();
 
-  at::Tensor out = at::empty({g.N, g.O, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  const at::Tensor input = channels_last ? x : x.contiguous();
+  auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({g.N, g.O, g.Ho, g.Wo}, x.options().memory_format(format));
   if (out.numel() == 0) return out;
-  const float* xd = x.data_ptr<float>();
+  const float* xd = input.data_ptr<float>();
   const bool* md = mask.data_ptr<bool>();
   const float* wd = weight.data_ptr<float>();
   const float* sd = summed.data_ptr<float>();
   float* od = out.data_ptr<float>();
   const int64_t ci = (g.kh - 1) / 2, cj = (g.kw - 1) / 2;  // the centre tap
 
+  // NCHW input: a ring of channels-last copies of input rows; slot h % slots holds row h of the current image
+  const int64_t slots = channels_last ? 0 : (g.kh - 1) * g.dh + 1 + g.sh;
+
   at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> zeros(g.C, 0.f);
+    std::vector<float> ring(slots * g.W * g.C);
+    std::vector<int64_t> ring_row(slots, -1);  // which (n * H + h) each slot holds
+    std::vector<float> row_out(channels_last ? 0 : g.Wo * g.O);
     std::vector<const float*> src(T * kPixels);
+    std::vector<const float*> rows(g.kh);  // the input row (channels-last) each kernel row reads, or null
     std::vector<int64_t> sharp, smooth;
     sharp.reserve(g.Wo);
     smooth.reserve(g.Wo);
-    // pixel that tap (i, j) of window (oh, ow) reads, or the zero row
-    auto tap = [&](int64_t n, int64_t oh, int64_t ow, int64_t i, int64_t j) -> const float* {
-      const int64_t h = oh * g.sh + i * g.dh - g.top, w = ow * g.sw + j * g.dw - g.left;
-      if (h < 0 || h >= g.H || w < 0 || w >= g.W) return zeros.data();
-      return xd + ((n * g.H + h) * g.W + w) * g.C;
-    };
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.Ho, oh = row % g.Ho;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t h = oh * g.sh + i * g.dh - g.top;
+        if (h < 0 || h >= g.H) {
+          rows[i] = nullptr;
+        } else if (channels_last) {
+          rows[i] = xd + (n * g.H + h) * g.W * g.C;
+        } else {
+          const int64_t slot = h % slots;
+          float* dst = ring.data() + slot * g.W * g.C;
+          if (ring_row[slot] != n * g.H + h) {
+            for (int64_t c = 0; c < g.C; ++c) {
+              const float* plane = xd + ((n * g.C + c) * g.H + h) * g.W;
+              for (int64_t w = 0; w < g.W; ++w) dst[w * g.C + c] = plane[w];
+            }
+            ring_row[slot] = n * g.H + h;
+          }
+          rows[i] = dst;
+        }
+      }
+      // pixel that tap (i, j) of window (oh, ow) reads, or the zero row
+      auto tap = [&](int64_t ow, int64_t i, int64_t j) -> const float* {
+        const int64_t w = ow * g.sw + j * g.dw - g.left;
+        if (rows[i] == nullptr || w < 0 || w >= g.W) return zeros.data();
+        return rows[i] + w * g.C;
+      };
       const bool* mrow = md + row * g.Wo;
       sharp.clear();
       smooth.clear();
       for (int64_t ow = 0; ow < g.Wo; ++ow) (mrow[ow] ? sharp : smooth).push_back(ow);
-      float* orow = od + row * g.Wo * g.O;
+      float* orow = channels_last ? od + row * g.Wo * g.O : row_out.data();
       float* dst[kPixels];
       // sharp windows: all T taps with W
       for (size_t k = 0; k < sharp.size(); k += kPixels) {
@@ -139,7 +170,7 @@ at::Tensor cac_sparse(const at::Tensor& x, const at::Tensor& mask, const at::Ten
           const int64_t ow = sharp[k + std::min(p, valid - 1)];  // a short group repeats its last pixel
           dst[p] = orow + ow * g.O;
           for (int64_t i = 0; i < g.kh; ++i)
-            for (int64_t j = 0; j < g.kw; ++j) src[(i * g.kw + j) * kPixels + p] = tap(n, oh, ow, i, j);
+            for (int64_t j = 0; j < g.kw; ++j) src[(i * g.kw + j) * kPixels + p] = tap(ow, i, j);
         }
         all_outputs(src.data(), T, g.C, wd, g.O, bias, dst, valid);
       }
@@ -149,9 +180,15 @@ at::Tensor cac_sparse(const at::Tensor& x, const at::Tensor& mask, const at::Ten
         for (int p = 0; p < kPixels; ++p) {
           const int64_t ow = smooth[k + std::min(p, valid - 1)];
           dst[p] = orow + ow * g.O;
-          src[p] = tap(n, oh, ow, ci, cj);
+          src[p] = tap(ow, ci, cj);
         }
         all_outputs(src.data(), 1, g.C, sd, g.O, bias, dst, valid);
+      }
+      if (!channels_last) {
+        for (int64_t o = 0; o < g.O; ++o) {
+          float* plane = od + ((n * g.O + o) * g.Ho + oh) * g.Wo;
+          for (int64_t w = 0; w < g.Wo; ++w) plane[w] = orow[w * g.O + o];
+        }
       }
     }
   });

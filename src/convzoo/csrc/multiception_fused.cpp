@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace convzoo_native {
@@ -115,9 +116,10 @@ void run(const Geometry& g, const float* x, bool channels_last, const int64_t* k
   const int64_t row_floats = g.Wo * g.O;  // one output row, pixel-major, before an NCHW store
   at::parallel_for(0, g.N * blocks_per_image, 1, [&](int64_t begin, int64_t end) {
     const int64_t total = pad_floats + z_floats + row_floats;
-    float* buffer = static_cast<float*>(std::aligned_alloc(64, ((total * 4 + 63) / 64) * 64));
+    std::unique_ptr<float, decltype(&std::free)> buffer(
+        static_cast<float*>(std::aligned_alloc(64, ((total * 4 + 63) / 64) * 64)), &std::free);
     TORCH_CHECK(buffer != nullptr, "multiception_fused: out of memory");
-    float* pad = buffer;
+    float* pad = buffer.get();
     float* z = pad + pad_floats;
     float* row = z + z_floats;
     for (int64_t task = begin; task < end; ++task) {
@@ -157,7 +159,6 @@ void run(const Geometry& g, const float* x, bool channels_last, const int64_t* k
         }
       }
     }
-    std::free(buffer);
   });
 }
 
@@ -176,8 +177,10 @@ at::Tensor multiception_fused(const at::Tensor& x, const at::Tensor& depthwise, 
               "multiception_fused: pointwise must be (K*C, O) with O a multiple of 16, got ", pointwise.sizes());
   const int64_t O = pointwise.size(1);
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == O, "multiception_fused: bias must be (O,)");
+  TORCH_CHECK(kmax % 2 == 1, "multiception_fused: k_max must be odd, got ", kmax);
   for (int64_t k : kernels)
-    TORCH_CHECK(k % 2 == 1 && k <= kmax, "multiception_fused: kernel sizes must be odd and <= k_max, got ", k);
+    TORCH_CHECK(k % 2 == 1 && k <= kmax && k <= 11,
+                "multiception_fused: kernel sizes must be odd, <= k_max and <= 11, got ", k);
   for (const at::Tensor* t : {&depthwise, &pointwise, &bias})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
                 "multiception_fused: weights must be contiguous float32 CPU tensors");
@@ -185,6 +188,7 @@ at::Tensor multiception_fused(const at::Tensor& x, const at::Tensor& depthwise, 
   const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   const at::Tensor input = channels_last ? x : x.contiguous();
   const int64_t H = x.size(2), W = x.size(3);
+  TORCH_CHECK(H > 0 && W > 0, "multiception_fused: the input must have a non-empty map, got ", x.sizes());
   Geometry g{x.size(0), C, H, W, O, K, kmax, kmax / 2, (H - 1) / stride + 1, (W - 1) / stride + 1};
   auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({g.N, O, g.Ho, g.Wo}, x.options().memory_format(format));

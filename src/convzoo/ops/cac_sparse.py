@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from convzoo.native import native_ops
+from convzoo.native import native_kernel_may_run, native_ops
 from convzoo.ops.autotune import Signature, best_time, input_signature
 from convzoo.ops.cac import (
     CAConv2d,
@@ -71,6 +71,7 @@ from convzoo.ops.cac import (
     summed_kernel,
 )
 from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, check_input, is_tracing
+from convzoo.ops.weight_cache import WeightCache
 
 SPARSE_ALGORITHMS = ("pixel", "block")
 
@@ -323,7 +324,8 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         algorithm: "pixel" (gather the sharp windows, one GEMM) or "block" (see the module docstring).
 
     Shapes:
-        input (B, C_in, H, W) -> output (B, C_out, H', W'), with channels-last strides.
+        input (B, C_in, H, W) -> output (B, C_out, H', W'), with channels-last strides (the native
+        sparse path: in the input's layout).
 
     After each call ``last_path`` is ``"sparse"`` or ``"dense"``, ``last_active`` the fraction of
     active units (sharp windows or blocks) and ``last_threshold`` the threshold that was applied.
@@ -374,7 +376,7 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         self.last_path: str | None = None
         self.last_active: float | None = None
         self.last_native: bool | None = None
-        self._native_cache: tuple[tuple[int, ...], tuple[Tensor, Tensor]] | None = None
+        self._native_cache: WeightCache[tuple[Tensor, Tensor]] = WeightCache()
 
     @classmethod
     def from_cac(
@@ -562,28 +564,29 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
             and self.groups == 1
             and self.padding_mode == "zeros"
             and self.out_channels % 16 == 0
-            and not (torch.is_grad_enabled() and x.requires_grad)
-            and not is_in_torch_dispatch_mode()  # fake tensors, FLOP counting: the torch path
+            and x.dim() == 4
+            and x.shape[-2] > 0
+            and x.shape[-1] > 0
+            and native_kernel_may_run(x)
             and native_ops() is not None
         )
 
     def native_weights(self) -> tuple[Tensor, Tensor]:
         """The native kernel's operands, cached per weight version: W as (kh*kw, C_in, C_out), Σw as (C_in, C_out)."""
         weight = self.weight
-        key = (weight.data_ptr(), weight._version)
-        if self._native_cache is None or self._native_cache[0] != key:
+
+        def pack() -> tuple[Tensor, Tensor]:
             w = weight.detach()
             taps = w.permute(2, 3, 1, 0).reshape(-1, w.shape[1], w.shape[0]).contiguous()
-            summed = summed_kernel(w)[:, :, 0, 0].t().contiguous()
-            self._native_cache = (key, (taps, summed))
-        return self._native_cache[1]
+            return taps, summed_kernel(w)[:, :, 0, 0].t().contiguous()
+
+        return self._native_cache.get((weight,), pack)
 
     def _native_sparse(self, x: Tensor, mask: Tensor) -> Tensor:
-        """The pixel path in convzoo's native kernel: (B, C_in, H, W) -> (B, C_out, H', W'), channels-last."""
+        """The pixel path in convzoo's native kernel: (B, C_in, H, W) -> (B, C_out, H', W') in x's layout."""
         taps, summed = self.native_weights()
         left, _, top, _ = self.spec.explicit_padding
         bias = None if self.bias is None else self.bias.detach()
-        x = x.contiguous(memory_format=torch.channels_last)
         geometry = [list(self.kernel_size), list(self.stride), list(self.dilation), [top, left]]
         return native_ops().cac_sparse(x, mask.contiguous(), taps, summed, bias, *geometry)
 

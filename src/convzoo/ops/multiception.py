@@ -33,9 +33,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from convzoo.native import native_ops
+from convzoo.native import native_kernel_may_run, native_ops
 from convzoo.ops.autotune import AlgorithmCache
 from convzoo.ops.conv_spec import (
     ConvSpec,
@@ -50,6 +49,7 @@ from convzoo.ops.conv_spec import (
 from convzoo.ops.depthwise import run_depthwise
 from convzoo.ops.multiception_train import branches_norm_pointwise, fused_training_applies
 from convzoo.ops.registry import needs_dense_spatial, register_conv
+from convzoo.ops.weight_cache import WeightCache
 
 # Per-stage kernel schedules for three-stage CIFAR networks. "code" is what the authors'
 # ResNets use (stage 3 is two parallel 3x3 branches); "paper" follows the text ("first third:
@@ -341,25 +341,26 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
         c, k_count, k_max = self.in_channels, len(self.kernels), max(self.kernels)
         self.depthwise = nn.Conv2d(c, c * k_count, k_max, self.stride, k_max // 2, groups=c, bias=False, **factory)
         self.pointwise = nn.Conv2d(c * k_count, self.out_channels, 1, bias=True, **factory)
-        self._window_check: tuple[int, int, bool] | None = None
-        self._dense_cache: tuple[tuple[int, ...], Tensor] | None = None
-        self._native_cache: tuple[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] | None = None
+        self._window_check: WeightCache[bool] = WeightCache()
+        self._dense_cache: WeightCache[Tensor] = WeightCache()
+        self._native_cache: WeightCache[tuple[Tensor, Tensor, Tensor]] = WeightCache()
         self._algorithms = AlgorithmCache()
         self.last_algorithm: str | None = None
 
     def _windows_hold_all_taps(self) -> bool:
         """Whether every tap outside each branch's centred window is zero (cached per weight version)."""
         weight = self.depthwise.weight
-        key = (weight.data_ptr(), weight._version)
-        if self._window_check is None or self._window_check[:2] != key:
+
+        def check() -> bool:
             k_max = max(self.kernels)
             grid = weight.detach().reshape(self.in_channels, len(self.kernels), k_max, k_max)
             outside = torch.ones_like(grid, dtype=torch.bool)
             for j, k in enumerate(self.kernels):
                 o = (k_max - k) // 2
                 outside[:, j, o : o + k, o : o + k] = False
-            self._window_check = (*key, not bool(grid[outside].any()))
-        return self._window_check[2]
+            return not bool(grid[outside].any())
+
+        return self._window_check.get((weight,), check)
 
     def _branch_forward(self, x: Tensor) -> Tensor:
         """Branch-by-branch depthwise convs on the centred windows, then the 1x1 (channel-major order)."""
@@ -403,10 +404,7 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
     def dense_weight(self) -> Tensor:
         """The two convs multiplied out: (C_out, C_in, k_max, k_max), detached, cached per weight version."""
         dw, pw = self.depthwise.weight, self.pointwise.weight
-        key = (dw.data_ptr(), dw._version, pw.data_ptr(), pw._version)
-        if self._dense_cache is None or self._dense_cache[0] != key:
-            self._dense_cache = (key, self._multiplied_out(dw.detach(), pw.detach()))
-        return self._dense_cache[1]
+        return self._dense_cache.get((dw, pw), lambda: self._multiplied_out(dw.detach(), pw.detach()))
 
     def _needs_grad(self, x: Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -451,7 +449,10 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
             and self.out_channels % 16 == 0
             and self.stride[0] == self.stride[1] in (1, 2)
             and set(self.kernels) <= NATIVE_KERNEL_SIZES
-            and not is_in_torch_dispatch_mode()  # fake tensors, FLOP counting: the torch forms
+            and x.dim() == 4
+            and x.shape[-2] > 0
+            and x.shape[-1] > 0
+            and native_kernel_may_run(x)
             and self._windows_hold_all_taps()
             and native_ops() is not None
         )
@@ -463,14 +464,15 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
         for branch j on channel c, and the bias (C_out,).
         """
         dw, pw, bias = self.depthwise.weight, self.pointwise.weight, self.pointwise.bias
-        key = (dw.data_ptr(), dw._version, pw.data_ptr(), pw._version, bias.data_ptr(), bias._version)
-        if self._native_cache is None or self._native_cache[0] != key:
+
+        def pack() -> tuple[Tensor, Tensor, Tensor]:
             c, k_count, k_max = self.in_channels, len(self.kernels), max(self.kernels)
             depthwise = dw.detach().reshape(c, k_count, k_max, k_max).permute(1, 2, 3, 0).contiguous()
             pointwise = pw.detach().reshape(self.out_channels, c, k_count).permute(2, 1, 0)
             pointwise = pointwise.reshape(k_count * c, self.out_channels).contiguous()
-            self._native_cache = (key, (depthwise, pointwise, bias.detach().contiguous()))
-        return self._native_cache[1]
+            return depthwise, pointwise, bias.detach().contiguous()
+
+        return self._native_cache.get((dw, pw, bias), pack)
 
     def _native_forward(self, x: Tensor) -> Tensor:
         depthwise, pointwise, bias = self.native_weights()
@@ -478,11 +480,17 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
         return ops.multiception_fused(x, depthwise, list(self.kernels), pointwise, bias, self.stride[0])
 
     def _run(self, algorithm: str, x: Tensor) -> Tensor:
-        if algorithm == "native" and self._native_applies(x):
+        """Run ``algorithm`` where it applies, "canonical" where it does not; ``last_algorithm`` says which ran."""
+        if algorithm == "native" and not self._native_applies(x):
+            algorithm = "canonical"
+        if algorithm in ("branch", "accumulate") and not self._windows_hold_all_taps():
+            algorithm = "canonical"
+        self.last_algorithm = algorithm
+        if algorithm == "native":
             return self._native_forward(x)
-        if algorithm == "branch" and self._windows_hold_all_taps():
+        if algorithm == "branch":
             return self._branch_layout_forward(x)
-        if algorithm == "accumulate" and self._windows_hold_all_taps():
+        if algorithm == "accumulate":
             return self._accumulate_forward(x)
         if algorithm == "dense":
             return self._dense_forward(x)
@@ -506,9 +514,6 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
             elif "branch" in names and self._native_applies(x):
                 names = (*names, "native")
             algorithm = self._algorithms.choose(x, {name: partial(self._run, name, x) for name in names})
-        elif algorithm == "native" and not self._native_applies(x):
-            algorithm = "canonical"
-        self.last_algorithm = algorithm
         return self._run(algorithm, x)
 
 
