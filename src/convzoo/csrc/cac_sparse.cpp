@@ -8,6 +8,7 @@
 // pixel path without its im2col: each output row's sharp and smooth pixels are taken 6 at a time and their
 // taps read straight from the input, through one register-blocked microkernel (6 pixels x 4 output vectors of
 // 16 channels), so the k x k products are computed only where the mask is set, and nothing is gathered.
+// Groups of 6 are filled across output rows, so a row's few sharp windows do not leave a group idle.
 //
 // Layout: x float32, channels-last or NCHW (an NCHW input's rows are transposed into a small ring of
 // channels-last rows as the output rows need them, each input row once), C any; W (T, C, O), S (C, O),
@@ -73,6 +74,28 @@ struct Geometry {
   int64_t N, C, H, W, O, Ho, Wo, kh, kw, sh, sw, dh, dw, top, left;
 };
 
+// Windows waiting for the microkernel, kPixels at a time, across output rows (so that a row's few sharp
+// windows do not leave most of a group idle). src[t * kPixels + p]: tap t of window p; dst[p]: its output.
+struct Group {
+  std::vector<const float*> src;
+  float* dst[kPixels];
+  int64_t taps;
+  int count = 0;
+
+  explicit Group(int64_t taps) : src(taps * kPixels), taps(taps) {}
+
+  // run the microkernel on the windows held (a short group repeats its last window, whose result is not stored)
+  void flush(int64_t C, const float* w, int64_t O, const float* bias) {
+    if (count == 0) return;
+    for (int p = count; p < kPixels; ++p) {
+      dst[p] = dst[count - 1];
+      for (int64_t t = 0; t < taps; ++t) src[t * kPixels + p] = src[t * kPixels + count - 1];
+    }
+    all_outputs(src.data(), taps, C, w, O, bias, dst, count);
+    count = 0;
+  }
+};
+
 at::Tensor cac_sparse(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& weight, const at::Tensor& summed,
                       const c10::optional<at::Tensor>& bias_opt, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                       at::IntArrayRef dilation, at::IntArrayRef padding) {
@@ -125,11 +148,8 @@ at::Tensor cac_sparse(const at::Tensor& x, const at::Tensor& mask, const at::Ten
     std::vector<float> ring(slots * g.W * g.C);
     std::vector<int64_t> ring_row(slots, -1);  // which (n * H + h) each slot holds
     std::vector<float> row_out(channels_last ? 0 : g.Wo * g.O);
-    std::vector<const float*> src(T * kPixels);
     std::vector<const float*> rows(g.kh);  // the input row (channels-last) each kernel row reads, or null
-    std::vector<int64_t> sharp, smooth;
-    sharp.reserve(g.Wo);
-    smooth.reserve(g.Wo);
+    Group sharp(T), smooth(1);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.Ho, oh = row % g.Ho;
       for (int64_t i = 0; i < g.kh; ++i) {
@@ -158,39 +178,30 @@ at::Tensor cac_sparse(const at::Tensor& x, const at::Tensor& mask, const at::Ten
         return rows[i] + w * g.C;
       };
       const bool* mrow = md + row * g.Wo;
-      sharp.clear();
-      smooth.clear();
-      for (int64_t ow = 0; ow < g.Wo; ++ow) (mrow[ow] ? sharp : smooth).push_back(ow);
       float* orow = channels_last ? od + row * g.Wo * g.O : row_out.data();
-      float* dst[kPixels];
-      // sharp windows: all T taps with W
-      for (size_t k = 0; k < sharp.size(); k += kPixels) {
-        const int valid = static_cast<int>(std::min<size_t>(kPixels, sharp.size() - k));
-        for (int p = 0; p < kPixels; ++p) {
-          const int64_t ow = sharp[k + std::min(p, valid - 1)];  // a short group repeats its last pixel
-          dst[p] = orow + ow * g.O;
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        if (mrow[ow]) {  // sharp: all T taps with W
+          sharp.dst[sharp.count] = orow + ow * g.O;
           for (int64_t i = 0; i < g.kh; ++i)
-            for (int64_t j = 0; j < g.kw; ++j) src[(i * g.kw + j) * kPixels + p] = tap(ow, i, j);
+            for (int64_t j = 0; j < g.kw; ++j) sharp.src[(i * g.kw + j) * kPixels + sharp.count] = tap(ow, i, j);
+          if (++sharp.count == kPixels) sharp.flush(g.C, wd, g.O, bias);
+        } else {  // smooth: the centre tap with S = sum_t W[t]
+          smooth.dst[smooth.count] = orow + ow * g.O;
+          smooth.src[smooth.count] = tap(ow, ci, cj);
+          if (++smooth.count == kPixels) smooth.flush(g.C, sd, g.O, bias);
         }
-        all_outputs(src.data(), T, g.C, wd, g.O, bias, dst, valid);
       }
-      // smooth windows: the centre tap with S = sum_t W[t]
-      for (size_t k = 0; k < smooth.size(); k += kPixels) {
-        const int valid = static_cast<int>(std::min<size_t>(kPixels, smooth.size() - k));
-        for (int p = 0; p < kPixels; ++p) {
-          const int64_t ow = smooth[k + std::min(p, valid - 1)];
-          dst[p] = orow + ow * g.O;
-          src[p] = tap(ow, ci, cj);
-        }
-        all_outputs(src.data(), 1, g.C, sd, g.O, bias, dst, valid);
-      }
-      if (!channels_last) {
+      if (!channels_last) {  // the ring and the row buffer move on with the next row: finish this one
+        sharp.flush(g.C, wd, g.O, bias);
+        smooth.flush(g.C, sd, g.O, bias);
         for (int64_t o = 0; o < g.O; ++o) {
           float* plane = od + ((n * g.O + o) * g.Ho + oh) * g.Wo;
           for (int64_t w = 0; w < g.Wo; ++w) plane[w] = orow[w * g.O + o];
         }
       }
     }
+    sharp.flush(g.C, wd, g.O, bias);
+    smooth.flush(g.C, sd, g.O, bias);
   });
   return out;
 }

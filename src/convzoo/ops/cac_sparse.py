@@ -39,9 +39,11 @@ channels, the pixel algorithm runs convzoo's native kernel instead (``csrc/cac_s
 first use by :mod:`convzoo.native`; ``last_native`` tells): it takes each output row's sharp and
 smooth windows six at a time and reads their taps straight from the channels-last input into one
 register-blocked microkernel (k×k products with W at the sharp windows, the centre times Σw at the
-others), so nothing is gathered, the 1×1 runs only where the mask is clear, and the time follows ρ
-with no fixed cost but the score map. Where it does not apply or cannot be built, the torch pixel
-path above runs.
+others; groups filled across rows), so nothing is gathered or scattered and the 1×1 runs only where the
+mask is clear. An NCHW input is read through a small ring of channels-last copies of its rows, and the
+output keeps the input's layout. (Running oneDNN's 1×1 over every centre first and the kernel on the
+sharp windows only was measured slower: 7.1 against 6.6 ms at ρ = 0.25.) Where it does not apply or
+cannot be built, the torch pixel path above runs.
 """
 
 from __future__ import annotations
