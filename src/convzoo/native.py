@@ -40,6 +40,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 ENV_VAR = "CONVZOO_NATIVE"
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("multiception_fused.cpp", "cac_sparse.cpp"))
+HEADERS = (Path(__file__).parent / "csrc" / "vec16.h",)
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -58,7 +59,7 @@ def build_flags() -> tuple[str, list[str]]:
     capability = torch.backends.cpu.get_cpu_capability()
     isa = _ISA_FLAGS.get(capability, []) if platform.machine().lower() in ("x86_64", "amd64") else []
     digest = hashlib.sha256(torch.__version__.encode())
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     name = f"convzoo_native_{capability.lower()}_{digest.hexdigest()[:10]}"
     return name, ["-O3", "-fopenmp", *isa]

@@ -23,13 +23,10 @@
 #include <memory>
 #include <vector>
 
+#include "vec16.h"
+
 namespace convzoo_native {
 namespace {
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
 
 constexpr int kPixels = 8;  // output pixels of one row computed together (independent accumulators)
 
