@@ -136,16 +136,20 @@ def native_ops() -> Any | None:
     return _state.ops
 
 
-def native_kernel_may_run(x: Tensor) -> bool:
-    """What every native kernel needs of a call besides its own shape checks.
+def native_kernel_may_run(*tensors: Tensor | None) -> bool:
+    """What every native kernel needs of a call besides its own shape checks, for all its operands.
 
-    No autograd recording on ``x`` (the kernels have no derivative formulas, backward or forward-mode), no
-    autocast (the torch forms would compute in the autocast dtype; the kernels are float32) and no torch
-    dispatch mode (fake tensors, FLOP counting and convzoo's profiler see the torch forms).
+    No autograd on any operand, input or weight (the kernels have no derivative formulas: no tensor that
+    requires grad while grad mode is on, no forward-mode tangent, no torch.func transform), no autocast
+    (the torch forms would compute in the autocast dtype; the kernels are float32) and no torch dispatch
+    mode (fake tensors, FLOP counting and convzoo's profiler see the torch forms).
     """
-    if torch.is_grad_enabled() and x.requires_grad:
+    operands = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in operands):
         return False
-    if forward_ad.unpack_dual(x).tangent is not None:
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in operands):
+        return False
+    if torch._C._are_functorch_transforms_active():
         return False
     if torch.is_autocast_enabled("cpu"):
         return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -45,6 +46,8 @@ GEOMETRIES = [
     (3, 48, {"kernel_size": 4, "stride": 2, "padding": 1}, (9, 9)),  # even kernel: centre (k-1)//2
     (32, 16, {"kernel_size": 3, "padding": "same", "dilation": 3}, (5, 4)),
     (16, 16, {"kernel_size": 7, "stride": 3, "padding": 1}, (6, 8)),  # windows reaching into the padding
+    (8, 16, {"kernel_size": (2, 4), "padding": "same", "dilation": (2, 1)}, (7, 9)),  # asymmetric padding
+    (1, 16, {"kernel_size": 3, "padding": 1}, (1, 7)),  # one channel (both layouts at once), a 1 x N map
 ]
 
 
@@ -82,10 +85,13 @@ def test_the_module_runs_native_and_records_its_statistics() -> None:
     torch.testing.assert_close(y, layer.eval()(x), **F32)  # and the training form
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_native_rows_across_threads(threads: int) -> None:
+def test_native_rows_across_threads(threads: int, layout: str) -> None:
     sparse = _sparse(16, 16, kernel_size=3, padding=1)
     x = torch.randn(1, 16, 13, 29)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     mask = torch.rand(1, 13, 29) < 0.5
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -218,3 +224,54 @@ def test_an_empty_map_is_refused_by_the_op() -> None:
             x, torch.ones(1, 1, 3, dtype=torch.bool), taps, summed, None, [3, 3], [1, 1], [1, 1], [1, 1]
         )
     assert not sparse._native_applies(x)
+
+
+def test_non_contiguous_inputs() -> None:
+    sparse = _sparse(16, 32, kernel_size=3, stride=2, padding=1)
+    base = torch.randn(2, 16, 14, 30)
+    for x in (base[:, :, 2:13, 1:28], base.permute(0, 1, 3, 2), base[..., ::2]):
+        out_size = sparse.spec.output_size(*x.shape[2:])
+        mask = torch.rand(2, *out_size) < 0.5
+        with torch.no_grad():
+            y = sparse._pixel_sparse(x, mask, out_size)
+        assert sparse.last_native
+        torch.testing.assert_close(y.double(), _reference(sparse, x, mask), **F32)
+
+
+def test_a_deep_copy_repacks_its_own_weights() -> None:
+    sparse = _sparse(16, 16, kernel_size=3, padding=1)
+    x = torch.randn(2, 16, 7, 7)
+    mask = torch.rand(2, 7, 7) < 0.5
+    with torch.no_grad():
+        sparse._pixel_sparse(x, mask, (7, 7))  # packed at the weights' version 0
+        sparse.weight.mul_(-2.0)
+        clone = copy.deepcopy(sparse)  # its weight is a new tensor whose version starts at 0 again
+        torch.testing.assert_close(clone._pixel_sparse(x, mask, (7, 7)).double(), _reference(sparse, x, mask), **F32)
+        torch.testing.assert_close(sparse._pixel_sparse(x, mask, (7, 7)).double(), _reference(sparse, x, mask), **F32)
+
+
+def test_weights_that_require_grad_get_their_gradients_from_the_torch_path() -> None:
+    sparse = _sparse(16, 16, kernel_size=3, padding=1).requires_grad_(True)
+    x = torch.randn(2, 16, 6, 6)
+    mask = torch.rand(2, 6, 6) < 0.4
+    sparse._pixel_sparse(x, mask, (6, 6)).square().sum().backward()
+    assert sparse.last_native is False
+    reference = copy.deepcopy(sparse)
+    reference.weight.grad = None
+    reference._masked(x, mask, (6, 6)).square().sum().backward()
+    torch.testing.assert_close(sparse.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_last_native_describes_the_last_call() -> None:
+    layer = CAConv2d(16, 16, 3, padding=1)
+    with torch.no_grad():
+        layer.gamma.fill_(1.0)
+        layer.beta.fill_(-1.0)
+    sparse = CACSparseConv2d.from_cac(layer, threshold=0.5)
+    with torch.no_grad():
+        sparse(torch.randn(2, 16, 8, 8) * 0.01)  # a flat input: every window smooth, the sparse path
+        assert sparse.last_path == "sparse" and sparse.last_native
+        sparse(torch.randn(2, 16, 8, 8) * 100.0)  # a rough one: every window sharp, the dense conv
+        assert sparse.last_path == "dense" and sparse.last_native is False
+        y = sparse(torch.randn(0, 16, 8, 8))  # an empty batch, with a fixed threshold too
+    assert y.shape == (0, 16, 8, 8) and sparse.last_native is False

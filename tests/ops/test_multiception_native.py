@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -241,3 +242,14 @@ def test_last_algorithm_names_what_ran_after_a_cached_native_choice() -> None:
         y = fused(x)
     assert fused.last_algorithm == "canonical"
     torch.testing.assert_close(y, fused.pointwise(fused.depthwise(x)), rtol=0, atol=0)
+
+
+def test_a_deep_copy_repacks_its_own_weights() -> None:
+    fused = _deployed(16, 16, 1, (3, 5), algorithm="native")
+    x = torch.randn(2, 16, 7, 7)
+    with torch.no_grad():
+        fused(x)  # packed at the weights' version 0
+        fused.pointwise.weight.mul_(-2.0)
+        clone = copy.deepcopy(fused)  # its weights are new tensors whose versions start at 0 again
+        torch.testing.assert_close(clone(x).double(), _reference(fused, x), **F32)
+    assert clone.last_algorithm == "native"

@@ -100,6 +100,8 @@ at::Tensor cac_sparse(const at::Tensor& x, const at::Tensor& mask, const at::Ten
               "cac_sparse: x must be a 4-D float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && dilation.size() == 2 && padding.size() == 2,
               "cac_sparse: kernel_size, stride, dilation and padding (top, left) must be pairs");
+  TORCH_CHECK(weight.dim() == 3, "cac_sparse: weight must be (kh*kw, C_in, C_out), got ", weight.sizes());
+  TORCH_CHECK(mask.dim() == 3, "cac_sparse: mask must be a contiguous bool (N, H', W') tensor, got ", mask.sizes());
   Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(2), mask.size(1), mask.size(2),
              kernel_size[0], kernel_size[1], stride[0], stride[1], dilation[0], dilation[1], padding[0], padding[1]};
   const int64_t T = g.kh * g.kw;

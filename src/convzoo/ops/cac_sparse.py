@@ -429,6 +429,10 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         self.last_mask, self.last_sharp_count, self.last_output_size = mask, counts, out_size
         sharp_total = int(counts.sum())  # one device sync
         threshold = self.last_threshold = self._threshold_for(x, out_size)
+        self.last_native = False  # set by the sparse pixel path when the native kernel runs
+        if mask.numel() == 0:  # an empty batch or map: nothing to compute, whatever the threshold
+            self.last_active, self.last_path = 0.0, "dense"
+            return self.spec.conv2d(x, self.weight, self.bias)
         if sharp_total == mask.numel() and (threshold < 1.0 or self.threshold == "auto"):
             # every window sharp: the dense path's plain conv, nothing to gather or overwrite
             self.last_active, self.last_path = 1.0, "dense"
@@ -455,7 +459,9 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
             return self._tuned_thresholds.get(input_signature(x), DEFAULT_SPARSE_THRESHOLD)
         key = input_signature(x)
         if key not in self._tuned_thresholds:
+            last_native = self.last_native  # the timing runs the paths; the statistics stay the caller's
             self._tuned_thresholds[key] = self._measure_crossover(x, out_size)
+            self.last_native = last_native
         return self._tuned_thresholds[key]
 
     def _measure_crossover(self, x: Tensor, out_size: tuple[int, int]) -> float:
@@ -569,7 +575,7 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
             and x.dim() == 4
             and x.shape[-2] > 0
             and x.shape[-1] > 0
-            and native_kernel_may_run(x)
+            and native_kernel_may_run(x, self.weight, self.bias)
             and native_ops() is not None
         )
 

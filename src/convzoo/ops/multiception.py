@@ -452,7 +452,7 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
             and x.dim() == 4
             and x.shape[-2] > 0
             and x.shape[-1] > 0
-            and native_kernel_may_run(x)
+            and native_kernel_may_run(x, self.depthwise.weight, self.pointwise.weight, self.pointwise.bias)
             and self._windows_hold_all_taps()
             and native_ops() is not None
         )
