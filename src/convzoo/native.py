@@ -147,11 +147,10 @@ def native_kernel_may_run(*tensors: Tensor | None) -> bool:
     operands = [t for t in tensors if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in operands):
         return False
-    if any(forward_ad.unpack_dual(t).tangent is not None for t in operands):
+    # tangents exist only inside a dual level (forward_ad._current_level >= 0): skip the unpacking otherwise
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in operands):
         return False
-    if torch._C._are_functorch_transforms_active():
-        return False
-    if torch.is_autocast_enabled("cpu"):
+    if torch._C._are_functorch_transforms_active() or torch.is_autocast_enabled("cpu"):
         return False
     return not is_in_torch_dispatch_mode()
 

@@ -479,9 +479,12 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
         ops = native_ops()
         return ops.multiception_fused(x, depthwise, list(self.kernels), pointwise, bias, self.stride[0])
 
-    def _run(self, algorithm: str, x: Tensor) -> Tensor:
-        """Run ``algorithm`` where it applies, "canonical" where it does not; ``last_algorithm`` says which ran."""
-        if algorithm == "native" and not self._native_applies(x):
+    def _run(self, algorithm: str, x: Tensor, native_applies: bool | None = None) -> Tensor:
+        """Run ``algorithm`` where it applies, "canonical" where it does not; ``last_algorithm`` says which ran.
+
+        ``native_applies``: ``_native_applies(x)`` if the caller already knows it.
+        """
+        if algorithm == "native" and not (self._native_applies(x) if native_applies is None else native_applies):
             algorithm = "canonical"
         if algorithm in ("branch", "accumulate") and not self._windows_hold_all_taps():
             algorithm = "canonical"
@@ -507,14 +510,16 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
             # the window forms skip the zero taps, which are parameters too: only these two give their gradients
             self.last_algorithm = "canonical"
             return self.pointwise(self.depthwise(x))
+        native_applies = None
         if algorithm == "auto":
             names = ("branch", "accumulate", "dense") if x.device.type == "cpu" else ("canonical", "dense")
             if "branch" in names and not self._windows_hold_all_taps():
                 names = ("canonical", "dense")
-            elif "branch" in names and self._native_applies(x):
-                names = (*names, "native")
+            elif "branch" in names:
+                native_applies = self._native_applies(x)
+                names = (*names, "native") if native_applies else names
             algorithm = self._algorithms.choose(x, {name: partial(self._run, name, x) for name in names})
-        return self._run(algorithm, x)
+        return self._run(algorithm, x, native_applies)
 
 
 class MulticeptionOfficial(_MulticeptionBase):
