@@ -126,11 +126,17 @@ void run(const Geometry& g, const float* x, bool channels_last, const int64_t* k
       if (oh0 >= oh1) continue;
       // padded copy of the input rows this block reads: padded row t is input row h0 + t
       const int64_t h0 = oh0 * S - g.r, rows = (oh1 - 1 - oh0) * S + 2 * g.r + 1;
-      std::memset(pad, 0, rows * Wp * g.C * sizeof(float));
+      // each padded row written once: zeros outside the image, else its border columns zeroed and x copied in
       for (int64_t t = 0; t < rows; ++t) {
         const int64_t h = h0 + t;
-        if (h < 0 || h >= g.H) continue;
-        float* dst = pad + (t * Wp + g.r) * g.C;
+        float* line = pad + t * Wp * g.C;
+        if (h < 0 || h >= g.H) {
+          std::memset(line, 0, Wp * g.C * sizeof(float));
+          continue;
+        }
+        std::memset(line, 0, g.r * g.C * sizeof(float));
+        std::memset(line + (g.r + g.W) * g.C, 0, g.r * g.C * sizeof(float));
+        float* dst = line + g.r * g.C;
         if (channels_last) {
           std::memcpy(dst, x + (n * g.H + h) * g.W * g.C, g.W * g.C * sizeof(float));
         } else {
