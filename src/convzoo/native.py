@@ -2,7 +2,8 @@
 
 Some deploy forms have an exact native kernel that beats any sequence of torch ops on CPU:
 ``FusedMulticeptionConv2d``'s ``algorithm="native"`` (``csrc/multiception_fused.cpp``) and
-``CACSparseConv2d``'s native sparse path (``csrc/cac_sparse.cpp``). The source
+``CACSparseConv2d``'s native sparse path (``csrc/cac_sparse.cpp``) and CAC's score-map gradient
+(``csrc/cac_gradient.cpp``). The source
 ships with the package and is compiled the first time it is needed, like StyleGAN's custom ops:
 ``torch.utils.cpp_extension.load`` with ninja (a dependency) and the system's C++ compiler, about
 10-20 s once per machine; the result is cached under ``TORCH_EXTENSIONS_DIR`` (default
@@ -39,7 +40,9 @@ from torch.autograd import forward_ad
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 ENV_VAR = "CONVZOO_NATIVE"
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("multiception_fused.cpp", "cac_sparse.cpp"))
+SOURCES = tuple(
+    Path(__file__).parent / "csrc" / name for name in ("multiception_fused.cpp", "cac_sparse.cpp", "cac_gradient.cpp")
+)
 HEADERS = (Path(__file__).parent / "csrc" / "vec16.h",)
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],

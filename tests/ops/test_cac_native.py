@@ -275,3 +275,73 @@ def test_last_native_describes_the_last_call() -> None:
         assert sparse.last_path == "dense" and sparse.last_native is False
         y = sparse(torch.randn(0, 16, 8, 8))  # an empty batch, with a fixed threshold too
     assert y.shape == (0, 16, 8, 8) and sparse.last_native is False
+
+
+GRADIENT_GEOMETRIES = [
+    # (C_in, conv kwargs, input H x W)
+    (64, {"kernel_size": 3, "padding": 1}, (16, 16)),
+    (20, {"kernel_size": 3, "stride": 2, "padding": 1}, (9, 11)),  # 16 channels as a vector, then 4 more
+    (5, {"kernel_size": 5, "dilation": 2, "padding": 3}, (13, 10)),
+    (1, {"kernel_size": (3, 5), "stride": (2, 1), "dilation": (1, 2), "padding": (0, 2)}, (7, 12)),
+    (16, {"kernel_size": 4, "stride": 2, "padding": 1}, (9, 9)),
+    (32, {"kernel_size": (4, 6), "padding": "same", "dilation": (2, 1)}, (7, 9)),
+    (16, {"kernel_size": 7, "stride": 3, "padding": 0}, (8, 11)),
+]
+
+
+def _torch_gradient_map(spec, x: torch.Tensor, out_size) -> torch.Tensor:
+    """gradient_map's torch form, in float64 (the native kernel runs for float32 only)."""
+    from convzoo.ops.cac import gradient_map
+
+    return gradient_map(spec, x.double(), out_size)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(("c_in", "conv", "size"), GRADIENT_GEOMETRIES)
+def test_the_native_gradient_map_equals_the_torch_form(layout, c_in, conv, size) -> None:
+    from convzoo.ops.cac import _native_gradient_applies, gradient_map
+
+    layer = CAConv2d(c_in, 16, **conv)
+    x = torch.randn(3, c_in, *size)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out_size = layer.spec.output_size(*size)
+    assert _native_gradient_applies(layer.spec, x)
+    g = gradient_map(layer.spec, x, out_size)
+    assert g.dtype == torch.float32 and g.shape == (3, *out_size)
+    torch.testing.assert_close(g.double(), _torch_gradient_map(layer.spec, x, out_size), rtol=1e-5, atol=1e-5)
+
+
+def test_the_native_gradient_map_is_not_used_where_the_torch_form_differs() -> None:
+    from convzoo.ops.cac import _native_gradient_applies
+
+    x = torch.randn(2, 4, 8, 8)
+    assert not _native_gradient_applies(CAConv2d(4, 4, (1, 3), padding=(0, 1)).spec, x)  # replicated margins
+    assert not _native_gradient_applies(CAConv2d(4, 4, 3, padding=1, padding_mode="reflect").spec, x)
+    assert _native_gradient_applies(CAConv2d(4, 4, 3, padding=0, padding_mode="reflect").spec, x)  # no padding
+    assert not _native_gradient_applies(CAConv2d(4, 4, 3, padding=1).spec, x.double())
+    with FlopCounterMode(display=False):
+        assert not _native_gradient_applies(CAConv2d(4, 4, 3, padding=1).spec, x)
+
+
+def test_training_and_deployed_masks_agree_exactly_with_the_native_score_map() -> None:
+    layer = CAConv2d(16, 32, 3, padding=1).eval()
+    with torch.no_grad():
+        layer.gamma.fill_(1.0)
+        layer.beta.fill_(-0.7)
+    sparse = CACSparseConv2d.from_cac(layer, threshold=1.0)
+    x = torch.randn(4, 16, 12, 12)
+    with torch.no_grad():
+        layer(x)
+        sparse(x)
+    assert 0 < int(layer.last_mask.sum()) < layer.last_mask.numel()
+    assert torch.equal(layer.last_mask, sparse.last_mask)
+
+
+def test_the_gradient_op_rejects_bad_operands() -> None:
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(RuntimeError, match="at least 3x3"):
+        native_ops().cac_gradient(x, [1, 3], [1, 1], [1, 1], [0, 1], [5, 5])
+    with pytest.raises(RuntimeError, match="4-D float32 CPU tensor"):
+        native_ops().cac_gradient(x.double(), [3, 3], [1, 1], [1, 1], [1, 1], [5, 5])
+    assert native_ops().cac_gradient(x[:0], [3, 3], [1, 1], [1, 1], [1, 1], [5, 5]).shape == (0, 5, 5)

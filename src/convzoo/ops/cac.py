@@ -39,7 +39,9 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from convzoo.native import native_ops
 from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg, check_input, is_tracing
 from convzoo.ops.registry import check_module, needs_spatial_kernel, register_conv
 
@@ -62,6 +64,25 @@ def pad_input(spec: ConvSpec, x: Tensor) -> Tensor:
     return F.pad(x, pads, mode=spec.padding_mode)
 
 
+def _native_gradient_applies(spec: ConvSpec, x: Tensor) -> bool:
+    """Whether gradient_map runs convzoo's native kernel (CPU float32, zero padding, kernels of at least 3×3).
+
+    G is computed from ``x.detach()``, so autograd on ``x`` does not matter here; torch.func transforms
+    (batched tensors), tracing (exporters record the torch form) and dispatch modes do.
+    """
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and min(spec.kernel_size) >= 3
+        and (spec.padding_mode == "zeros" or not any(spec.explicit_padding))
+        and not is_tracing()
+        and not is_in_torch_dispatch_mode()
+        and not torch._C._are_functorch_transforms_active()
+        and native_ops() is not None
+    )
+
+
 def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor:
     """Sobel gradient magnitude G (eq. 9-10) of the channel mean, one value per output position.
 
@@ -71,12 +92,20 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
         out_size: (H', W'), the conv's output size for this input.
 
     Returns:
-        G of shape (B, H', W'), >= 0, in x's dtype or float32 if that is wider. G is computed from
+        G of shape (B, H', W'), >= 0, in x's dtype or float32 if that is wider. On CPU, for float32 inputs
+        of layers with zero padding and kernels of at least 3×3, it comes from convzoo's native kernel
+        (``csrc/cac_gradient.cpp``: the same taps and order of operations, the input read once, equal to
+        the torch form up to float32 rounding of the channel sum); the training and the inference forms
+        both call this function, so on one machine their masks agree exactly. G is computed from
         ``x.detach()``: the score map passes no gradient back into the features (only γ and β learn
         through the straight-through estimator), which also keeps backward finite where G = 0 (``hypot``'s
         gradient is undefined there; flat image regions such as the digits' background hit it on the
         first step).
     """
+    if _native_gradient_applies(spec, x):
+        left, _, top, _ = spec.explicit_padding
+        geometry = [list(spec.kernel_size), list(spec.stride), list(spec.dilation), [top, left], list(out_size)]
+        return native_ops().cac_gradient(x.detach(), *geometry)
     # the channel sum divided on the 1-channel map (~2x faster than mean() over the channels of a
     # channels-last input on CPU), and G in at least float32: a float16 sum or Sobel response overflows
     # (to inf, then NaN) where the float32 one does not, which would turn sharp windows smooth

@@ -1,0 +1,123 @@
+// convzoo native CPU kernel: CAC's score map input G, the Sobel gradient magnitude of the channel mean (eq. 9-10).
+//
+//   M[n, h, w]   = (sum_c x[n, c, h, w]) / C, zero outside the input (zero padding)
+//   D(r)         = M(r, c2) - M(r, c0);   S(r) = (M(r, c0) + M(r, c2)) + 2 M(r, c1)
+//   G[n, oh, ow] = hypot((D(r0) + D(r2)) + 2 D(r1), S(r2) - S(r0))
+//
+// where row r of window (oh, ow) is padded row oh*sh + ch + (r-1)*dh and column c is ow*sw + cw + (c-1)*dw, with
+// the centre (ch, cw) = (dh*((kh-1)/2), dw*((kw-1)/2)): the same taps and the same order of operations as
+// convzoo.ops.cac.gradient_map's torch form, for kernels of at least 3x3 (no replicated margins) and zero padding.
+// The input is read once (the channel sum is memory-bound; the torch form also runs a dozen small ops over the
+// 1-channel maps). x float32, channels-last or NCHW.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "vec16.h"
+
+namespace convzoo_native {
+namespace {
+
+at::Tensor cac_gradient(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                        at::IntArrayRef dilation, at::IntArrayRef padding, at::IntArrayRef out_size) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
+              "cac_gradient: x must be a 4-D float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && dilation.size() == 2 && padding.size() == 2 &&
+                  out_size.size() == 2,
+              "cac_gradient: kernel_size, stride, dilation, padding (top, left) and out_size must be pairs");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1];
+  const int64_t dh = dilation[0], dw = dilation[1], top = padding[0], left = padding[1];
+  const int64_t Ho = out_size[0], Wo = out_size[1];
+  TORCH_CHECK(kh >= 3 && kw >= 3, "cac_gradient: the kernel must be at least 3x3, got ", kh, "x", kw);
+  TORCH_CHECK(sh > 0 && sw > 0 && dh > 0 && dw > 0 && top >= 0 && left >= 0 && Ho >= 0 && Wo >= 0,
+              "cac_gradient: bad geometry");
+  at::Tensor out = at::empty({N, Ho, Wo}, x.options());
+  if (out.numel() == 0) return out;
+  TORCH_CHECK(C > 0 && H > 0 && W > 0, "cac_gradient: the input must have channels and a non-empty map");
+
+  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  const at::Tensor input = channels_last ? x : x.contiguous();
+  const float* xd = input.data_ptr<float>();
+  std::vector<float> mean(N * H * W);
+  const float channels = static_cast<float>(C);
+
+  // the channel mean, in blocks of input rows: an NCHW input is summed plane by plane over the block (long
+  // contiguous runs), a channels-last one pixel by pixel, reading ahead of itself
+  const int64_t threads = at::get_num_threads();
+  const int64_t blocks_per_image = std::min<int64_t>(H, std::max<int64_t>(1, (2 * threads + N - 1) / N));
+  const int64_t rows_per_block = (H + blocks_per_image - 1) / blocks_per_image;
+  at::parallel_for(0, N * blocks_per_image, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks_per_image, h0 = (task % blocks_per_image) * rows_per_block;
+      const int64_t h1 = std::min(H, h0 + rows_per_block);
+      if (h0 >= h1) continue;
+      float* m = mean.data() + (n * H + h0) * W;
+      const int64_t pixels = (h1 - h0) * W;
+      if (channels_last) {
+        const float* px = xd + (n * H + h0) * W * C;
+        for (int64_t p = 0; p < pixels; ++p, px += C) {
+          __builtin_prefetch(px + 16 * C, 0, 0);
+          int64_t c = 0;
+          float sum = 0.f;
+          if (C >= 16) {
+            v16 acc = load(px);
+            for (c = 16; c + 16 <= C; c += 16) acc += load(px + c);
+            for (int i = 0; i < 16; ++i) sum += acc[i];
+          }
+          for (; c < C; ++c) sum += px[c];
+          m[p] = sum / channels;
+        }
+      } else {
+        for (int64_t p = 0; p < pixels; ++p) m[p] = 0.f;
+        for (int64_t c = 0; c < C; ++c) {
+          const float* plane = xd + ((n * C + c) * H + h0) * W;
+          for (int64_t p = 0; p < pixels; ++p) m[p] += plane[p];
+        }
+        for (int64_t p = 0; p < pixels; ++p) m[p] /= channels;
+      }
+    }
+  });
+
+  const int64_t ch = dh * ((kh - 1) / 2), cw = dw * ((kw - 1) / 2);
+  float* od = out.data_ptr<float>();
+  at::parallel_for(0, N * Ho, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / Ho, oh = row % Ho;
+      const float* rows[3];
+      for (int r = 0; r < 3; ++r) {
+        const int64_t h = oh * sh + ch + (r - 1) * dh - top;
+        rows[r] = (h >= 0 && h < H) ? mean.data() + (n * H + h) * W : nullptr;
+      }
+      auto at = [&](int r, int64_t w) -> float { return (rows[r] && w >= 0 && w < W) ? rows[r][w] : 0.f; };
+      for (int64_t ow = 0; ow < Wo; ++ow) {
+        const int64_t w1 = ow * sw + cw - left, w0 = w1 - dw, w2 = w1 + dw;
+        float diff[3], smooth[3];
+        for (int r = 0; r < 3; ++r) {
+          const float m0 = at(r, w0), m1 = at(r, w1), m2 = at(r, w2);
+          diff[r] = m2 - m0;
+          smooth[r] = (m0 + m2) + 2.f * m1;
+        }
+        const float gx = (diff[0] + diff[2]) + 2.f * diff[1];
+        const float gy = smooth[2] - smooth[0];
+        od[row * Wo + ow] = std::hypot(gx, gy);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace convzoo_native
+
+TORCH_LIBRARY_FRAGMENT(convzoo, m) {
+  m.def(
+      "cac_gradient(Tensor x, int[] kernel_size, int[] stride, int[] dilation, int[] padding, int[] out_size) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(convzoo, CPU, m) { m.impl("cac_gradient", &convzoo_native::cac_gradient); }
