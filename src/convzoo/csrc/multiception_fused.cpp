@@ -149,6 +149,18 @@ void run(const Geometry& g, const float* x, bool channels_last, const int64_t* k
       for (int64_t oh = oh0; oh < oh1; ++oh) {
         const float* centre_row = pad + ((oh - oh0) * S + g.r) * Wp * g.C + g.r * g.C;
         float* dst = channels_last ? out + (n * g.Ho + oh) * g.Wo * g.O : row;
+        if (oh + 1 < oh1) {  // the next output row towards L2 while this one computes
+          const int64_t bytes = g.Wo * int64_t(sizeof(float));
+          if (channels_last) {
+            const char* next = reinterpret_cast<const char*>(dst + g.Wo * g.O);
+            for (int64_t b = 0; b < bytes * g.O; b += 64) __builtin_prefetch(next + b, 1, 2);
+          } else {
+            for (int64_t o = 0; o < g.O; ++o) {
+              const char* plane = reinterpret_cast<const char*>(out + ((n * g.O + o) * g.Ho + oh + 1) * g.Wo);
+              for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(plane + b, 1, 2);
+            }
+          }
+        }
         int64_t ow = 0;
         for (; ow + kPixels <= g.Wo; ow += kPixels)
           pixels<S, kPixels>(g, centre_row + ow * S * g.C, Wp * g.C, kernels, dw, pw, bias, z, dst + ow * g.O);
