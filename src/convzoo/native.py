@@ -93,6 +93,14 @@ def _build_environment() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _built(cpp_extension: Any, name: str) -> bool:
+    """Whether ``name`` is already compiled in torch's extension cache (best effort: a private torch helper)."""
+    try:
+        return (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists()
+    except Exception:
+        return False
+
+
 def _build() -> Any:
     if not sys.platform.startswith("linux"):
         raise RuntimeError(f"native kernels are built on Linux only (this is {sys.platform})")
@@ -100,7 +108,8 @@ def _build() -> Any:
     with _build_environment():
         from torch.utils import cpp_extension
 
-        _log.warning("convzoo: loading native CPU kernels %s (compiled once, about 20 s, then cached)", name)
+        if not _built(cpp_extension, name):
+            _log.warning("convzoo: compiling native CPU kernels %s once (about 20 s; then cached)", name)
         cpp_extension.load(
             name=name,
             sources=[str(source) for source in SOURCES],
