@@ -95,8 +95,9 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
         G of shape (B, H', W'), >= 0, in x's dtype or float32 if that is wider. On CPU, for float32 inputs
         of layers with zero padding and kernels of at least 3×3, it comes from convzoo's native kernel
         (``csrc/cac_gradient.cpp``: the same taps and order of operations, the input read once, equal to
-        the torch form up to float32 rounding of the channel sum); the training and the inference forms
-        both call this function, so on one machine their masks agree exactly. G is computed from
+        the torch form up to float32 rounding of the channel sum, whose order follows the layout); the
+        training and the inference forms both call this function, so on the same input their masks agree
+        exactly. G is computed from
         ``x.detach()``: the score map passes no gradient back into the features (only γ and β learn
         through the straight-through estimator), which also keeps backward finite where G = 0 (``hypot``'s
         gradient is undefined there; flat image regions such as the digits' background hit it on the
