@@ -48,6 +48,7 @@ _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
+_log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state = SimpleNamespace(ops=None, tried=False, error=None)
 
@@ -66,9 +67,6 @@ def build_flags() -> tuple[str, list[str]]:
         digest.update(source.read_bytes())
     name = f"convzoo_native_{capability.lower()}_{digest.hexdigest()[:10]}"
     return name, ["-O3", "-fopenmp", *isa]
-
-
-_log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -148,15 +146,21 @@ def native_ops() -> Any | None:
     return _state.ops
 
 
-def native_kernel_may_run(*tensors: Tensor | None) -> bool:
-    """What every native kernel needs of a call besides its own shape checks, for all its operands.
+def native_ready(x: Tensor, *weights: Tensor | None) -> bool:
+    """Whether a native kernel may compute this call, with ``x`` (B, C, H, W) and the weights it reads.
 
-    No autograd on any operand, input or weight (the kernels have no derivative formulas: no tensor that
-    requires grad while grad mode is on, no forward-mode tangent, no torch.func transform), no autocast
-    (the torch forms would compute in the autocast dtype; the kernels are float32) and no torch dispatch
-    mode (fake tensors, FLOP counting and convzoo's profiler see the torch forms).
+    The shared conditions of every native kernel (each caller adds its own shape checks first):
+    a non-empty 4-D map; every operand a float32 CPU tensor; no autograd on any of them (the kernels
+    have no derivative formulas: no tensor that requires grad while grad mode is on, no forward-mode
+    tangent, no torch.func transform); no autocast (the torch forms would compute in the autocast
+    dtype); no torch dispatch mode (fake tensors, FLOP counting and convzoo's profiler see the torch
+    forms). Last, the kernels must be built (:func:`native_ops`; the first call builds them).
     """
-    operands = [t for t in tensors if t is not None]
+    if x.dim() != 4 or x.shape[-2] == 0 or x.shape[-1] == 0:
+        return False
+    operands = [x, *(w for w in weights if w is not None)]
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in operands):
+        return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in operands):
         return False
     # tangents exist only inside a dual level (forward_ad._current_level >= 0): skip the unpacking otherwise
@@ -164,7 +168,7 @@ def native_kernel_may_run(*tensors: Tensor | None) -> bool:
         return False
     if torch._C._are_functorch_transforms_active() or torch.is_autocast_enabled("cpu"):
         return False
-    return not is_in_torch_dispatch_mode()
+    return not is_in_torch_dispatch_mode() and native_ops() is not None
 
 
 def native_error() -> Exception | None:

@@ -39,9 +39,8 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from convzoo.native import native_ops
+from convzoo.native import native_ops, native_ready
 from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg, check_input, is_tracing
 from convzoo.ops.registry import check_module, needs_spatial_kernel, register_conv
 
@@ -67,19 +66,13 @@ def pad_input(spec: ConvSpec, x: Tensor) -> Tensor:
 def _native_gradient_applies(spec: ConvSpec, x: Tensor) -> bool:
     """Whether gradient_map runs convzoo's native kernel (CPU float32, zero padding, kernels of at least 3×3).
 
-    G is computed from ``x.detach()``, so autograd on ``x`` does not matter here; torch.func transforms
-    (batched tensors), tracing (exporters record the torch form) and dispatch modes do.
+    Called with ``x.detach()``: G passes no gradient back, so autograd on the input does not matter.
     """
     return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.dim() == 4
-        and min(spec.kernel_size) >= 3
+        min(spec.kernel_size) >= 3
         and (spec.padding_mode == "zeros" or not any(spec.explicit_padding))
-        and not is_tracing()
-        and not is_in_torch_dispatch_mode()
-        and not torch._C._are_functorch_transforms_active()
-        and native_ops() is not None
+        and not is_tracing()  # exporters record the torch form
+        and native_ready(x.detach())
     )
 
 
@@ -92,16 +85,18 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
         out_size: (H', W'), the conv's output size for this input.
 
     Returns:
-        G of shape (B, H', W'), >= 0, in x's dtype or float32 if that is wider. On CPU, for float32 inputs
-        of layers with zero padding and kernels of at least 3×3, it comes from convzoo's native kernel
-        (``csrc/cac_gradient.cpp``: the same taps and order of operations, the input read once, equal to
-        the torch form up to float32 rounding of the channel sum, whose order follows the layout); the
-        training and the inference forms both call this function, so on the same input their masks agree
-        exactly. G is computed from
-        ``x.detach()``: the score map passes no gradient back into the features (only γ and β learn
-        through the straight-through estimator), which also keeps backward finite where G = 0 (``hypot``'s
-        gradient is undefined there; flat image regions such as the digits' background hit it on the
-        first step).
+        G of shape (B, H', W'), >= 0, in x's dtype or float32 if that is wider.
+
+        On CPU, for float32 inputs of layers with zero padding and kernels of at least 3×3 (outside
+        autocast and tracing), G comes from convzoo's native kernel (``csrc/cac_gradient.cpp``: the same
+        taps and order of operations, the input read once, equal to the torch form up to float32 rounding
+        of the channel sum, whose order follows the layout). The training and the inference forms both
+        call this function, so on the same input their masks agree exactly.
+
+        G is computed from ``x.detach()``: the score map passes no gradient back into the features (only
+        γ and β learn through the straight-through estimator), which also keeps backward finite where
+        G = 0 (``hypot``'s gradient is undefined there; flat image regions such as the digits' background
+        hit it on the first step).
     """
     if _native_gradient_applies(spec, x):
         left, _, top, _ = spec.explicit_padding

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from convzoo.native import native_kernel_may_run, native_ops
+from convzoo.native import native_ops, native_ready
 from convzoo.ops.autotune import Signature, best_time, input_signature
 from convzoo.ops.cac import (
     CAConv2d,
@@ -565,18 +565,10 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
     def _native_applies(self, x: Tensor) -> bool:
         """Whether the native kernel can run this call (the cheap checks first; the last one builds it)."""
         return (
-            x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and self.weight.device.type == "cpu"
-            and self.groups == 1
+            self.groups == 1
             and self.padding_mode == "zeros"
             and self.out_channels % 16 == 0
-            and x.dim() == 4
-            and x.shape[-2] > 0
-            and x.shape[-1] > 0
-            and native_kernel_may_run(x, self.weight, self.bias)
-            and native_ops() is not None
+            and native_ready(x, self.weight, self.bias)
         )
 
     def native_weights(self) -> tuple[Tensor, Tensor]:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convzoo.native import native_kernel_may_run, native_ops
+from convzoo.native import native_ops, native_ready
 from convzoo.ops.autotune import AlgorithmCache
 from convzoo.ops.conv_spec import (
     ConvSpec,
@@ -441,20 +441,12 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
     def _native_applies(self, x: Tensor) -> bool:
         """Whether the native kernel can compute this call (the cheap checks first; the last one builds it)."""
         return (
-            x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.depthwise.weight.dtype == torch.float32
-            and self.depthwise.weight.device.type == "cpu"
-            and self.in_channels % 16 == 0
+            self.in_channels % 16 == 0
             and self.out_channels % 16 == 0
             and self.stride[0] == self.stride[1] in (1, 2)
             and set(self.kernels) <= NATIVE_KERNEL_SIZES
-            and x.dim() == 4
-            and x.shape[-2] > 0
-            and x.shape[-1] > 0
-            and native_kernel_may_run(x, self.depthwise.weight, self.pointwise.weight, self.pointwise.bias)
             and self._windows_hold_all_taps()
-            and native_ops() is not None
+            and native_ready(x, self.depthwise.weight, self.pointwise.weight, self.pointwise.bias)
         )
 
     def native_weights(self) -> tuple[Tensor, Tensor, Tensor]:
