@@ -1,9 +1,10 @@
 """Native CPU kernels, compiled on first use with torch's C++ extension builder.
 
-Some deploy forms have an exact native kernel that beats any sequence of torch ops on CPU:
-``FusedMulticeptionConv2d``'s ``algorithm="native"`` (``csrc/multiception_fused.cpp``) and
-``CACSparseConv2d``'s native sparse path (``csrc/cac_sparse.cpp``) and CAC's score-map gradient
-(``csrc/cac_gradient.cpp``). The source
+Some operators have an exact native kernel that beats any sequence of torch ops on CPU:
+``FusedMulticeptionConv2d``'s ``algorithm="native"`` (``csrc/multiception_fused.cpp``),
+``CACSparseConv2d``'s native sparse path (``csrc/cac_sparse.cpp``), CAC's score-map gradient
+(``csrc/cac_gradient.cpp``) and DO-Conv's kernel composition and its backward (``csrc/doconv_compose.cpp``,
+the training form's per-step cost). The source
 ships with the package and is compiled the first time it is needed, like StyleGAN's custom ops:
 ``torch.utils.cpp_extension.load`` with ninja (a dependency) and the system's C++ compiler, about
 10-20 s once per machine; the result is cached under ``TORCH_EXTENSIONS_DIR`` (default
@@ -41,7 +42,8 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 ENV_VAR = "CONVZOO_NATIVE"
 SOURCES = tuple(
-    Path(__file__).parent / "csrc" / name for name in ("multiception_fused.cpp", "cac_sparse.cpp", "cac_gradient.cpp")
+    Path(__file__).parent / "csrc" / name
+    for name in ("multiception_fused.cpp", "cac_sparse.cpp", "cac_gradient.cpp", "doconv_compose.cpp")
 )
 HEADERS = (Path(__file__).parent / "csrc" / "vec16.h",)
 _ISA_FLAGS = {
@@ -149,22 +151,30 @@ def native_ops() -> Any | None:
 def native_ready(x: Tensor, *weights: Tensor | None) -> bool:
     """Whether a native kernel may compute this call, with ``x`` (B, C, H, W) and the weights it reads.
 
-    The shared conditions of every native kernel (each caller adds its own shape checks first):
-    a non-empty 4-D map; every operand a float32 CPU tensor; no autograd on any of them (the kernels
-    have no derivative formulas: no tensor that requires grad while grad mode is on, no forward-mode
-    tangent, no torch.func transform); no autocast (the torch forms would compute in the autocast
-    dtype); no torch dispatch mode (fake tensors, FLOP counting and convzoo's profiler see the torch
-    forms). Last, the kernels must be built (:func:`native_ops`; the first call builds them).
+    A non-empty 4-D map, then the conditions of :func:`native_operands_ready` on ``x`` and the weights.
     """
     if x.dim() != 4 or x.shape[-2] == 0 or x.shape[-1] == 0:
         return False
-    operands = [x, *(w for w in weights if w is not None)]
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in operands):
+    return native_operands_ready(x, *weights)
+
+
+def native_operands_ready(*operands: Tensor | None) -> bool:
+    """Whether a native kernel may read these operands (None entries are skipped).
+
+    The shared conditions of every native kernel (each caller adds its own shape checks first):
+    every operand a float32 CPU tensor; no autograd on any of them (the kernels have no derivative
+    formulas: no tensor that requires grad while grad mode is on, no forward-mode tangent, no
+    torch.func transform); no autocast (the torch forms would compute in the autocast dtype); no torch
+    dispatch mode (fake tensors, FLOP counting and convzoo's profiler see the torch forms). Last, the
+    kernels must be built (:func:`native_ops`; the first call builds them).
+    """
+    tensors = [t for t in operands if t is not None]
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in operands):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     # tangents exist only inside a dual level (forward_ad._current_level >= 0): skip the unpacking otherwise
-    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in operands):
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         return False
     if torch._C._are_functorch_transforms_active() or torch.is_autocast_enabled("cpu"):
         return False

@@ -27,7 +27,8 @@ import math
 import torch
 from torch import nn
 
-from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg, autocast_enabled
+from convzoo.native import native_operands_ready, native_ops
+from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg, autocast_enabled, is_tracing
 from convzoo.ops.registry import needs_spatial_kernel, register_conv
 
 
@@ -52,6 +53,27 @@ def _from_input_major(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t.reshape(groups, c_in // groups, x, c_out_g).permute(0, 3, 1, 2).reshape(groups * c_out_g, -1, x)
 
 
+NATIVE_AREA = 9  # the native composition kernel's M*N = D_mul (3x3 kernels with the default d_mul)
+
+
+def native_compose_applies(W: torch.Tensor, D: torch.Tensor, groups: int, *others: torch.Tensor) -> bool:  # noqa: N803
+    """Whether ``convzoo.native``'s composition kernels compute this composition (and its backward).
+
+    They cover groups = 1 with M*N = D_mul = 9 (3x3 kernels, the default d_mul), C_in and C_out multiples
+    of 16, float32 CPU operands outside autograd, tracing and autocast (``native_operands_ready``). They
+    compute the same sums as the ``bmm`` path, in another order (float32 rounding differs).
+    """
+    return (
+        groups == 1
+        and W.shape[1] == NATIVE_AREA
+        and D.shape[1] == NATIVE_AREA
+        and W.shape[0] % 16 == 0
+        and W.shape[2] % 16 == 0
+        and not is_tracing()
+        and native_operands_ready(W, D, *others)
+    )
+
+
 class _ComposeKernel(torch.autograd.Function):
     """W'[o, j, s] = sum_d D[c, s, d] W[c, d, o'] (c = input channel of (o, j)) as one ``bmm``.
 
@@ -61,12 +83,18 @@ class _ComposeKernel(torch.autograd.Function):
     directly through strided ``bmm(out=)`` operands measured 2-3x slower). W's gradient comes out
     of its ``bmm`` already in W's layout. The one layout change each way, (C_in*M*N, C_out) <->
     (C_out, C_in*M*N), is done as a 2-D transpose, which torch copies in cache blocks.
+
+    Where ``native_compose_applies``, both directions run ``convzoo.native``'s kernels instead: one
+    pass each, with the layout change done in registers (5-9x faster than ``bmm`` + transpose for
+    256-512 channel layers).
     """
 
     @staticmethod
     def forward(ctx, W: torch.Tensor, D: torch.Tensor, groups: int) -> torch.Tensor:  # noqa: N803
         ctx.save_for_backward(W, D)
         ctx.groups = groups
+        if native_compose_applies(W, D, groups):
+            return native_ops().doconv_compose(W, D)  # (C_out, C_in, M*N)
         composed = torch.bmm(D, W)  # (C_in, M*N, C_out/g)
         if groups == 1:
             # (C_in*M*N, C_out) -> (C_out, C_in*M*N) as a 2-D transpose, which torch copies in cache
@@ -79,6 +107,11 @@ class _ComposeKernel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         W, D = ctx.saved_tensors
+        if native_compose_applies(W, D, ctx.groups, grad):  # not under create_graph: W and D require grad
+            grad_w, grad_d = native_ops().doconv_compose_backward(
+                grad, W, D, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            )
+            return (grad_w if ctx.needs_input_grad[0] else None), (grad_d if ctx.needs_input_grad[1] else None), None
         if ctx.groups == 1:  # blocked 2-D transpose to a dense (C_in, M*N, C_out): both bmms then stream
             c_out, c_in, area = grad.shape
             grad = grad.reshape(c_out, c_in * area).t().contiguous().view(c_in, area, c_out)

@@ -1,0 +1,219 @@
+// convzoo native CPU kernel: DO-Conv's kernel composition (paper §3) and its backward, for groups = 1 and
+// D_mul = M*N = A (3x3 kernels: A = 9).
+//
+//   W  (C_in, A, C_out)   the input-major trained kernel (DOConv2d.W)
+//   D  (C_in, A, A)       D' + I, one A x A matrix per input channel
+//   W' (C_out, C_in, A)   W'[o, i, s] = sum_d D[i, s, d] W[i, d, o]     (the conv's kernel, output-major)
+//
+// backward, from G = dL/dW' (C_out, C_in, A):
+//   dW[i, d, o] = sum_s D[i, s, d] G[o, i, s]          dD[i, s, d] = sum_o G[o, i, s] W[i, d, o]
+//
+// torch needs a batched matmul and a transposed copy each way (the copy single-threaded), so each step reads and
+// writes every weight about six times. Here each side is one pass: a task owns 16 input channels, computes
+// their (16*A) x C_out slice in a buffer that stays in L2 with 16-wide vector FMAs over output channels, and
+// moves it between the two layouts with 16 x 16 register transposes. dD's sum over output channels is owned by
+// the task of its input channel, so no thread reduces into another's memory.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "vec16.h"
+
+namespace convzoo_native {
+namespace {
+
+constexpr int64_t kBlock = 16;  // input channels per task = vector lanes = transpose tile
+typedef int v16i __attribute__((vector_size(64)));
+
+// one butterfly stage of a 16 x 16 transpose: swaps bit b of the row index with bit b of the column index
+template <int b>
+inline void transpose_stage(v16* rows) {
+  constexpr v16i lo = {(0 & b) ? 16 + 0 - b : 0,     (1 & b) ? 16 + 1 - b : 1,     (2 & b) ? 16 + 2 - b : 2,
+                       (3 & b) ? 16 + 3 - b : 3,     (4 & b) ? 16 + 4 - b : 4,     (5 & b) ? 16 + 5 - b : 5,
+                       (6 & b) ? 16 + 6 - b : 6,     (7 & b) ? 16 + 7 - b : 7,     (8 & b) ? 16 + 8 - b : 8,
+                       (9 & b) ? 16 + 9 - b : 9,     (10 & b) ? 16 + 10 - b : 10,  (11 & b) ? 16 + 11 - b : 11,
+                       (12 & b) ? 16 + 12 - b : 12,  (13 & b) ? 16 + 13 - b : 13,  (14 & b) ? 16 + 14 - b : 14,
+                       (15 & b) ? 16 + 15 - b : 15};
+  constexpr v16i hi = {(0 & b) ? 16 + 0 : 0 + b,     (1 & b) ? 16 + 1 : 1 + b,     (2 & b) ? 16 + 2 : 2 + b,
+                       (3 & b) ? 16 + 3 : 3 + b,     (4 & b) ? 16 + 4 : 4 + b,     (5 & b) ? 16 + 5 : 5 + b,
+                       (6 & b) ? 16 + 6 : 6 + b,     (7 & b) ? 16 + 7 : 7 + b,     (8 & b) ? 16 + 8 : 8 + b,
+                       (9 & b) ? 16 + 9 : 9 + b,     (10 & b) ? 16 + 10 : 10 + b,  (11 & b) ? 16 + 11 : 11 + b,
+                       (12 & b) ? 16 + 12 : 12 + b,  (13 & b) ? 16 + 13 : 13 + b,  (14 & b) ? 16 + 14 : 14 + b,
+                       (15 & b) ? 16 + 15 : 15 + b};
+  for (int r = 0; r < 16; ++r) {
+    if (r & b) continue;
+    const v16 a = rows[r], c = rows[r + b];
+    rows[r] = __builtin_shuffle(a, c, lo);
+    rows[r + b] = __builtin_shuffle(a, c, hi);
+  }
+}
+
+// rows[k][c] -> rows[c][k]
+inline void transpose16(v16* rows) {
+  transpose_stage<8>(rows);
+  transpose_stage<4>(rows);
+  transpose_stage<2>(rows);
+  transpose_stage<1>(rows);
+}
+
+// copies a 16 x 16 tile: dst row r (stride dst_stride) = column r of the src rows (stride src_stride)
+inline void transpose_tile(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+  v16 rows[16];
+  for (int k = 0; k < 16; ++k) rows[k] = load(src + k * src_stride);
+  transpose16(rows);
+  for (int k = 0; k < 16; ++k) store(dst + k * dst_stride, rows[k]);
+}
+
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int k = 0; k < 16; ++k) s += v[k];
+  return s;
+}
+
+void check_operands(const at::Tensor& W, const at::Tensor& D, int64_t area) {
+  TORCH_CHECK(W.device().is_cpu() && D.device().is_cpu() && W.scalar_type() == at::kFloat &&
+                  D.scalar_type() == at::kFloat,
+              "doconv_compose: W and D must be float32 CPU tensors");
+  TORCH_CHECK(W.dim() == 3 && D.dim() == 3 && W.size(1) == area && D.size(0) == W.size(0) && D.size(1) == area &&
+                  D.size(2) == area,
+              "doconv_compose: W must be (C_in, ", area, ", C_out) and D (C_in, ", area, ", ", area, "), got ",
+              W.sizes(), " and ", D.sizes());
+  TORCH_CHECK(W.size(0) % kBlock == 0 && W.size(2) % kBlock == 0,
+              "doconv_compose: C_in and C_out must be multiples of 16, got ", W.sizes());
+}
+
+template <int A>
+at::Tensor compose(const at::Tensor& W_, const at::Tensor& D_) {
+  check_operands(W_, D_, A);
+  const at::Tensor W = W_.contiguous(), D = D_.contiguous();
+  const int64_t I = W.size(0), O = W.size(2), row = I * A;  // row: one output channel of W'
+  const int64_t ld = O + 16;  // the buffer's row stride: rows 2^k floats apart would share a few cache sets
+  at::Tensor out = at::empty({O, I, A}, W.options());
+  const float* w = W.data_ptr<float>();
+  const float* dm = D.data_ptr<float>();
+  float* wc = out.data_ptr<float>();
+  at::parallel_for(0, I / kBlock, 1, [&](int64_t begin, int64_t end) {
+    // slice[j][o] = W'[o, i0 + j / A, j % A] for the task's 16 input channels, j < 16 A: (16 A) x C_out, in L2
+    at::Tensor buffer = at::empty({kBlock * A, ld}, W.options());
+    float* slice = buffer.data_ptr<float>();
+    for (int64_t block = begin; block < end; ++block) {
+      for (int64_t k = 0; k < kBlock; ++k) {
+        const int64_t i = block * kBlock + k;
+        const float* wi = w + i * A * O;
+        const float* di = dm + i * A * A;
+        float* si = slice + k * A * ld;
+        for (int64_t o = 0; o < O; o += 16) {
+          v16 x[A];
+          for (int d = 0; d < A; ++d) x[d] = load(wi + d * O + o);
+          for (int s = 0; s < A; ++s) {
+            v16 acc = x[0] * di[s * A];
+            for (int d = 1; d < A; ++d) acc += x[d] * di[s * A + d];
+            store(si + s * ld + o, acc);
+          }
+        }
+      }
+      // (16 A) x C_out -> C_out rows of 16 A contiguous floats each, in 16 x 16 tiles
+      float* dst = wc + block * kBlock * A;
+      for (int64_t o = 0; o < O; o += 16) {
+        if (o + 32 < O)  // the destination lines of the rows two blocks ahead, for writing
+          for (int64_t r = o + 32; r < o + 48; ++r)
+            for (int t = 0; t < A; ++t) __builtin_prefetch(dst + r * row + t * 16, 1, 3);
+        for (int t = 0; t < A; ++t) transpose_tile(slice + t * 16 * ld + o, ld, dst + o * row + t * 16, row);
+      }
+    }
+  });
+  return out;
+}
+
+template <int A>
+std::tuple<at::Tensor, at::Tensor> compose_backward(const at::Tensor& grad_, const at::Tensor& W_,
+                                                    const at::Tensor& D_, bool need_w, bool need_d) {
+  check_operands(W_, D_, A);
+  const int64_t I = W_.size(0), O = W_.size(2), row = I * A, ld = O + 16;
+  TORCH_CHECK(grad_.device().is_cpu() && grad_.scalar_type() == at::kFloat && grad_.dim() == 3 &&
+                  grad_.size(0) == O && grad_.size(1) == I && grad_.size(2) == A,
+              "doconv_compose_backward: grad must be a float32 CPU tensor of shape (", O, ", ", I, ", ", A,
+              "), got ", grad_.sizes());
+  const at::Tensor grad = grad_.contiguous(), W = W_.contiguous(), D = D_.contiguous();
+  // a gradient that is not needed comes back empty (0 elements)
+  at::Tensor grad_w = at::empty({need_w ? I : 0, A, O}, W.options());
+  at::Tensor grad_d = at::empty({need_d ? I : 0, A, A}, W.options());
+  if (!need_w && !need_d) return {grad_w, grad_d};
+  const float* g = grad.data_ptr<float>();
+  const float* w = W.data_ptr<float>();
+  const float* dm = D.data_ptr<float>();
+  float* gw = need_w ? grad_w.data_ptr<float>() : nullptr;
+  float* gd = need_d ? grad_d.data_ptr<float>() : nullptr;
+  at::parallel_for(0, I / kBlock, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({kBlock * A, ld}, W.options());
+    float* slice = buffer.data_ptr<float>();
+    for (int64_t block = begin; block < end; ++block) {
+      // slice[j][o] = G[o, i0 + j / A, j % A]
+      const float* src = g + block * kBlock * A;
+      for (int64_t o = 0; o < O; o += 16) {
+        if (o + 32 < O)  // the source lines of the rows two blocks ahead
+          for (int64_t r = o + 32; r < o + 48; ++r)
+            for (int t = 0; t < A; ++t) __builtin_prefetch(src + r * row + t * 16, 0, 3);
+        for (int t = 0; t < A; ++t) transpose_tile(src + o * row + t * 16, row, slice + t * 16 * ld + o, ld);
+      }
+      for (int64_t k = 0; k < kBlock; ++k) {
+        const int64_t i = block * kBlock + k;
+        const float* wi = w + i * A * O;
+        const float* di = dm + i * A * A;
+        const float* si = slice + k * A * ld;
+        if (need_w) {
+          float* gwi = gw + i * A * O;
+          for (int64_t o = 0; o < O; o += 16) {
+            v16 x[A];
+            for (int s = 0; s < A; ++s) x[s] = load(si + s * ld + o);
+            for (int d = 0; d < A; ++d) {
+              v16 acc = x[0] * di[d];
+              for (int s = 1; s < A; ++s) acc += x[s] * di[s * A + d];
+              store(gwi + d * O + o, acc);
+            }
+          }
+        }
+        if (need_d) {
+          float* gdi = gd + i * A * A;
+          for (int s = 0; s < A; ++s) {
+            v16 acc[A];
+            for (int d = 0; d < A; ++d) acc[d] = v16{};
+            for (int64_t o = 0; o < O; o += 16) {
+              const v16 x = load(si + s * ld + o);
+              for (int d = 0; d < A; ++d) acc[d] += x * load(wi + d * O + o);
+            }
+            for (int d = 0; d < A; ++d) gdi[s * A + d] = hsum(acc[d]);
+          }
+        }
+      }
+    }
+  });
+  return {grad_w, grad_d};
+}
+
+at::Tensor doconv_compose(const at::Tensor& W, const at::Tensor& D) {
+  TORCH_CHECK(W.dim() == 3 && W.size(1) == 9, "doconv_compose: only 3x3 kernels with d_mul = 9, got W ", W.sizes());
+  return compose<9>(W, D);
+}
+
+std::tuple<at::Tensor, at::Tensor> doconv_compose_backward(const at::Tensor& grad, const at::Tensor& W,
+                                                           const at::Tensor& D, bool need_w, bool need_d) {
+  TORCH_CHECK(W.dim() == 3 && W.size(1) == 9,
+              "doconv_compose_backward: only 3x3 kernels with d_mul = 9, got W ", W.sizes());
+  return compose_backward<9>(grad, W, D, need_w, need_d);
+}
+
+}  // namespace
+}  // namespace convzoo_native
+
+TORCH_LIBRARY_FRAGMENT(convzoo, m) {
+  m.def("doconv_compose(Tensor W, Tensor D) -> Tensor");
+  m.def("doconv_compose_backward(Tensor grad, Tensor W, Tensor D, bool need_w, bool need_d) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(convzoo, CPU, m) {
+  m.impl("doconv_compose", &convzoo_native::doconv_compose);
+  m.impl("doconv_compose_backward", &convzoo_native::doconv_compose_backward);
+}

@@ -1,0 +1,244 @@
+"""DO-Conv's native kernel composition (csrc/doconv_compose.cpp) against float64 references."""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import convzoo.ops.doconv as doconv_module
+from convzoo.native import native_disabled, native_ops
+from convzoo.ops.doconv import DOConv2d, compose_kernel, native_compose_applies
+
+pytestmark = pytest.mark.skipif(
+    native_disabled() or (shutil.which("c++") is None and shutil.which("g++") is None),
+    reason="native kernels switched off (CONVZOO_NATIVE=0) or no C++ compiler",
+)
+F32 = {"rtol": 1e-5, "atol": 1e-5}
+SHAPES = [(16, 16), (16, 48), (64, 32), (48, 128)]  # (C_in, C_out)
+
+
+def _reference(W: torch.Tensor, D: torch.Tensor) -> torch.Tensor:  # noqa: N803
+    """W'[o, i, s] = sum_d D[i, s, d] W[i, d, o], in float64."""
+    return torch.einsum("isd,ido->ois", D.double(), W.double())
+
+
+def _operands(c_in: int, c_out: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    W = torch.randn(c_in, 9, c_out, generator=generator)
+    D = torch.eye(9) + 0.3 * torch.randn(c_in, 9, 9, generator=generator)
+    grad = torch.randn(c_out, c_in, 9, generator=generator)
+    return W, D, grad
+
+
+@pytest.fixture
+def calls(monkeypatch) -> SimpleNamespace:
+    """Counts the native composition calls made through convzoo.ops.doconv."""
+    counts = SimpleNamespace(forward=0, backward=0)
+    ops = native_ops()
+    assert ops is not None  # a C++ compiler is here, so a failed build is a bug, not a skip
+
+    def forward(*args):
+        counts.forward += 1
+        return ops.doconv_compose(*args)
+
+    def backward(*args):
+        counts.backward += 1
+        return ops.doconv_compose_backward(*args)
+
+    spy = SimpleNamespace(doconv_compose=forward, doconv_compose_backward=backward)
+    monkeypatch.setattr(doconv_module, "native_ops", lambda: spy)
+    return counts
+
+
+@pytest.mark.parametrize(("c_in", "c_out"), SHAPES)
+def test_the_composition_kernel_equals_the_float64_composition(c_in, c_out) -> None:
+    W, D, _ = _operands(c_in, c_out)
+    out = native_ops().doconv_compose(W, D)
+    assert out.shape == (c_out, c_in, 9) and out.is_contiguous()
+    torch.testing.assert_close(out.double(), _reference(W, D), **F32)
+
+
+@pytest.mark.parametrize(("c_in", "c_out"), SHAPES)
+def test_the_backward_kernel_equals_float64_autograd(c_in, c_out) -> None:
+    W, D, grad = _operands(c_in, c_out)
+    grad_w, grad_d = native_ops().doconv_compose_backward(grad, W, D, True, True)
+    W64, D64 = W.double().requires_grad_(), D.double().requires_grad_()
+    _reference(W64, D64).backward(grad.double())
+    torch.testing.assert_close(grad_w.double(), W64.grad, **F32)
+    # D's gradient sums C_out products per entry: float32 accumulation error grows with C_out
+    torch.testing.assert_close(grad_d.double(), D64.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("need_w", "need_d"), [(True, False), (False, True), (False, False)])
+def test_the_backward_kernel_skips_the_gradients_not_needed(need_w, need_d) -> None:
+    W, D, grad = _operands(32, 16)
+    full_w, full_d = native_ops().doconv_compose_backward(grad, W, D, True, True)
+    grad_w, grad_d = native_ops().doconv_compose_backward(grad, W, D, need_w, need_d)
+    assert grad_w.shape == ((32, 9, 16) if need_w else (0, 9, 16))
+    assert grad_d.shape == ((32, 9, 9) if need_d else (0, 9, 9))
+    if need_w:
+        torch.testing.assert_close(grad_w, full_w, rtol=0, atol=0)
+    if need_d:
+        torch.testing.assert_close(grad_d, full_d, rtol=0, atol=0)
+
+
+def test_the_kernels_read_non_contiguous_operands() -> None:
+    W, D, grad = _operands(32, 48)
+    W_t = W.transpose(0, 2).contiguous().transpose(0, 2)
+    grad_t = grad.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+    assert not W_t.is_contiguous() and not grad_t.is_contiguous()
+    ops = native_ops()
+    torch.testing.assert_close(ops.doconv_compose(W_t, D), ops.doconv_compose(W, D), rtol=0, atol=0)
+    for a, b in zip(
+        ops.doconv_compose_backward(grad_t, W_t, D, True, True),
+        ops.doconv_compose_backward(grad, W, D, True, True),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_kernels_give_the_same_bits_on_any_number_of_threads() -> None:
+    W, D, grad = _operands(64, 32)
+    ops = native_ops()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = (ops.doconv_compose(W, D), *ops.doconv_compose_backward(grad, W, D, True, True))
+        torch.set_num_threads(2)
+        two = (ops.doconv_compose(W, D), *ops.doconv_compose_backward(grad, W, D, True, True))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # each input channel is one task's, whole
+
+
+@pytest.mark.parametrize(
+    ("W_shape", "D_shape", "grad_shape", "message"),
+    [
+        ((16, 9, 20), (16, 9, 9), None, "multiples of 16"),
+        ((16, 8, 16), (16, 9, 9), None, "3x3"),
+        ((16, 9, 16), (32, 9, 9), None, "C_in, 9, C_out"),
+        ((16, 9, 16), (16, 9, 9), (16, 16, 8), "grad must be"),
+    ],
+)
+def test_the_kernels_reject_bad_operands(W_shape, D_shape, grad_shape, message) -> None:  # noqa: N803
+    ops = native_ops()
+    W, D = torch.randn(W_shape), torch.randn(D_shape)
+    with pytest.raises(RuntimeError, match=message):
+        if grad_shape is None:
+            ops.doconv_compose(W, D)
+        else:
+            ops.doconv_compose_backward(torch.randn(grad_shape), W, D, True, True)
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        ops.doconv_compose(torch.randn(16, 9, 16, dtype=torch.float64), torch.randn(16, 9, 9))
+
+
+def _module_pair(c_in: int, c_out: int, kernel_size, **kwargs) -> tuple[DOConv2d, DOConv2d]:
+    """A float32 DOConv2d with random W, D' and bias, and its float64 copy."""
+    torch.manual_seed(0)
+    module = DOConv2d(c_in, c_out, kernel_size, **kwargs)
+    with torch.no_grad():
+        module.d_delta.normal_(0, 0.3)
+    reference = DOConv2d(c_in, c_out, kernel_size, dtype=torch.float64, **kwargs)
+    reference.load_state_dict(module.state_dict())
+    return module, reference
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "kernel_size", "kwargs"),
+    [
+        (16, 32, 3, {"padding": 1}),
+        (32, 16, 3, {"stride": 2, "dilation": 2, "padding": 2, "padding_mode": "reflect"}),
+        (16, 16, (1, 9), {"padding": (0, 4)}),  # any kernel of area 9
+        (48, 16, (9, 1), {"stride": (2, 1), "bias": False}),
+    ],
+)
+def test_a_training_step_runs_the_native_kernels_and_matches_float64(calls, c_in, c_out, kernel_size, kwargs) -> None:
+    module, reference = _module_pair(c_in, c_out, kernel_size, **kwargs)
+    x = torch.randn(2, c_in, 11, 13)
+    module(x).square().sum().backward()
+    reference(x.double()).square().sum().backward()
+    assert (calls.forward, calls.backward) == (1, 1)
+    for name, parameter in module.named_parameters():
+        expected = dict(reference.named_parameters())[name].grad
+        torch.testing.assert_close(parameter.grad.double(), expected, rtol=1e-4, atol=1e-4, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x).double(), reference(x.double()), rtol=1e-4, atol=1e-4)
+
+
+def test_a_frozen_W_gets_no_gradient_and_D_gets_the_right_one(calls) -> None:  # noqa: N802
+    module, reference = _module_pair(16, 16, 3, padding=1)
+    module.W.requires_grad_(False)
+    reference.W.requires_grad_(False)
+    x = torch.randn(2, 16, 7, 7)
+    module(x).sum().backward()
+    reference(x.double()).sum().backward()
+    assert calls.backward == 1 and module.W.grad is None
+    torch.testing.assert_close(module.d_delta.grad.double(), reference.d_delta.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "kernel_size", "kwargs", "dtype"),
+    [
+        (16, 16, 3, {"groups": 2}, torch.float32),  # DO-GConv
+        (16, 16, 3, {"d_mul": 10}, torch.float32),
+        (16, 16, 5, {}, torch.float32),
+        (8, 16, 3, {}, torch.float32),  # C_in not a multiple of 16
+        (16, 24, 3, {}, torch.float32),  # C_out not a multiple of 16
+        (16, 16, 3, {}, torch.float64),
+    ],
+)
+def test_other_layers_compose_with_torch(calls, c_in, c_out, kernel_size, kwargs, dtype) -> None:
+    module = DOConv2d(c_in, c_out, kernel_size, dtype=dtype, **kwargs)
+    module(torch.randn(1, c_in, 6, 6, dtype=dtype)).sum().backward()
+    assert (calls.forward, calls.backward) == (0, 0)
+    assert not native_compose_applies(module.W.detach(), module.D.detach(), module.groups)
+
+
+def test_double_backward_composes_with_torch(calls) -> None:
+    module, reference = _module_pair(16, 16, 3)
+    grads = []
+    for m in (module, reference):
+        (grad_w,) = torch.autograd.grad(compose_kernel(m.W, m.D, 1).square().sum(), m.W, create_graph=True)
+        grads.append(grad_w)
+    assert calls.backward == 0  # create_graph: the native kernels have no derivative, so torch ran this one
+    for grad_w in grads:
+        grad_w.square().sum().backward()  # its second derivative reaches D' through the composition
+    assert calls.backward == 1  # ... whose own (first-order) backward may be native again
+    torch.testing.assert_close(module.d_delta.grad.double(), reference.d_delta.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_traces_the_torch_composition(calls) -> None:
+    module, _ = _module_pair(16, 16, 3, padding=1)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)  # fullgraph: no break at the kernel
+    x = torch.randn(2, 16, 5, 5)
+    out = compiled(x)
+    out.sum().backward()
+    assert (calls.forward, calls.backward) == (0, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(out, module(x), **F32)
+
+
+def test_the_tracing_check_gates_the_kernels(calls, monkeypatch) -> None:
+    monkeypatch.setattr(doconv_module, "is_tracing", lambda: True)
+    DOConv2d(16, 16, 3)(torch.randn(1, 16, 5, 5)).sum().backward()
+    assert (calls.forward, calls.backward) == (0, 0)
+
+
+def test_autocast_composes_natively_in_float32(calls) -> None:
+    module, reference = _module_pair(16, 16, 3, padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        composed = compose_kernel(module.W, module.D, 1)  # the composition runs with autocast off
+    assert calls.forward == 1 and composed.dtype == torch.float32
+    torch.testing.assert_close(composed.double(), compose_kernel(reference.W, reference.D, 1), **F32)
+
+
+def test_fuse_folds_with_the_native_composition(calls) -> None:
+    module, reference = _module_pair(32, 16, 3, padding=1)
+    conv = module.fuse()
+    assert isinstance(conv, nn.Conv2d) and calls.forward == 1
+    torch.testing.assert_close(conv.weight.double(), reference.fuse().weight, rtol=1e-5, atol=1e-6)
