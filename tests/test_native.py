@@ -65,3 +65,18 @@ def test_other_platforms_do_not_build(monkeypatch) -> None:
     monkeypatch.setattr(native.sys, "platform", "darwin")
     with pytest.raises(RuntimeError, match="Linux only"):
         native._build()
+
+
+def test_operands_must_be_plain_float32_cpu_tensors(monkeypatch) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    monkeypatch.setattr(native, "native_ops", lambda: SimpleNamespace())  # as if built: only the operands decide
+    x = torch.randn(2, 3)
+    assert native.native_operands_ready(x, None, torch.nn.Parameter(torch.randn(3), requires_grad=False))
+    assert not native.native_operands_ready(x, x.double())
+    assert not native.native_operands_ready(x, torch.randn(3, requires_grad=True))
+    assert not native.native_operands_ready(FakeTensorMode().from_tensor(x))  # a fake tensor outside its mode
+    assert not native.native_operands_ready(TwoTensor(x, x.clone()))  # a Python tensor subclass
+    with torch.no_grad():
+        assert native.native_operands_ready(x, torch.randn(3, requires_grad=True))

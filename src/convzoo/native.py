@@ -68,7 +68,7 @@ def build_flags() -> tuple[str, list[str]]:
     for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     name = f"convzoo_native_{capability.lower()}_{digest.hexdigest()[:10]}"
-    return name, ["-O3", "-fopenmp", *isa]
+    return name, ["-O3", "-fno-math-errno", "-fopenmp", *isa]
 
 
 @contextlib.contextmanager
@@ -162,14 +162,18 @@ def native_operands_ready(*operands: Tensor | None) -> bool:
     """Whether a native kernel may read these operands (None entries are skipped).
 
     The shared conditions of every native kernel (each caller adds its own shape checks first):
-    every operand a float32 CPU tensor; no autograd on any of them (the kernels have no derivative
-    formulas: no tensor that requires grad while grad mode is on, no forward-mode tangent, no
-    torch.func transform); no autocast (the torch forms would compute in the autocast dtype); no torch
-    dispatch mode (fake tensors, FLOP counting and convzoo's profiler see the torch forms). Last, the
-    kernels must be built (:func:`native_ops`; the first call builds them).
+    every operand a plain float32 CPU tensor (no Python tensor subclass such as DTensor); no autograd
+    on any of them (the kernels have no derivative formulas: no tensor that requires grad while grad
+    mode is on, no forward-mode tangent, no torch.func transform); no autocast (the torch forms would
+    compute in the autocast dtype); no torch dispatch mode (fake tensors, FLOP counting and convzoo's
+    profiler see the torch forms). Last, the kernels must be built (:func:`native_ops`; the first call builds them).
     """
     tensors = [t for t in operands if t is not None]
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    # tensor subclasses that dispatch in Python (DTensor, fake tensors outside their mode, ...) look like CPU
+    # float32 tensors but hold no plain data the kernels could read
+    if any(torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python) for t in tensors):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False

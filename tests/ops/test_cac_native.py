@@ -345,3 +345,17 @@ def test_the_gradient_op_rejects_bad_operands() -> None:
     with pytest.raises(RuntimeError, match="4-D float32 CPU tensor"):
         native_ops().cac_gradient(x.double(), [3, 3], [1, 1], [1, 1], [1, 1], [5, 5])
     assert native_ops().cac_gradient(x[:0], [3, 3], [1, 1], [1, 1], [1, 1], [5, 5]).shape == (0, 5, 5)
+
+
+def test_the_native_gradient_map_does_not_overflow_where_hypot_does_not() -> None:
+    from convzoo.ops.cac import _native_gradient_applies, gradient_map
+
+    layer = CAConv2d(16, 16, 3, padding=1)
+    x = torch.randn(2, 16, 9, 9) * 1e37  # Sobel responses ~1e38: their squares overflow float32, not double
+    assert _native_gradient_applies(layer.spec, x)
+    g = gradient_map(layer.spec, x, (9, 9))
+    reference = _torch_gradient_map(layer.spec, x, (9, 9))
+    finite = reference < torch.finfo(torch.float32).max  # a few responses may exceed float32 itself
+    assert finite.any()
+    assert torch.isfinite(g[finite]).all()
+    torch.testing.assert_close(g[finite].double(), reference[finite], rtol=1e-5, atol=0)

@@ -242,3 +242,31 @@ def test_fuse_folds_with_the_native_composition(calls) -> None:
     conv = module.fuse()
     assert isinstance(conv, nn.Conv2d) and calls.forward == 1
     torch.testing.assert_close(conv.weight.double(), reference.fuse().weight, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_inside_autocast_runs_in_float32(calls) -> None:
+    module, reference = _module_pair(16, 16, 3, padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        composed = compose_kernel(module.W, module.D, 1)
+        composed.square().sum().backward()  # backward() called inside the region: autocast is on there too
+    compose_kernel(reference.W, reference.D, 1).square().sum().backward()
+    assert calls.backward == 1
+    torch.testing.assert_close(module.W.grad.double(), reference.W.grad, **F32)
+    torch.testing.assert_close(module.d_delta.grad.double(), reference.d_delta.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_fake_tensors_and_flop_counting_see_the_torch_composition(calls) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = DOConv2d(16, 16, 3, padding=1)
+    x = torch.randn(2, 16, 5, 5)
+    with FlopCounterMode(display=False) as counter:
+        module(x).sum().backward()
+    assert counter.get_total_flops() > 0
+    mode = FakeTensorMode()
+    fake_W, fake_D = mode.from_tensor(module.W.detach()), mode.from_tensor(module.D.detach())
+    assert compose_kernel(fake_W, fake_D, 1).shape == (16, 16, 9)  # fake tensors used outside their mode
+    with mode:
+        assert compose_kernel(fake_W, fake_D, 1).shape == (16, 16, 9)
+    assert (calls.forward, calls.backward) == (0, 0)

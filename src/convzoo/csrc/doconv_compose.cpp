@@ -25,39 +25,6 @@ namespace convzoo_native {
 namespace {
 
 constexpr int64_t kBlock = 16;  // input channels per task = vector lanes = transpose tile
-typedef int v16i __attribute__((vector_size(64)));
-
-// one butterfly stage of a 16 x 16 transpose: swaps bit b of the row index with bit b of the column index
-template <int b>
-inline void transpose_stage(v16* rows) {
-  constexpr v16i lo = {(0 & b) ? 16 + 0 - b : 0,     (1 & b) ? 16 + 1 - b : 1,     (2 & b) ? 16 + 2 - b : 2,
-                       (3 & b) ? 16 + 3 - b : 3,     (4 & b) ? 16 + 4 - b : 4,     (5 & b) ? 16 + 5 - b : 5,
-                       (6 & b) ? 16 + 6 - b : 6,     (7 & b) ? 16 + 7 - b : 7,     (8 & b) ? 16 + 8 - b : 8,
-                       (9 & b) ? 16 + 9 - b : 9,     (10 & b) ? 16 + 10 - b : 10,  (11 & b) ? 16 + 11 - b : 11,
-                       (12 & b) ? 16 + 12 - b : 12,  (13 & b) ? 16 + 13 - b : 13,  (14 & b) ? 16 + 14 - b : 14,
-                       (15 & b) ? 16 + 15 - b : 15};
-  constexpr v16i hi = {(0 & b) ? 16 + 0 : 0 + b,     (1 & b) ? 16 + 1 : 1 + b,     (2 & b) ? 16 + 2 : 2 + b,
-                       (3 & b) ? 16 + 3 : 3 + b,     (4 & b) ? 16 + 4 : 4 + b,     (5 & b) ? 16 + 5 : 5 + b,
-                       (6 & b) ? 16 + 6 : 6 + b,     (7 & b) ? 16 + 7 : 7 + b,     (8 & b) ? 16 + 8 : 8 + b,
-                       (9 & b) ? 16 + 9 : 9 + b,     (10 & b) ? 16 + 10 : 10 + b,  (11 & b) ? 16 + 11 : 11 + b,
-                       (12 & b) ? 16 + 12 : 12 + b,  (13 & b) ? 16 + 13 : 13 + b,  (14 & b) ? 16 + 14 : 14 + b,
-                       (15 & b) ? 16 + 15 : 15 + b};
-  for (int r = 0; r < 16; ++r) {
-    if (r & b) continue;
-    const v16 a = rows[r], c = rows[r + b];
-    rows[r] = __builtin_shuffle(a, c, lo);
-    rows[r + b] = __builtin_shuffle(a, c, hi);
-  }
-}
-
-// rows[k][c] -> rows[c][k]
-inline void transpose16(v16* rows) {
-  transpose_stage<8>(rows);
-  transpose_stage<4>(rows);
-  transpose_stage<2>(rows);
-  transpose_stage<1>(rows);
-}
-
 // copies a 16 x 16 tile: dst row r (stride dst_stride) = column r of the src rows (stride src_stride)
 inline void transpose_tile(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
   v16 rows[16];
@@ -106,9 +73,12 @@ at::Tensor compose(const at::Tensor& W_, const at::Tensor& D_) {
         float* si = slice + k * A * ld;
         for (int64_t o = 0; o < O; o += 16) {
           v16 x[A];
+          #pragma GCC unroll 16
           for (int d = 0; d < A; ++d) x[d] = load(wi + d * O + o);
+          #pragma GCC unroll 16
           for (int s = 0; s < A; ++s) {
             v16 acc = x[0] * di[s * A];
+            #pragma GCC unroll 16
             for (int d = 1; d < A; ++d) acc += x[d] * di[s * A + d];
             store(si + s * ld + o, acc);
           }
@@ -167,9 +137,12 @@ std::tuple<at::Tensor, at::Tensor> compose_backward(const at::Tensor& grad_, con
           float* gwi = gw + i * A * O;
           for (int64_t o = 0; o < O; o += 16) {
             v16 x[A];
+            #pragma GCC unroll 16
             for (int s = 0; s < A; ++s) x[s] = load(si + s * ld + o);
+            #pragma GCC unroll 16
             for (int d = 0; d < A; ++d) {
               v16 acc = x[0] * di[d];
+              #pragma GCC unroll 16
               for (int s = 1; s < A; ++s) acc += x[s] * di[s * A + d];
               store(gwi + d * O + o, acc);
             }
@@ -179,11 +152,14 @@ std::tuple<at::Tensor, at::Tensor> compose_backward(const at::Tensor& grad_, con
           float* gdi = gd + i * A * A;
           for (int s = 0; s < A; ++s) {
             v16 acc[A];
+            #pragma GCC unroll 16
             for (int d = 0; d < A; ++d) acc[d] = v16{};
             for (int64_t o = 0; o < O; o += 16) {
               const v16 x = load(si + s * ld + o);
+              #pragma GCC unroll 16
               for (int d = 0; d < A; ++d) acc[d] += x * load(wi + d * O + o);
             }
+            #pragma GCC unroll 16
             for (int d = 0; d < A; ++d) gdi[s * A + d] = hsum(acc[d]);
           }
         }

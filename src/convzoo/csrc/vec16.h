@@ -9,4 +9,55 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
 
+typedef int v16i __attribute__((vector_size(64)));
+
+// The butterfly stage b (8, 4, 2 or 1) of a 16 x 16 transpose, on a pair of rows (a, c) = (rows[r], rows[r + b]):
+//   lo[k] = bit b of k clear ? a[k] : c[k - b]        hi[k] = bit b of k clear ? a[k + b] : c[k]
+// (shuffle indices 16 and up pick from c). It swaps bit b of the row index with bit b of the column index.
+template <int b>
+constexpr v16i stage_lo() {
+  return v16i{(0 & b) ? 16 - b : 0,       (1 & b) ? 17 - b : 1,   (2 & b) ? 18 - b : 2,   (3 & b) ? 19 - b : 3,
+              (4 & b) ? 20 - b : 4,       (5 & b) ? 21 - b : 5,   (6 & b) ? 22 - b : 6,   (7 & b) ? 23 - b : 7,
+              (8 & b) ? 24 - b : 8,       (9 & b) ? 25 - b : 9,   (10 & b) ? 26 - b : 10, (11 & b) ? 27 - b : 11,
+              (12 & b) ? 28 - b : 12,     (13 & b) ? 29 - b : 13, (14 & b) ? 30 - b : 14, (15 & b) ? 31 - b : 15};
+}
+template <int b>
+constexpr v16i stage_hi() {
+  return v16i{(0 & b) ? 16 : 0 + b,   (1 & b) ? 17 : 1 + b,   (2 & b) ? 18 : 2 + b,   (3 & b) ? 19 : 3 + b,
+              (4 & b) ? 20 : 4 + b,   (5 & b) ? 21 : 5 + b,   (6 & b) ? 22 : 6 + b,   (7 & b) ? 23 : 7 + b,
+              (8 & b) ? 24 : 8 + b,   (9 & b) ? 25 : 9 + b,   (10 & b) ? 26 : 10 + b, (11 & b) ? 27 : 11 + b,
+              (12 & b) ? 28 : 12 + b, (13 & b) ? 29 : 13 + b, (14 & b) ? 30 : 14 + b, (15 & b) ? 31 : 15 + b};
+}
+
+// two-source shuffle with a constant mask: indices 0-15 pick from a, 16-31 from c (GCC's builtin; clang, which
+// lacks it, gets the lane loop, which it folds into shuffles for constant masks)
+inline v16 shuffle2(v16 a, v16 c, v16i mask) {
+#if defined(__clang__)
+  v16 out;
+  for (int k = 0; k < 16; ++k) out[k] = mask[k] < 16 ? a[mask[k]] : c[mask[k] - 16];
+  return out;
+#else
+  return __builtin_shuffle(a, c, mask);
+#endif
+}
+
+template <int b>
+inline void transpose_stage(v16* rows) {
+  constexpr v16i lo = stage_lo<b>(), hi = stage_hi<b>();
+  for (int r = 0; r < 16; ++r) {
+    if (r & b) continue;
+    const v16 a = rows[r], c = rows[r + b];
+    rows[r] = shuffle2(a, c, lo);
+    rows[r + b] = shuffle2(a, c, hi);
+  }
+}
+
+// rows[k][c] -> rows[c][k]
+inline void transpose16(v16* rows) {
+  transpose_stage<8>(rows);
+  transpose_stage<4>(rows);
+  transpose_stage<2>(rows);
+  transpose_stage<1>(rows);
+}
+
 }  // namespace convzoo_native

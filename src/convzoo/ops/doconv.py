@@ -85,8 +85,11 @@ class _ComposeKernel(torch.autograd.Function):
     (C_out, C_in*M*N), is done as a 2-D transpose, which torch copies in cache blocks.
 
     Where ``native_compose_applies``, both directions run ``convzoo.native``'s kernels instead: one
-    pass each, with the layout change done in registers (5-9x faster than ``bmm`` + transpose for
-    256-512 channel layers).
+    pass each, with the layout change done in registers (forward + backward through autograd 3-3.5x
+    faster than ``bmm`` + transpose for 256-512 channel layers, ``benchmarks/results/doconv.md``).
+
+    Both directions run with autocast off, in the parameters' precision: a ``backward()`` called
+    inside an autocast region would otherwise run the backward ``bmm`` in float16 / bfloat16.
     """
 
     @staticmethod
@@ -106,6 +109,13 @@ class _ComposeKernel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        if autocast_enabled(grad.device):
+            with torch.autocast(grad.device.type, enabled=False):
+                return _ComposeKernel._backward(ctx, grad)
+        return _ComposeKernel._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         W, D = ctx.saved_tensors
         if native_compose_applies(W, D, ctx.groups, grad):  # not under create_graph: W and D require grad
             grad_w, grad_d = native_ops().doconv_compose_backward(
