@@ -33,6 +33,25 @@ inline void transpose_tile(const float* src, int64_t src_stride, float* dst, int
   for (int k = 0; k < 16; ++k) store(dst + k * dst_stride, rows[k]);
 }
 
+// dst row r = sum_k M[r][k] src row k, for A rows of `length` floats (a multiple of 16), with M = m (A x A,
+// row-major) or, if transposed, its transpose: A x A coefficients against 16-wide vectors, one column block at a time
+template <int A, bool transposed>
+inline void mix_rows(const float* src, int64_t src_stride, const float* m, float* dst, int64_t dst_stride,
+                     int64_t length) {
+  for (int64_t o = 0; o < length; o += 16) {
+    v16 x[A];
+#pragma GCC unroll 16
+    for (int k = 0; k < A; ++k) x[k] = load(src + k * src_stride + o);
+#pragma GCC unroll 16
+    for (int r = 0; r < A; ++r) {
+      v16 acc = x[0] * m[transposed ? r : r * A];
+#pragma GCC unroll 16
+      for (int k = 1; k < A; ++k) acc += x[k] * m[transposed ? k * A + r : r * A + k];
+      store(dst + r * dst_stride + o, acc);
+    }
+  }
+}
+
 inline float hsum(v16 v) {
   float s = 0.f;
   for (int k = 0; k < 16; ++k) s += v[k];
@@ -70,19 +89,7 @@ at::Tensor compose(const at::Tensor& W_, const at::Tensor& D_) {
         const int64_t i = block * kBlock + k;
         const float* wi = w + i * A * O;
         const float* di = dm + i * A * A;
-        float* si = slice + k * A * ld;
-        for (int64_t o = 0; o < O; o += 16) {
-          v16 x[A];
-          #pragma GCC unroll 16
-          for (int d = 0; d < A; ++d) x[d] = load(wi + d * O + o);
-          #pragma GCC unroll 16
-          for (int s = 0; s < A; ++s) {
-            v16 acc = x[0] * di[s * A];
-            #pragma GCC unroll 16
-            for (int d = 1; d < A; ++d) acc += x[d] * di[s * A + d];
-            store(si + s * ld + o, acc);
-          }
-        }
+        mix_rows<A, false>(wi, O, di, slice + k * A * ld, ld, O);  // slice rows s = sum_d D[i, s, d] W[i, d]
       }
       // (16 A) x C_out -> C_out rows of 16 A contiguous floats each, in 16 x 16 tiles
       float* dst = wc + block * kBlock * A;
@@ -134,32 +141,20 @@ std::tuple<at::Tensor, at::Tensor> compose_backward(const at::Tensor& grad_, con
         const float* di = dm + i * A * A;
         const float* si = slice + k * A * ld;
         if (need_w) {
-          float* gwi = gw + i * A * O;
-          for (int64_t o = 0; o < O; o += 16) {
-            v16 x[A];
-            #pragma GCC unroll 16
-            for (int s = 0; s < A; ++s) x[s] = load(si + s * ld + o);
-            #pragma GCC unroll 16
-            for (int d = 0; d < A; ++d) {
-              v16 acc = x[0] * di[d];
-              #pragma GCC unroll 16
-              for (int s = 1; s < A; ++s) acc += x[s] * di[s * A + d];
-              store(gwi + d * O + o, acc);
-            }
-          }
+          mix_rows<A, true>(si, ld, di, gw + i * A * O, O, O);  // dW rows d = sum_s D[i, s, d] G-slice rows s
         }
         if (need_d) {
           float* gdi = gd + i * A * A;
           for (int s = 0; s < A; ++s) {
             v16 acc[A];
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (int d = 0; d < A; ++d) acc[d] = v16{};
             for (int64_t o = 0; o < O; o += 16) {
               const v16 x = load(si + s * ld + o);
-              #pragma GCC unroll 16
+#pragma GCC unroll 16
               for (int d = 0; d < A; ++d) acc[d] += x * load(wi + d * O + o);
             }
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (int d = 0; d < A; ++d) gdi[s * A + d] = hsum(acc[d]);
           }
         }
