@@ -359,3 +359,24 @@ def test_the_native_gradient_map_does_not_overflow_where_hypot_does_not() -> Non
     assert finite.any()
     assert torch.isfinite(g[finite]).all()
     torch.testing.assert_close(g[finite].double(), reference[finite], rtol=1e-5, atol=0)
+
+
+def test_the_native_gradient_map_handles_inf_and_nan_as_the_torch_form() -> None:
+    from convzoo.ops import cac
+    from convzoo.ops.cac import gradient_map
+
+    layer = CAConv2d(1, 16, 3, padding=1)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 8, 8, generator=generator)
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 3e38, -3e38])
+    where = torch.rand(x.shape, generator=generator) < 0.15
+    x[where] = special[torch.randint(0, 5, (int(where.sum()),), generator=generator)]
+    g = gradient_map(layer.spec, x, (8, 8))
+    original = cac._native_gradient_applies
+    cac._native_gradient_applies = lambda spec, x: False
+    try:
+        expected = gradient_map(layer.spec, x, (8, 8))  # the float32 torch form (hypot(inf, NaN) = inf)
+    finally:
+        cac._native_gradient_applies = original
+    assert torch.isinf(expected).any() and torch.isnan(expected).any()
+    torch.testing.assert_close(g, expected, rtol=1e-6, atol=0, equal_nan=True)

@@ -2,7 +2,7 @@
 //
 //   M[n, h, w]   = (sum_c x[n, c, h, w]) / C, zero outside the input (zero padding)
 //   D(r)         = M(r, c2) - M(r, c0);   S(r) = (M(r, c0) + M(r, c2)) + 2 M(r, c1)
-//   G[n, oh, ow] = hypot((D(r0) + D(r2)) + 2 D(r1), S(r2) - S(r0))   (hypot: the double sqrt, rounded to float)
+//   G[n, oh, ow] = hypot((D(r0) + D(r2)) + 2 D(r1), S(r2) - S(r0))   (hypot: the double sqrt rounded to float)
 //
 // where row r of window (oh, ow) is padded row oh*sh + ch + (r-1)*dh and column c is ow*sw + cw + (c-1)*dw, with
 // the centre (ch, cw) = (dh*((kh-1)/2), dw*((kw-1)/2)): the same taps and the same order of operations as
@@ -63,6 +63,7 @@ at::Tensor cac_gradient(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks_per_image, h0 = (task % blocks_per_image) * rows_per_block;
       const int64_t h1 = std::min(H, h0 + rows_per_block);
+      if (h0 >= h1) continue;
       auto mean_row = [&](int64_t h) { return padded.data() + (n * Hp + h + pad_top) * Wp + pad_left; };
       if (channels_last) {
         const float* px = xd + (n * H + h0) * W * C;
@@ -115,10 +116,12 @@ at::Tensor cac_gradient(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
         }
         const float gx = (diff[0] + diff[2]) + 2.f * diff[1];
         const float gy = smooth[2] - smooth[0];
-        // hypot(gx, gy) as the correctly rounded float of the double sqrt: no overflow (|gx|, |gy| < 2^128 square
-        // to < 2^256), and vectorizable, unlike std::hypot
+        // hypot(gx, gy) as the double sqrt rounded to float: no overflow (|gx|, |gy| < 2^128 square to < 2^256),
+        // and vectorizable, unlike std::hypot; hypot(+-inf, NaN) = +inf as IEEE and torch.hypot have it (inf
+        // inputs, or responses that overflow float, give inf - inf = NaN in one direction and inf in the other)
         const double x2 = static_cast<double>(gx) * gx, y2 = static_cast<double>(gy) * gy;
-        o[ow] = static_cast<float>(std::sqrt(x2 + y2));
+        const bool infinite = (x2 == INFINITY) | (y2 == INFINITY);  // a bitwise or: keeps the loop vectorized
+        o[ow] = static_cast<float>(std::sqrt(infinite ? INFINITY : x2 + y2));
       }
     }
   });
