@@ -48,6 +48,8 @@ GEOMETRIES = [
     (16, 16, {"kernel_size": 7, "stride": 3, "padding": 1}, (6, 8)),  # windows reaching into the padding
     (8, 16, {"kernel_size": (2, 4), "padding": "same", "dilation": (2, 1)}, (7, 9)),  # asymmetric padding
     (1, 16, {"kernel_size": 3, "padding": 1}, (1, 7)),  # one channel (both layouts at once), a 1 x N map
+    (32, 32, {"kernel_size": 3, "padding": 1}, (5, 37)),  # NCHW rows moved in 16 x 16 tiles, then a tail
+    (20, 16, {"kernel_size": 3, "stride": 2, "padding": 1}, (4, 35)),  # 16 channels tiled, 4 one by one
 ]
 
 

@@ -191,10 +191,7 @@ at::Tensor cac_sparse(const at::Tensor& x, const at::Tensor& mask, const at::Ten
           const int64_t slot = h % slots;
           float* dst = ring.data() + slot * g.W * g.C;
           if (ring_row[slot] != n * g.H + h) {
-            for (int64_t c = 0; c < g.C; ++c) {
-              const float* plane = xd + ((n * g.C + c) * g.H + h) * g.W;
-              for (int64_t w = 0; w < g.W; ++w) dst[w * g.C + c] = plane[w];
-            }
+            transpose_copy(xd + (n * g.C * g.H + h) * g.W, g.H * g.W, dst, g.C, g.C, g.W);
             ring_row[slot] = n * g.H + h;
           }
           rows[i] = dst;
@@ -223,10 +220,7 @@ at::Tensor cac_sparse(const at::Tensor& x, const at::Tensor& mask, const at::Ten
       if (!channels_last) {  // the ring and the row buffer move on with the next row: finish this one
         sharp.flush(g.C, wd, g.O, bias);
         smooth.flush(g.C, sd, g.O, bias);
-        for (int64_t o = 0; o < g.O; ++o) {
-          float* plane = od + ((n * g.O + o) * g.Ho + oh) * g.Wo;
-          for (int64_t w = 0; w < g.Wo; ++w) plane[w] = orow[w * g.O + o];
-        }
+        transpose_copy(orow, g.O, od + (n * g.O * g.Ho + oh) * g.Wo, g.Ho * g.Wo, g.Wo, g.O);
       }
     }
     sharp.flush(g.C, wd, g.O, bias);

@@ -140,10 +140,7 @@ void run(const Geometry& g, const float* x, bool channels_last, const int64_t* k
         if (channels_last) {
           std::memcpy(dst, x + (n * g.H + h) * g.W * g.C, g.W * g.C * sizeof(float));
         } else {
-          for (int64_t c = 0; c < g.C; ++c) {
-            const float* src = x + ((n * g.C + c) * g.H + h) * g.W;
-            for (int64_t w = 0; w < g.W; ++w) dst[w * g.C + c] = src[w];
-          }
+          transpose_copy(x + (n * g.C * g.H + h) * g.W, g.H * g.W, dst, g.C, g.C, g.W);
         }
       }
       for (int64_t oh = oh0; oh < oh1; ++oh) {
@@ -166,12 +163,7 @@ void run(const Geometry& g, const float* x, bool channels_last, const int64_t* k
           pixels<S, kPixels>(g, centre_row + ow * S * g.C, Wp * g.C, kernels, dw, pw, bias, z, dst + ow * g.O);
         for (; ow < g.Wo; ++ow)
           pixels<S, 1>(g, centre_row + ow * S * g.C, Wp * g.C, kernels, dw, pw, bias, z, dst + ow * g.O);
-        if (!channels_last) {
-          for (int64_t o = 0; o < g.O; ++o) {
-            float* plane = out + ((n * g.O + o) * g.Ho + oh) * g.Wo;
-            for (int64_t w = 0; w < g.Wo; ++w) plane[w] = row[w * g.O + o];
-          }
-        }
+        if (!channels_last) transpose_copy(row, g.O, out + (n * g.O * g.Ho + oh) * g.Wo, g.Ho * g.Wo, g.Wo, g.O);
       }
     }
   });

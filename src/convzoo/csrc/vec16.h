@@ -2,6 +2,8 @@
 // enables it, two AVX2 or four SSE registers otherwise), with unaligned loads and stores.
 #pragma once
 
+#include <cstdint>
+
 namespace convzoo_native {
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -58,6 +60,23 @@ inline void transpose16(v16* rows) {
   transpose_stage<4>(rows);
   transpose_stage<2>(rows);
   transpose_stage<1>(rows);
+}
+
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols: full 16 x 16 tiles through a register
+// transpose, the edges one by one. Moves NCHW rows to pixel-major (rows = channels, src_stride = the plane size,
+// cols = pixels, dst_stride = the channel count) and back.
+inline void transpose_copy(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows,
+                           int64_t cols) {
+  const int64_t tiled_rows = rows / 16 * 16, tiled_cols = cols / 16 * 16;
+  for (int64_t i = 0; i < tiled_rows; i += 16)
+    for (int64_t j = 0; j < tiled_cols; j += 16) {
+      v16 tile[16];
+      for (int k = 0; k < 16; ++k) tile[k] = load(src + (i + k) * src_stride + j);
+      transpose16(tile);
+      for (int k = 0; k < 16; ++k) store(dst + (j + k) * dst_stride + i, tile[k]);
+    }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = i < tiled_rows ? tiled_cols : 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
 }
 
 }  // namespace convzoo_native
