@@ -59,6 +59,7 @@ def test_the_native_kernels_build_on_this_machine() -> None:
         (16, 16, 1, (3, 5, 7), 2, (29, 701)),  # a wide map: each image in row blocks that fit in L2
         (16, 32, 2, (3, 5), 2, (9, 37)),  # stride 2, output rows of 19: blocks of 8 pixels and a tail
         (32, 16, 2, (3, 5, 7), 1, (23, 640)),  # stride 2 on a wide map
+        (48, 32, 1, (3, 5), 2, (4, 37)),  # NCHW rows: three channel tiles and two output tiles, then tails
     ],
 )
 def test_native_equals_the_two_convs(layout, c_in, c_out, stride, kernels, batch, size) -> None:
