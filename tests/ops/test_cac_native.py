@@ -382,3 +382,53 @@ def test_the_native_gradient_map_handles_inf_and_nan_as_the_torch_form() -> None
         cac._native_gradient_applies = original
     assert torch.isinf(expected).any() and torch.isnan(expected).any()
     torch.testing.assert_close(g, expected, rtol=1e-6, atol=0, equal_nan=True)
+
+
+def test_every_form_takes_the_same_mask_even_at_the_threshold() -> None:
+    from convzoo.ops.cac import gradient_map, sharp_windows
+
+    layer = CAConv2d(16, 32, 3, padding=1)
+    x = torch.randn(4, 16, 12, 12)
+    g = gradient_map(layer.spec, x, (12, 12))
+    with torch.no_grad():
+        layer.gamma.fill_(0.7)
+        layer.beta.fill_(-float(layer.gamma * g.flatten()[100]))  # window 100 sits on the threshold
+    native_mask, native_counts = sharp_windows(layer.spec, x, layer.gamma, layer.beta, (12, 12))
+    given_mask, given_counts = sharp_windows(layer.spec, x, layer.gamma, layer.beta, (12, 12), g)
+    assert torch.equal(native_mask, given_mask) and torch.equal(native_counts, given_counts)
+    assert torch.equal(native_counts, native_mask.flatten(1).sum(1)) and native_counts.dtype == torch.int64
+    layer.train()(x).sum().backward()  # the training form with the straight-through estimator
+    trained = layer.last_mask
+    assert layer.gamma.grad is not None
+    sparse = CACSparseConv2d.from_cac(layer.eval(), threshold=1.0)
+    with torch.no_grad():
+        layer(x)
+        sparse(x)
+    assert 0 < int(trained.sum()) < trained.numel()
+    assert torch.equal(trained, layer.last_mask) and torch.equal(trained, sparse.last_mask)
+    assert torch.equal(trained, native_mask)
+
+
+@pytest.mark.parametrize(("gamma", "beta"), [(0.0, 0.5), (0.0, -0.5), (1.0, -0.5), (-1.0, 0.5)])
+def test_the_native_mask_follows_the_torch_form_on_non_finite_scores(gamma, beta) -> None:
+    from convzoo.ops import cac
+
+    layer = CAConv2d(1, 16, 3, padding=1)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 8, 8, generator=generator)
+    special = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    where = torch.rand(x.shape, generator=generator) < 0.2
+    x[where] = special[torch.randint(0, 3, (int(where.sum()),), generator=generator)]
+    with torch.no_grad():
+        layer.gamma.fill_(gamma)
+        layer.beta.fill_(beta)
+    native, counts = cac.sharp_windows(layer.spec, x, layer.gamma, layer.beta, (8, 8))
+    original = cac._native_gradient_applies
+    cac._native_gradient_applies = lambda spec, x: False
+    try:
+        torch_form, torch_counts = cac.sharp_windows(layer.spec, x, layer.gamma, layer.beta, (8, 8))
+        scores = cac.gradient_map(layer.spec, x, (8, 8))
+    finally:
+        cac._native_gradient_applies = original
+    assert torch.isinf(scores).any() and torch.isnan(scores).any()  # γ·inf, 0·inf = NaN and NaN all occur
+    assert torch.equal(native, torch_form) and torch.equal(counts, torch_counts)

@@ -76,6 +76,12 @@ def _native_gradient_applies(spec: ConvSpec, x: Tensor) -> bool:
     )
 
 
+def _native_geometry(spec: ConvSpec, out_size: tuple[int, int]) -> list[list[int]]:
+    """kernel_size, stride, dilation, (top, left) padding and out_size, as the native score-map ops take them."""
+    left, _, top, _ = spec.explicit_padding
+    return [list(spec.kernel_size), list(spec.stride), list(spec.dilation), [top, left], list(out_size)]
+
+
 def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor:
     """Sobel gradient magnitude G (eq. 9-10) of the channel mean, one value per output position.
 
@@ -99,9 +105,7 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
         hit it on the first step).
     """
     if _native_gradient_applies(spec, x):
-        left, _, top, _ = spec.explicit_padding
-        geometry = [list(spec.kernel_size), list(spec.stride), list(spec.dilation), [top, left], list(out_size)]
-        return native_ops().cac_gradient(x.detach(), *geometry)
+        return native_ops().cac_gradient(x.detach(), *_native_geometry(spec, out_size))
     # the channel sum divided on the 1-channel map (~2x faster than mean() over the channels of a
     # channels-last input on CPU), and G in at least float32: a float16 sum or Sobel response overflows
     # (to inf, then NaN) where the float32 one does not, which would turn sharp windows smooth
@@ -138,6 +142,42 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
 def score_logits(spec: ConvSpec, x: Tensor, gamma: Tensor, beta: Tensor, out_size: tuple[int, int]) -> Tensor:
     """γ·G + β for every output position, (B, H', W'); a window is sharp iff this is > 0 (i.e. M > 0.5)."""
     return torch.addcmul(beta, gamma, gradient_map(spec, x, out_size))
+
+
+def sharp_windows(
+    spec: ConvSpec,
+    x: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    out_size: tuple[int, int],
+    gradient: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The sharp-window mask of eq. (12), γ·G + β > 0, and its count per image; no gradient.
+
+    Args:
+        spec, x, out_size: as :func:`gradient_map`.
+        gamma, beta: the layer's scalars.
+        gradient: G if the caller already computed it with :func:`gradient_map` on this ``x``.
+
+    Returns:
+        mask (B, H', W') bool and counts (B,) int64.
+
+    Every CAC form takes its mask from here, so that on the same input all of them agree exactly.
+    Where :func:`gradient_map` runs its native kernel, the test is taken in double precision (the
+    product of two floats is exact there), by one native op that also counts (``cac_sharp_mask``), or
+    by the same expression in torch on a given G. Elsewhere it is the float ``addcmul(β, γ, G) > 0``.
+    """
+    if _native_gradient_applies(spec, x):
+        if gradient is None:
+            geometry = _native_geometry(spec, out_size)
+            return native_ops().cac_sharp_mask(x.detach(), float(gamma.detach()), float(beta.detach()), *geometry)
+        scalars = gamma.detach().double(), beta.detach().double()
+        mask = torch.addcmul(scalars[1], scalars[0], gradient.detach().double()) > 0
+    else:
+        if gradient is None:
+            gradient = gradient_map(spec, x, out_size)
+        mask = torch.addcmul(beta.detach(), gamma.detach(), gradient.detach()) > 0
+    return mask, mask.flatten(1).sum(1)
 
 
 def centre_pixels(spec: ConvSpec, padded: Tensor, out_size: tuple[int, int]) -> Tensor:
@@ -407,13 +447,14 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         return torch.sigmoid(self.score_logits(x))
 
     def sharp_mask(self, x: Tensor) -> Tensor:
-        """The sharp-window mask of eq. (12), (B, H', W') bool."""
-        return self.score_logits(x) > 0
+        """The sharp-window mask of eq. (12), (B, H', W') bool (:func:`sharp_windows`)."""
+        out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
+        return sharp_windows(self.spec, x, self.gamma, self.beta, out_size)[0]
 
     # forward -----------------------------------------------------------------------------
-    def _record(self, mask: Tensor, out_size: tuple[int, int]) -> None:
-        self.last_mask = mask.detach()
-        self.last_sharp_count = mask.detach().flatten(1).sum(1)
+    def _record(self, mask: Tensor, counts: Tensor, out_size: tuple[int, int]) -> None:
+        self.last_mask = mask
+        self.last_sharp_count = counts
         self.last_output_size = out_size
 
     def forward(self, x: Tensor) -> Tensor:
@@ -421,12 +462,17 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         if check_input(x, self.in_channels, "CAConv2d"):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
-        logits = self.score_logits(x, out_size)
-        mask = logits > 0
-        self._record(mask, out_size)
+        logits = None
+        if torch.is_grad_enabled() and (self.gamma.requires_grad or self.beta.requires_grad):
+            gradient = gradient_map(self.spec, x, out_size)  # detached: only γ and β learn from the score
+            logits = torch.addcmul(self.beta, self.gamma, gradient)
+            mask, counts = sharp_windows(self.spec, x, self.gamma, self.beta, out_size, gradient)
+        else:
+            mask, counts = sharp_windows(self.spec, x, self.gamma, self.beta, out_size)
+        self._record(mask, counts, out_size)
         sharp = self.spec.conv2d(x, self.weight, self.bias)
         smooth = centre_conv(self.spec, x, summed_kernel(self.weight), self.bias, out_size)
-        if torch.is_grad_enabled() and logits.requires_grad:
+        if logits is not None:
             soft = torch.sigmoid(logits)
             # the hard pick, with the straight-through gradient Σ_c g·(sharp - smooth) to M (in the convs'
             # dtype: under autocast the float32 score must not promote the output)

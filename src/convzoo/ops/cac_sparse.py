@@ -69,7 +69,7 @@ from convzoo.ops.cac import (
     centre_offset,
     first_centre_inside,
     pad_input,
-    score_logits,
+    sharp_windows,
     summed_kernel,
 )
 from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, check_input, is_tracing
@@ -420,12 +420,11 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         if check_input(x, self.in_channels, "CACSparseConv2d"):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
-        mask = score_logits(self.spec, x, self.gamma, self.beta, out_size) > 0
+        mask, counts = sharp_windows(self.spec, x, self.gamma, self.beta, out_size)
         if is_tracing():
             # torch.export / ONNX / FX / TorchScript record one static graph: the dense masked form
             # (the sparse path's shapes and branches depend on the data); it computes the same values
             return self._masked(x, mask, out_size)
-        counts = mask.flatten(1).sum(1)
         self.last_mask, self.last_sharp_count, self.last_output_size = mask, counts, out_size
         sharp_total = int(counts.sum())  # one device sync
         threshold = self.last_threshold = self._threshold_for(x, out_size)
