@@ -26,7 +26,7 @@ from torch import nn
 
 import convzoo
 from common import interleaved_median_times, markdown_table, write_results
-from convzoo.ops.cac import CAConv2d, cac_layers, gradient_map, score_logits
+from convzoo.ops.cac import CAConv2d, cac_layers, gradient_map, sharp_windows
 from convzoo.ops.cac_cost import cac_statistics, calibrate_sharp_ratio_
 from convzoo.ops.cac_sparse import CACSparseConv2d, rows_times_kernel
 from convzoo.testing import randomize_batchnorm_
@@ -202,7 +202,7 @@ def pixel_path_parts(repeats: int) -> str:
     layer = torch_ops_only(CACSparseConv2d.from_cac(cac, threshold=1.0))
     size = (32, 32)
     with torch.inference_mode():
-        mask = score_logits(layer.spec, x, layer.gamma, layer.beta, size) > 0
+        mask, _ = sharp_windows(layer.spec, x, layer.gamma, layer.beta, size)
         sharp = mask.flatten().nonzero().squeeze(1)
         rows = x.permute(0, 2, 3, 1).reshape(-1, 64)
         offsets = (torch.arange(3)[:, None] * 32 + torch.arange(3)[None, :]).flatten()
@@ -213,7 +213,7 @@ def pixel_path_parts(repeats: int) -> str:
         out_rows = torch.empty_like(rows)
         steps = {
             "nn.Conv2d (the whole dense conv)": lambda: conv(x),
-            "score map and mask": lambda: score_logits(layer.spec, x, layer.gamma, layer.beta, size) > 0,
+            "score map and mask": lambda: sharp_windows(layer.spec, x, layer.gamma, layer.beta, size),
             "1×1 Σw on every centre": lambda: layer._smooth(x, x, size),
             "positions of the sharp windows": lambda: mask.flatten().nonzero(),
             "gather (im2col of the sharp windows)": lambda: rows.index_select(0, index),

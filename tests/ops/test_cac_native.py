@@ -387,16 +387,17 @@ def test_the_native_gradient_map_handles_inf_and_nan_as_the_torch_form() -> None
 def test_every_form_takes_the_same_mask_even_at_the_threshold() -> None:
     from convzoo.ops.cac import gradient_map, sharp_windows
 
+    torch.manual_seed(0)
     layer = CAConv2d(16, 32, 3, padding=1)
     x = torch.randn(4, 16, 12, 12)
     g = gradient_map(layer.spec, x, (12, 12))
     with torch.no_grad():
-        layer.gamma.fill_(0.7)
-        layer.beta.fill_(-float(layer.gamma * g.flatten()[100]))  # window 100 sits on the threshold
-    native_mask, native_counts = sharp_windows(layer.spec, x, layer.gamma, layer.beta, (12, 12))
-    given_mask, given_counts = sharp_windows(layer.spec, x, layer.gamma, layer.beta, (12, 12), g)
-    assert torch.equal(native_mask, given_mask) and torch.equal(native_counts, given_counts)
-    assert torch.equal(native_counts, native_mask.flatten(1).sum(1)) and native_counts.dtype == torch.int64
+        layer.gamma.fill_(1.0)
+        layer.beta.fill_(-float(g.flatten()[100]))  # window 100 exactly on the threshold: γG + β = 0
+    mask, counts = sharp_windows(layer.spec, x, layer.gamma, layer.beta, (12, 12))
+    assert not mask.flatten()[100]  # sharp means > 0, not >= 0
+    assert torch.equal(counts, mask.flatten(1).sum(1)) and counts.dtype == torch.int64
+    assert torch.equal(sharp_windows(layer.spec, x, layer.gamma, layer.beta, (12, 12), g)[0], mask)
     layer.train()(x).sum().backward()  # the training form with the straight-through estimator
     trained = layer.last_mask
     assert layer.gamma.grad is not None
@@ -404,9 +405,11 @@ def test_every_form_takes_the_same_mask_even_at_the_threshold() -> None:
     with torch.no_grad():
         layer(x)
         sparse(x)
+        logits = layer.score_logits(x)
     assert 0 < int(trained.sum()) < trained.numel()
-    assert torch.equal(trained, layer.last_mask) and torch.equal(trained, sparse.last_mask)
-    assert torch.equal(trained, native_mask)
+    for other in (layer.last_mask, sparse.last_mask, layer.sharp_mask(x), logits > 0):
+        assert torch.equal(trained, other)
+    assert torch.equal(trained, mask)
 
 
 @pytest.mark.parametrize(("gamma", "beta"), [(0.0, 0.5), (0.0, -0.5), (1.0, -0.5), (-1.0, 0.5)])

@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <tuple>
 #include <cmath>
 #include <vector>
 
@@ -129,35 +128,6 @@ at::Tensor cac_gradient(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
   return out;
 }
 
-// The sharp-window mask (eq. 12) and its count per image, from the same G: sharp iff beta + gamma * G > 0 in double
-// precision (the product of two floats is exact in double, so this is the sign of the real beta + gamma * G up to
-// one rounding; convzoo.ops.cac.sharp_mask computes the same expression in torch from this op's G). One op instead
-// of G, then torch's multiply-add, compare and two sums over the (N, H', W') map.
-std::tuple<at::Tensor, at::Tensor> cac_sharp_mask(const at::Tensor& x, double gamma, double beta,
-                                                  at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                                  at::IntArrayRef dilation, at::IntArrayRef padding,
-                                                  at::IntArrayRef out_size) {
-  const at::Tensor g = cac_gradient(x, kernel_size, stride, dilation, padding, out_size);
-  const int64_t N = g.size(0), positions = g.size(1) * g.size(2);
-  at::Tensor mask = at::empty(g.sizes(), g.options().dtype(at::kBool));
-  at::Tensor counts = at::zeros({N}, g.options().dtype(at::kLong));
-  const float* gd = g.data_ptr<float>();
-  bool* md = mask.data_ptr<bool>();
-  int64_t* cd = counts.data_ptr<int64_t>();
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      int64_t count = 0;
-      for (int64_t p = n * positions; p < (n + 1) * positions; ++p) {
-        const bool sharp = beta + gamma * static_cast<double>(gd[p]) > 0.0;
-        md[p] = sharp;
-        count += sharp;
-      }
-      cd[n] = count;
-    }
-  });
-  return {mask, counts};
-}
-
 }  // namespace
 }  // namespace convzoo_native
 
@@ -165,12 +135,6 @@ TORCH_LIBRARY_FRAGMENT(convzoo, m) {
   m.def(
       "cac_gradient(Tensor x, int[] kernel_size, int[] stride, int[] dilation, int[] padding, int[] out_size) "
       "-> Tensor");
-  m.def(
-      "cac_sharp_mask(Tensor x, float gamma, float beta, int[] kernel_size, int[] stride, int[] dilation, "
-      "int[] padding, int[] out_size) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(convzoo, CPU, m) {
-  m.impl("cac_gradient", &convzoo_native::cac_gradient);
-  m.impl("cac_sharp_mask", &convzoo_native::cac_sharp_mask);
-}
+TORCH_LIBRARY_IMPL(convzoo, CPU, m) { m.impl("cac_gradient", &convzoo_native::cac_gradient); }

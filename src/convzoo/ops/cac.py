@@ -76,12 +76,6 @@ def _native_gradient_applies(spec: ConvSpec, x: Tensor) -> bool:
     )
 
 
-def _native_geometry(spec: ConvSpec, out_size: tuple[int, int]) -> list[list[int]]:
-    """kernel_size, stride, dilation, (top, left) padding and out_size, as the native score-map ops take them."""
-    left, _, top, _ = spec.explicit_padding
-    return [list(spec.kernel_size), list(spec.stride), list(spec.dilation), [top, left], list(out_size)]
-
-
 def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor:
     """Sobel gradient magnitude G (eq. 9-10) of the channel mean, one value per output position.
 
@@ -105,7 +99,9 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
         hit it on the first step).
     """
     if _native_gradient_applies(spec, x):
-        return native_ops().cac_gradient(x.detach(), *_native_geometry(spec, out_size))
+        left, _, top, _ = spec.explicit_padding
+        geometry = [list(spec.kernel_size), list(spec.stride), list(spec.dilation), [top, left], list(out_size)]
+        return native_ops().cac_gradient(x.detach(), *geometry)
     # the channel sum divided on the 1-channel map (~2x faster than mean() over the channels of a
     # channels-last input on CPU), and G in at least float32: a float16 sum or Sobel response overflows
     # (to inf, then NaN) where the float32 one does not, which would turn sharp windows smooth
@@ -151,33 +147,27 @@ def sharp_windows(
     beta: Tensor,
     out_size: tuple[int, int],
     gradient: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    *,
+    count: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """The sharp-window mask of eq. (12), γ·G + β > 0, and its count per image; no gradient.
 
     Args:
         spec, x, out_size: as :func:`gradient_map`.
         gamma, beta: the layer's scalars.
         gradient: G if the caller already computed it with :func:`gradient_map` on this ``x``.
+        count: whether to count the sharp windows (exporters skip it: nothing uses it there).
 
     Returns:
-        mask (B, H', W') bool and counts (B,) int64.
+        mask (B, H', W') bool and counts (B,) int64 (None without ``count``).
 
-    Every CAC form takes its mask from here, so that on the same input all of them agree exactly.
-    Where :func:`gradient_map` runs its native kernel, the test is taken in double precision (the
-    product of two floats is exact there), by one native op that also counts (``cac_sharp_mask``), or
-    by the same expression in torch on a given G. Elsewhere it is the float ``addcmul(β, γ, G) > 0``.
+    Every CAC form takes its mask from here, with one expression (``addcmul(β, γ, G) > 0``, the same
+    kernel on every path of a machine), so on the same input all of them agree exactly.
     """
-    if _native_gradient_applies(spec, x):
-        if gradient is None:
-            geometry = _native_geometry(spec, out_size)
-            return native_ops().cac_sharp_mask(x.detach(), float(gamma.detach()), float(beta.detach()), *geometry)
-        scalars = gamma.detach().double(), beta.detach().double()
-        mask = torch.addcmul(scalars[1], scalars[0], gradient.detach().double()) > 0
-    else:
-        if gradient is None:
-            gradient = gradient_map(spec, x, out_size)
-        mask = torch.addcmul(beta.detach(), gamma.detach(), gradient.detach()) > 0
-    return mask, mask.flatten(1).sum(1)
+    if gradient is None:
+        gradient = gradient_map(spec, x, out_size)
+    mask = torch.addcmul(beta.detach(), gamma.detach(), gradient.detach()) > 0
+    return mask, (mask.flatten(1).sum(1) if count else None)
 
 
 def centre_pixels(spec: ConvSpec, padded: Tensor, out_size: tuple[int, int]) -> Tensor:

@@ -420,8 +420,9 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         if check_input(x, self.in_channels, "CACSparseConv2d"):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
-        mask, counts = sharp_windows(self.spec, x, self.gamma, self.beta, out_size)
-        if is_tracing():
+        tracing = is_tracing()
+        mask, counts = sharp_windows(self.spec, x, self.gamma, self.beta, out_size, count=not tracing)
+        if tracing:
             # torch.export / ONNX / FX / TorchScript record one static graph: the dense masked form
             # (the sparse path's shapes and branches depend on the data); it computes the same values
             return self._masked(x, mask, out_size)
