@@ -104,15 +104,6 @@ def _plain_autograd(step: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-def _pinned(model: nn.Module, algorithm: str) -> nn.Module:
-    """A copy of a deployed model whose FusedMulticeptionConv2d layers all run ``algorithm``."""
-    model = copy.deepcopy(model)
-    for module in model.modules():
-        if isinstance(module, FusedMulticeptionConv2d):
-            module.algorithm = algorithm
-    return model
-
-
 def _without_native(model: nn.Module) -> nn.Module:
     """A copy of a deployed model whose FusedMulticeptionConv2d layers choose among the torch forms only."""
     model = copy.deepcopy(model)

@@ -452,14 +452,12 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         if check_input(x, self.in_channels, "CAConv2d"):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
+        gradient = gradient_map(self.spec, x, out_size)  # detached: only γ and β learn from the score
+        mask, counts = sharp_windows(self.spec, x, self.gamma, self.beta, out_size, gradient)
+        self._record(mask, counts, out_size)
         logits = None
         if torch.is_grad_enabled() and (self.gamma.requires_grad or self.beta.requires_grad):
-            gradient = gradient_map(self.spec, x, out_size)  # detached: only γ and β learn from the score
             logits = torch.addcmul(self.beta, self.gamma, gradient)
-            mask, counts = sharp_windows(self.spec, x, self.gamma, self.beta, out_size, gradient)
-        else:
-            mask, counts = sharp_windows(self.spec, x, self.gamma, self.beta, out_size)
-        self._record(mask, counts, out_size)
         sharp = self.spec.conv2d(x, self.weight, self.bias)
         smooth = centre_conv(self.spec, x, summed_kernel(self.weight), self.bias, out_size)
         if logits is not None:
