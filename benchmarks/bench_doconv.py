@@ -41,12 +41,12 @@ LAYER_SHAPES = [(64, 64), (128, 128), (256, 256), (256, 512), (512, 512)]  # res
 @contextlib.contextmanager
 def torch_composition() -> Iterator[None]:
     """Compose DO-Conv kernels with the torch ops (bmm + transposed copy) instead of the native kernels."""
-    original = doconv_module.native_compose_applies
-    doconv_module.native_compose_applies = lambda *args: False
+    originals = doconv_module.native_compose_applies, doconv_module.native_weight_ready
+    doconv_module.native_compose_applies = doconv_module.native_weight_ready = lambda *args: False
     try:
         yield
     finally:
-        doconv_module.native_compose_applies = original
+        doconv_module.native_compose_applies, doconv_module.native_weight_ready = originals
 
 
 def _in(context: Callable[[], contextlib.AbstractContextManager], fn: Callable[[], None]) -> Callable[[], None]:

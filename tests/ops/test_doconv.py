@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convzoo.ops.doconv import DOConv2d, identity_init
+from convzoo.ops.doconv import DOConv2d, compose_kernel, identity_init
 
 # (in, out, kernel, stride, padding, dilation, groups, bias, padding_mode, height, width)
 GEOMETRIES = [
@@ -247,3 +247,22 @@ def test_reset_parameters_refills_the_identity_after_to_empty() -> None:
     layer = DOConv2d(4, 6, 3, d_mul=11, device="meta").to_empty(device="cpu")
     layer.reset_parameters()
     assert torch.equal(layer.d_identity, identity_init(9, 11))
+
+
+def test_forward_mode_ad_and_torch_func_transforms_differentiate_the_composition() -> None:
+    """jvp, vmap and dual tensors through compose_kernel equal the float64 einsum (its custom backward has no jvp)."""
+    from torch.autograd import forward_ad
+
+    torch.manual_seed(0)
+    W, D, tangent = torch.randn(16, 9, 16), torch.randn(16, 9, 9), torch.randn(16, 9, 16)  # noqa: N806
+
+    def reference(w: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("isd,ido->ois", D.double(), w.double())
+
+    _, jvp_out = torch.func.jvp(lambda w: compose_kernel(w, D, 1), (W,), (tangent,))
+    torch.testing.assert_close(jvp_out.double(), reference(tangent), rtol=1e-5, atol=1e-5)
+    with forward_ad.dual_level():
+        dual_out = forward_ad.unpack_dual(compose_kernel(forward_ad.make_dual(W, tangent), D, 1)).tangent
+    torch.testing.assert_close(dual_out.double(), reference(tangent), rtol=1e-5, atol=1e-5)
+    batched = torch.func.vmap(lambda w: compose_kernel(w, D, 1))(torch.stack([W, tangent]))
+    torch.testing.assert_close(batched[1].double(), reference(tangent), rtol=1e-5, atol=1e-5)

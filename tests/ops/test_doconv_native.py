@@ -270,3 +270,77 @@ def test_fake_tensors_and_flop_counting_see_the_torch_composition(calls) -> None
     with mode:
         assert compose_kernel(fake_W, fake_D, 1).shape == (16, 16, 9)
     assert (calls.forward, calls.backward) == (0, 0)
+
+
+@pytest.mark.parametrize(("c_in", "c_out"), SHAPES[:2])
+def test_adding_the_identity_in_the_kernels_equals_an_explicit_D(c_in, c_out) -> None:  # noqa: N802
+    W, D, grad = _operands(c_in, c_out)
+    d_delta = D - torch.eye(9)
+    explicit = d_delta + torch.eye(9)  # the float32 sum DOConv2d.D forms
+    ops = native_ops()
+    assert torch.equal(ops.doconv_compose(W, d_delta, True), ops.doconv_compose(W, explicit))
+    for got, expected in zip(
+        ops.doconv_compose_backward(grad, W, d_delta, True, True, True),
+        ops.doconv_compose_backward(grad, W, explicit, True, True),
+        strict=True,
+    ):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "kernel_size"), [(16, 32, 3), (32, 16, (1, 9))])
+def test_the_module_composes_straight_from_d_delta(calls, c_in, c_out, kernel_size) -> None:
+    """DOConv2d.weight passes D' to the kernels (no D = D' + I op) and gets the bits of compose_kernel(W, D)."""
+    module, _ = _module_pair(c_in, c_out, kernel_size)
+    seen = []
+    spy_forward = doconv_module.native_ops().doconv_compose
+    doconv_module.native_ops().doconv_compose = lambda *args: seen.append(args) or spy_forward(*args)
+    weight = module.weight
+    assert len(seen) == 1 and seen[0][1] is module.d_delta and seen[0][2] is True
+    assert weight.shape == (c_out, c_in, *module.kernel_size)
+    explicit = compose_kernel(module.W, module.D, 1)
+    assert torch.equal(weight.detach(), explicit.detach().view_as(weight))
+    grad = torch.randn_like(weight)
+    weight.backward(grad)
+    grads = module.W.grad, module.d_delta.grad
+    module.W.grad = module.d_delta.grad = None
+    explicit.backward(grad.view_as(explicit))
+    assert torch.equal(grads[0], module.W.grad) and torch.equal(grads[1], module.d_delta.grad)
+
+
+def test_module_double_backward_takes_the_torch_form(calls) -> None:
+    module, reference = _module_pair(16, 16, 3, padding=1)
+    x = torch.randn(2, 16, 5, 5)
+    for m, inputs in ((module, x), (reference, x.double())):
+        (grad_w,) = torch.autograd.grad(m(inputs).square().sum(), m.W, create_graph=True)
+        grad_w.square().sum().backward()  # reaches D' only through the first backward's composition
+    assert calls.forward == 1  # the float32 module's forward was native; its create_graph backward was not
+    # second-order gradients of a squared loss in float32: a few elements round at ~3e-4 relative
+    torch.testing.assert_close(module.d_delta.grad.double(), reference.d_delta.grad, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(module.W.grad.double(), reference.W.grad, rtol=1e-3, atol=1e-3)
+
+
+def test_forward_ad_and_torch_func_see_the_torch_composition(calls) -> None:
+    from torch.autograd import forward_ad
+
+    module, reference = _module_pair(16, 16, 3, padding=1)
+    x, tangent = torch.randn(2, 16, 5, 5), torch.randn(2, 16, 5, 5)
+    with forward_ad.dual_level():
+        out = forward_ad.unpack_dual(module(forward_ad.make_dual(x, tangent))).tangent
+    with forward_ad.dual_level():
+        expected = forward_ad.unpack_dual(reference(forward_ad.make_dual(x.double(), tangent.double()))).tangent
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    params = {"W": module.W.detach(), "d_delta": module.d_delta.detach(), "bias": module.bias.detach()}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(module, p, (x,)).square().sum())(params)
+    reference(x.double()).square().sum().backward()
+    torch.testing.assert_close(grads["d_delta"].double(), reference.d_delta.grad, rtol=1e-4, atol=1e-4)
+    assert (calls.forward, calls.backward) == (0, 0)
+
+
+def test_the_module_gate_wants_plain_float32_cpu_operands() -> None:
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    W, D, _ = _operands(16, 16)
+    assert doconv_module.native_weight_ready(nn.Parameter(W), D)
+    assert not doconv_module.native_weight_ready(W.double(), D)
+    assert not doconv_module.native_weight_ready(TwoTensor(W, W.clone()), D)
+    assert not doconv_module.native_weight_ready(W, nn.Parameter(TwoTensor(D, D.clone())))

@@ -2,7 +2,8 @@
 // D_mul = M*N = A (3x3 kernels: A = 9).
 //
 //   W  (C_in, A, C_out)   the input-major trained kernel (DOConv2d.W)
-//   D  (C_in, A, A)       D' + I, one A x A matrix per input channel
+//   D  (C_in, A, A)       D' + I, one A x A matrix per input channel (or D' itself, with add_identity: the kernels
+//                         add I as they read it, and dL/dD' = dL/dD)
 //   W' (C_out, C_in, A)   W'[o, i, s] = sum_d D[i, s, d] W[i, d, o]     (the conv's kernel, output-major)
 //
 // backward, from G = dL/dW' (C_out, C_in, A):
@@ -17,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <tuple>
 
 #include "vec16.h"
@@ -34,8 +36,9 @@ inline void transpose_tile(const float* src, int64_t src_stride, float* dst, int
 }
 
 // dst row r = sum_k M[r][k] src row k, for A rows of `length` floats (a multiple of 16), with M = m (A x A,
-// row-major) or, if transposed, its transpose: A x A coefficients against 16-wide vectors, one column block at a time
-template <int A, bool transposed>
+// row-major) or, if transposed, its transpose: A x A coefficients against 16-wide vectors, one column block at a time.
+// With `stream`, dst (64-byte aligned, dst_stride a multiple of 16) is written with non-temporal stores.
+template <int A, bool transposed, bool stream = false>
 inline void mix_rows(const float* src, int64_t src_stride, const float* m, float* dst, int64_t dst_stride,
                      int64_t length) {
   for (int64_t o = 0; o < length; o += 16) {
@@ -47,15 +50,22 @@ inline void mix_rows(const float* src, int64_t src_stride, const float* m, float
       v16 acc = x[0] * m[transposed ? r : r * A];
 #pragma GCC unroll 16
       for (int k = 1; k < A; ++k) acc += x[k] * m[transposed ? k * A + r : r * A + k];
-      store(dst + r * dst_stride + o, acc);
+      if (stream)
+        store_stream(dst + r * dst_stride + o, acc);
+      else
+        store(dst + r * dst_stride + o, acc);
     }
   }
 }
 
-inline float hsum(v16 v) {
-  float s = 0.f;
-  for (int k = 0; k < 16; ++k) s += v[k];
-  return s;
+// D[i] as the kernels read it: the stored A x A block, plus the identity when the caller passes D' = D - I
+// (DOConv2d's parameter) with add_identity, so that D = D' + I never has to exist as its own tensor. The sum is
+// the same float32 addition torch's D' + I makes.
+inline const float* d_block(const float* stored, bool add_identity, float* scratch, int A) {
+  if (!add_identity) return stored;
+  for (int k = 0; k < A * A; ++k) scratch[k] = stored[k];
+  for (int k = 0; k < A; ++k) scratch[k * A + k] += 1.f;
+  return scratch;
 }
 
 void check_operands(const at::Tensor& W, const at::Tensor& D, int64_t area) {
@@ -71,7 +81,7 @@ void check_operands(const at::Tensor& W, const at::Tensor& D, int64_t area) {
 }
 
 template <int A>
-at::Tensor compose(const at::Tensor& W_, const at::Tensor& D_) {
+at::Tensor compose(const at::Tensor& W_, const at::Tensor& D_, bool add_identity) {
   check_operands(W_, D_, A);
   const at::Tensor W = W_.contiguous(), D = D_.contiguous();
   const int64_t I = W.size(0), O = W.size(2), row = I * A;  // row: one output channel of W'
@@ -84,11 +94,12 @@ at::Tensor compose(const at::Tensor& W_, const at::Tensor& D_) {
     // slice[j][o] = W'[o, i0 + j / A, j % A] for the task's 16 input channels, j < 16 A: (16 A) x C_out, in L2
     at::Tensor buffer = at::empty({kBlock * A, ld}, W.options());
     float* slice = buffer.data_ptr<float>();
+    float scratch[A * A];
     for (int64_t block = begin; block < end; ++block) {
       for (int64_t k = 0; k < kBlock; ++k) {
         const int64_t i = block * kBlock + k;
         const float* wi = w + i * A * O;
-        const float* di = dm + i * A * A;
+        const float* di = d_block(dm + i * A * A, add_identity, scratch, A);
         mix_rows<A, false>(wi, O, di, slice + k * A * ld, ld, O);  // slice rows s = sum_d D[i, s, d] W[i, d]
       }
       // (16 A) x C_out -> C_out rows of 16 A contiguous floats each, in 16 x 16 tiles
@@ -106,7 +117,8 @@ at::Tensor compose(const at::Tensor& W_, const at::Tensor& D_) {
 
 template <int A>
 std::tuple<at::Tensor, at::Tensor> compose_backward(const at::Tensor& grad_, const at::Tensor& W_,
-                                                    const at::Tensor& D_, bool need_w, bool need_d) {
+                                                    const at::Tensor& D_, bool need_w, bool need_d,
+                                                    bool add_identity) {
   check_operands(W_, D_, A);
   const int64_t I = W_.size(0), O = W_.size(2), row = I * A, ld = O + 16;
   TORCH_CHECK(grad_.device().is_cpu() && grad_.scalar_type() == at::kFloat && grad_.dim() == 3 &&
@@ -123,9 +135,13 @@ std::tuple<at::Tensor, at::Tensor> compose_backward(const at::Tensor& grad_, con
   const float* dm = D.data_ptr<float>();
   float* gw = need_w ? grad_w.data_ptr<float>() : nullptr;
   float* gd = need_d ? grad_d.data_ptr<float>() : nullptr;
+  // dW is read only by the optimizer, long after this pass: stream it to memory (no read-for-ownership of its
+  // lines, no eviction of what the rest of the backward still reads) where the vector stores can be aligned
+  const bool stream_w = need_w && reinterpret_cast<uintptr_t>(gw) % 64 == 0;
   at::parallel_for(0, I / kBlock, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({kBlock * A, ld}, W.options());
     float* slice = buffer.data_ptr<float>();
+    float scratch[A * A];
     for (int64_t block = begin; block < end; ++block) {
       // slice[j][o] = G[o, i0 + j / A, j % A]
       const float* src = g + block * kBlock * A;
@@ -138,10 +154,12 @@ std::tuple<at::Tensor, at::Tensor> compose_backward(const at::Tensor& grad_, con
       for (int64_t k = 0; k < kBlock; ++k) {
         const int64_t i = block * kBlock + k;
         const float* wi = w + i * A * O;
-        const float* di = dm + i * A * A;
+        const float* di = d_block(dm + i * A * A, add_identity, scratch, A);
         const float* si = slice + k * A * ld;
-        if (need_w) {
-          mix_rows<A, true>(si, ld, di, gw + i * A * O, O, O);  // dW rows d = sum_s D[i, s, d] G-slice rows s
+        if (stream_w) {  // dW rows d = sum_s D[i, s, d] G-slice rows s
+          mix_rows<A, true, true>(si, ld, di, gw + i * A * O, O, O);
+        } else if (need_w) {
+          mix_rows<A, true>(si, ld, di, gw + i * A * O, O, O);
         }
         if (need_d) {
           float* gdi = gd + i * A * A;
@@ -155,33 +173,37 @@ std::tuple<at::Tensor, at::Tensor> compose_backward(const at::Tensor& grad_, con
               for (int d = 0; d < A; ++d) acc[d] += x * load(wi + d * O + o);
             }
 #pragma GCC unroll 16
-            for (int d = 0; d < A; ++d) gdi[s * A + d] = hsum(acc[d]);
+            for (int d = 0; d < A; ++d) gdi[s * A + d] = reduce_add(acc[d]);
           }
         }
       }
     }
+    stream_fence();  // the streamed dW is complete before the join, and so before any other thread reads it
   });
   return {grad_w, grad_d};
 }
 
-at::Tensor doconv_compose(const at::Tensor& W, const at::Tensor& D) {
+at::Tensor doconv_compose(const at::Tensor& W, const at::Tensor& D, bool add_identity) {
   TORCH_CHECK(W.dim() == 3 && W.size(1) == 9, "doconv_compose: only 3x3 kernels with d_mul = 9, got W ", W.sizes());
-  return compose<9>(W, D);
+  return compose<9>(W, D, add_identity);
 }
 
 std::tuple<at::Tensor, at::Tensor> doconv_compose_backward(const at::Tensor& grad, const at::Tensor& W,
-                                                           const at::Tensor& D, bool need_w, bool need_d) {
+                                                           const at::Tensor& D, bool need_w, bool need_d,
+                                                           bool add_identity) {
   TORCH_CHECK(W.dim() == 3 && W.size(1) == 9,
               "doconv_compose_backward: only 3x3 kernels with d_mul = 9, got W ", W.sizes());
-  return compose_backward<9>(grad, W, D, need_w, need_d);
+  return compose_backward<9>(grad, W, D, need_w, need_d, add_identity);
 }
 
 }  // namespace
 }  // namespace convzoo_native
 
 TORCH_LIBRARY_FRAGMENT(convzoo, m) {
-  m.def("doconv_compose(Tensor W, Tensor D) -> Tensor");
-  m.def("doconv_compose_backward(Tensor grad, Tensor W, Tensor D, bool need_w, bool need_d) -> (Tensor, Tensor)");
+  m.def("doconv_compose(Tensor W, Tensor D, bool add_identity=False) -> Tensor");
+  m.def(
+      "doconv_compose_backward(Tensor grad, Tensor W, Tensor D, bool need_w, bool need_d, bool add_identity=False) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(convzoo, CPU, m) {

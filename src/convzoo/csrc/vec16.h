@@ -3,6 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
 
 namespace convzoo_native {
 
@@ -77,6 +81,37 @@ inline void transpose_copy(const float* src, int64_t src_stride, float* dst, int
     }
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = i < tiled_rows ? tiled_cols : 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+}
+
+// the sum of the 16 lanes, as a tree (four shuffle + add steps): a lane-by-lane loop is a chain of 16 dependent adds
+inline float reduce_add(v16 v) {
+  v += shuffle2(v, v, v16i{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += shuffle2(v, v, v16i{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v += shuffle2(v, v, v16i{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  v += shuffle2(v, v, v16i{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return v[0];
+}
+
+// A non-temporal (streaming) store of 16 floats to a 64-byte aligned p: the line goes to memory without first being
+// read into the cache, for outputs written once and read much later. Plain store where the ISA has none. Call
+// stream_fence() before another thread reads what was streamed.
+inline void store_stream(float* p, v16 v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, reinterpret_cast<__m512&>(v));
+#elif defined(__AVX__)
+  __m256 halves[2];
+  std::memcpy(halves, &v, sizeof v);
+  _mm256_stream_ps(p, halves[0]);
+  _mm256_stream_ps(p + 8, halves[1]);
+#else
+  store(p, v);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace convzoo_native

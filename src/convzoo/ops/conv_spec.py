@@ -16,6 +16,7 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx import _symbolic_trace
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 PaddingArg = int | tuple[int, int] | str
@@ -96,16 +97,17 @@ def check_input(x: object, in_channels: int, layer_name: str) -> bool:
     return x.dim() == 3
 
 
+# is_fx_tracing() also fires (with a warning) under torch.export; that case is is_compiling()
+_fx_symbolic_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
+
+
 def is_tracing() -> bool:
     """True under fx symbolic tracing, TorchScript tracing or scripting, torch.compile or torch.export.
 
     Modules with data-dependent or CPU-specific fast paths check it and record their plain form instead.
+    (Called once per layer per step: the helpers are looked up at import, not on each call.)
     """
-    from torch.fx import _symbolic_trace
-
-    # is_fx_tracing() also fires (with a warning) under torch.export; that case is is_compiling()
-    fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
-    return fx_tracing() or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+    return _fx_symbolic_tracing() or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
 def autocast_enabled(device: torch.device) -> bool:

@@ -26,6 +26,8 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from convzoo.native import native_operands_ready, native_ops
 from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg, autocast_enabled, is_tracing
@@ -98,14 +100,7 @@ class _ComposeKernel(torch.autograd.Function):
         ctx.groups = groups
         if native_compose_applies(W, D, groups):
             return native_ops().doconv_compose(W, D)  # (C_out, C_in, M*N)
-        composed = torch.bmm(D, W)  # (C_in, M*N, C_out/g)
-        if groups == 1:
-            # (C_in*M*N, C_out) -> (C_out, C_in*M*N) as a 2-D transpose, which torch copies in cache
-            # blocks (~2.5x faster than the equivalent 3-D permute for the large layers)
-            c_in, area, c_out = composed.shape
-            return composed.view(c_in * area, c_out).t().contiguous().view(c_out, c_in, area)
-        # one copy here rather than one in each of conv2d's forward and backward (oneDNN wants it dense)
-        return _from_input_major(composed, groups).contiguous()  # (C_out, C_in/g, M*N)
+        return _torch_compose(W, D, groups)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
@@ -117,20 +112,112 @@ class _ComposeKernel(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         W, D = ctx.saved_tensors
+        need_w, need_d = ctx.needs_input_grad[:2]
         if native_compose_applies(W, D, ctx.groups, grad):  # not under create_graph: W and D require grad
-            grad_w, grad_d = native_ops().doconv_compose_backward(
-                grad, W, D, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            )
-            return (grad_w if ctx.needs_input_grad[0] else None), (grad_d if ctx.needs_input_grad[1] else None), None
-        if ctx.groups == 1:  # blocked 2-D transpose to a dense (C_in, M*N, C_out): both bmms then stream
-            c_out, c_in, area = grad.shape
-            grad = grad.reshape(c_out, c_in * area).t().contiguous().view(c_in, area, c_out)
-        else:
-            grad = _to_input_major(grad, ctx.groups)  # (C_in, M*N, C_out/g)
-        grad_w = torch.bmm(D.transpose(1, 2), grad) if ctx.needs_input_grad[0] else None
-        # (W grad^T)^T rather than grad W^T: the same product, ~1.5x faster for the strided grad view
-        grad_d = torch.bmm(W, grad.transpose(1, 2)).transpose(1, 2) if ctx.needs_input_grad[1] else None
-        return grad_w, grad_d, None
+            grad_w, grad_d = native_ops().doconv_compose_backward(grad, W, D, need_w, need_d)
+            return (grad_w if need_w else None), (grad_d if need_d else None), None
+        return (*_torch_compose_backward(grad, W, D, ctx.groups, need_w, need_d), None)
+
+
+def _torch_compose(W: torch.Tensor, D: torch.Tensor, groups: int) -> torch.Tensor:  # noqa: N803
+    """W' (C_out, C_in/g, M*N) from W (C_in, D_mul, C_out/g) and D (C_in, M*N, D_mul) with torch ops."""
+    composed = torch.bmm(D, W)  # (C_in, M*N, C_out/g)
+    if groups == 1:
+        # (C_in*M*N, C_out) -> (C_out, C_in*M*N) as a 2-D transpose, which torch copies in cache
+        # blocks (~2.5x faster than the equivalent 3-D permute for the large layers)
+        c_in, area, c_out = composed.shape
+        return composed.reshape(c_in * area, c_out).t().contiguous().view(c_out, c_in, area)
+    # one copy here rather than one in each of conv2d's forward and backward (oneDNN wants it dense)
+    return _from_input_major(composed, groups).contiguous()  # (C_out, C_in/g, M*N)
+
+
+def _torch_compose_backward(
+    grad: torch.Tensor,
+    W: torch.Tensor,  # noqa: N803
+    D: torch.Tensor,  # noqa: N803
+    groups: int,
+    need_w: bool,
+    need_d: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dL/dW, dL/dD) from grad = dL/dW' (C_out, C_in/g, M*N) with torch ops (differentiable, any dtype / device).
+
+    W (C_in, D_mul, C_out/g) and D (C_in, M*N, D_mul) as in ``compose_kernel``; a gradient not needed is None.
+    """
+    if groups == 1:  # blocked 2-D transpose to a dense (C_in, M*N, C_out): both bmms then stream
+        c_out, c_in, area = grad.shape
+        grad = grad.reshape(c_out, c_in * area).t().contiguous().view(c_in, area, c_out)
+    else:
+        grad = _to_input_major(grad, groups)  # (C_in, M*N, C_out/g)
+    grad_w = torch.bmm(D.transpose(1, 2), grad) if need_w else None
+    # (W grad^T)^T rather than grad W^T: the same product, ~1.5x faster for the strided grad view
+    grad_d = torch.bmm(W, grad.transpose(1, 2)).transpose(1, 2) if need_d else None
+    return grad_w, grad_d
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)  # nn.Parameter(subclass data) keeps the subclass's type
+
+
+def native_weight_ready(W: torch.Tensor, d_delta: torch.Tensor) -> bool:  # noqa: N803
+    """Whether ``DOConv2d.weight`` may compose with ``_NativeWeight`` (the shape conditions are the module's).
+
+    The operands must be plain float32 CPU tensors (no Python tensor subclass), with no forward-mode AD level,
+    torch.func transform, torch dispatch mode (fake tensors, FLOP counting, convzoo's profiler) or tracing
+    active: all of these see the torch composition instead. Autocast needs no check: the composition runs in
+    float32 either way. Cheaper than ``native_compose_applies`` (plain type checks rather than dispatch keys;
+    no per-tensor autograd checks, which ``_NativeWeight`` handles itself): it runs once per layer per step.
+    """
+    return (
+        type(W) in _PLAIN_TENSOR_TYPES
+        and type(d_delta) in _PLAIN_TENSOR_TYPES
+        and W.dtype == torch.float32
+        and d_delta.dtype == torch.float32
+        and W.is_cpu
+        and d_delta.is_cpu
+        and forward_ad._current_level < 0
+        and not torch._C._are_functorch_transforms_active()
+        and not is_in_torch_dispatch_mode()
+        and not is_tracing()
+        and native_ops() is not None
+    )
+
+
+class _NativeWeight(torch.autograd.Function):
+    """The composed kernel W' = (D' + I) W, (C_out, C_in, M, N), straight from the parameters W and D'.
+
+    The native kernels add the identity as they read D', so D = D' + I is never formed (and its add and
+    its backward never run); dL/dD' = dL/dD. The conv's shape comes out of the forward directly. This is
+    ``DOConv2d.weight``'s path wherever ``DOConv2d._native_shape`` and ``native_weight_ready`` hold. It
+    computes what ``compose_kernel(W, D' + I, 1)`` computes with the native kernels, bit for bit.
+
+    Its backward runs the native kernel too, except under ``create_graph`` (double backward) or for an
+    unusual incoming gradient (not a plain float32 CPU tensor, or under a dispatch mode), where it takes
+    the differentiable torch form.
+    """
+
+    @staticmethod
+    def forward(ctx, W: torch.Tensor, d_delta: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:  # noqa: N803
+        ctx.save_for_backward(W, d_delta)
+        c_in, _, c_out = W.shape
+        return native_ops().doconv_compose(W, d_delta, True).view(c_out, c_in, *kernel_size)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        W, d_delta = ctx.saved_tensors
+        need_w, need_d = ctx.needs_input_grad[:2]
+        c_in, area, c_out = W.shape
+        grad = grad.reshape(c_out, c_in, area)
+        if (
+            type(grad) is torch.Tensor
+            and grad.dtype == torch.float32
+            and grad.is_cpu
+            and not torch.is_grad_enabled()  # on only under create_graph
+            and not is_in_torch_dispatch_mode()
+        ):
+            grad_w, grad_d = native_ops().doconv_compose_backward(grad, W, d_delta, need_w, need_d, True)
+            return (grad_w if need_w else None), (grad_d if need_d else None), None
+        with torch.autocast(grad.device.type, enabled=False):
+            D = d_delta + torch.eye(area, dtype=d_delta.dtype, device=d_delta.device)
+            return (*_torch_compose_backward(grad, W, D, 1, need_w, need_d), None)
 
 
 def compose_kernel(W: torch.Tensor, D: torch.Tensor, groups: int) -> torch.Tensor:  # noqa: N803
@@ -150,7 +237,11 @@ def compose_kernel(W: torch.Tensor, D: torch.Tensor, groups: int) -> torch.Tenso
     """
     if autocast_enabled(W.device):
         with torch.autocast(W.device.type, enabled=False):
-            return _ComposeKernel.apply(W, D, groups)
+            return compose_kernel(W, D, groups)
+    if forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        # forward-mode AD and torch.func (grad, vmap, jvp, ...) differentiate the torch ops themselves; the
+        # custom backward has neither a jvp nor functorch's setup_context form
+        return _torch_compose(W, D, groups)
     return _ComposeKernel.apply(W, D, groups)
 
 
@@ -208,6 +299,11 @@ class DOConv2d(ConvAttributes, nn.Module):
             )
         self.spec = spec
         self.d_mul = d_mul
+        # the shapes the native kernels compose straight from D' (_NativeWeight): groups = 1, M*N = D_mul = 9
+        # (3x3, 1x9, 9x1), channel counts multiples of 16
+        self._native_shape = (
+            groups == 1 and area == d_mul == NATIVE_AREA and in_channels % 16 == 0 and out_channels % 16 == 0
+        )
         factory = {"device": device, "dtype": dtype}
         self.W = nn.Parameter(torch.empty(in_channels, d_mul, out_channels // groups, **factory))
         self.d_delta = nn.Parameter(torch.zeros(in_channels, area, d_mul, **factory))
@@ -248,6 +344,8 @@ class DOConv2d(ConvAttributes, nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The composed kernel W' (C_out, C_in/groups, M, N), what an equivalent nn.Conv2d holds."""
+        if self._native_shape and native_weight_ready(self.W, self.d_delta):
+            return _NativeWeight.apply(self.W, self.d_delta, self.kernel_size)
         composed = compose_kernel(self.W, self.D, self.groups)
         return composed.reshape(self.out_channels, -1, *self.kernel_size)
 
