@@ -254,7 +254,7 @@ def test_forward_mode_ad_and_torch_func_transforms_differentiate_the_composition
     from torch.autograd import forward_ad
 
     torch.manual_seed(0)
-    W, D, tangent = torch.randn(16, 9, 16), torch.randn(16, 9, 9), torch.randn(16, 9, 16)  # noqa: N806
+    W, D, tangent = torch.randn(16, 9, 16), torch.randn(16, 9, 9), torch.randn(16, 9, 16)
 
     def reference(w: torch.Tensor) -> torch.Tensor:
         return torch.einsum("isd,ido->ois", D.double(), w.double())
@@ -266,3 +266,16 @@ def test_forward_mode_ad_and_torch_func_transforms_differentiate_the_composition
     torch.testing.assert_close(dual_out.double(), reference(tangent), rtol=1e-5, atol=1e-5)
     batched = torch.func.vmap(lambda w: compose_kernel(w, D, 1))(torch.stack([W, tangent]))
     torch.testing.assert_close(batched[1].double(), reference(tangent), rtol=1e-5, atol=1e-5)
+
+
+def test_a_module_built_on_meta_and_loaded_has_the_exact_identity() -> None:
+    """to_empty + load_state_dict (the buffer is not in the state_dict): every path still sees D = D' + I."""
+    torch.manual_seed(0)
+    source = _randomize_d(DOConv2d(6, 4, 3, padding=1, dtype=torch.float64))
+    with torch.device("meta"):
+        loaded = DOConv2d(6, 4, 3, padding=1, dtype=torch.float64)
+    loaded = loaded.to_empty(device="cpu")
+    loaded.load_state_dict(source.state_dict())
+    assert torch.equal(loaded.d_identity, identity_init(9, 9, dtype=torch.float64))
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=0)

@@ -344,3 +344,14 @@ def test_the_module_gate_wants_plain_float32_cpu_operands() -> None:
     assert not doconv_module.native_weight_ready(W.double(), D)
     assert not doconv_module.native_weight_ready(TwoTensor(W, W.clone()), D)
     assert not doconv_module.native_weight_ready(W, nn.Parameter(TwoTensor(D, D.clone())))
+
+
+def test_the_module_weight_can_be_edited_in_place_and_shapes_are_read_on_every_call(calls) -> None:
+    module = DOConv2d(16, 16, 3, padding=1)
+    module.weight.mul_(2)  # a view of the Function's output, not one made inside it
+    assert calls.forward == 1
+    # channels pruned after construction: judged by the parameters it now holds, so it composes with torch
+    module.W = nn.Parameter(module.W.detach()[:12].clone())
+    module.d_delta = nn.Parameter(module.d_delta.detach()[:12].clone())
+    module.spec = module.spec.__class__.create(12, 16, 3, 1, 1, 1, 1, True, "zeros")
+    assert module(torch.randn(1, 12, 5, 5)).shape == (1, 16, 5, 5) and calls.forward == 1

@@ -23,6 +23,7 @@ mixes channels when groups > 1 and C_out / g > 1.)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -181,12 +182,27 @@ def native_weight_ready(W: torch.Tensor, d_delta: torch.Tensor) -> bool:  # noqa
     )
 
 
+def native_weight_shape(W: torch.Tensor, d_delta: torch.Tensor, groups: int) -> bool:  # noqa: N803
+    """The shapes ``_NativeWeight`` composes: groups = 1, M*N = D_mul = 9 (3x3, 1x9, 9x1), C_in and C_out
+    multiples of 16 (read from the parameters on every call, so a module edited after construction is judged
+    by what it holds)."""
+    c_in, d_mul, c_out = W.shape
+    return (
+        groups == 1
+        and d_mul == NATIVE_AREA
+        and d_delta.shape[1] == NATIVE_AREA
+        and d_delta.shape[2] == NATIVE_AREA
+        and c_in % 16 == 0
+        and c_out % 16 == 0
+    )
+
+
 class _NativeWeight(torch.autograd.Function):
     """The composed kernel W' = (D' + I) W, (C_out, C_in, M, N), straight from the parameters W and D'.
 
     The native kernels add the identity as they read D', so D = D' + I is never formed (and its add and
     its backward never run); dL/dD' = dL/dD. The conv's shape comes out of the forward directly. This is
-    ``DOConv2d.weight``'s path wherever ``DOConv2d._native_shape`` and ``native_weight_ready`` hold. It
+    ``DOConv2d.weight``'s path wherever ``native_weight_shape`` and ``native_weight_ready`` hold. It
     computes what ``compose_kernel(W, D' + I, 1)`` computes with the native kernels, bit for bit.
 
     Its backward runs the native kernel too, except under ``create_graph`` (double backward) or for an
@@ -195,17 +211,16 @@ class _NativeWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, W: torch.Tensor, d_delta: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:  # noqa: N803
+    def forward(ctx, W: torch.Tensor, d_delta: torch.Tensor) -> torch.Tensor:  # noqa: N803
         ctx.save_for_backward(W, d_delta)
-        c_in, _, c_out = W.shape
-        return native_ops().doconv_compose(W, d_delta, True).view(c_out, c_in, *kernel_size)
+        # (C_out, C_in, M*N); the caller views it 4-D (a view made inside a Function could not be edited in place)
+        return native_ops().doconv_compose(W, d_delta, True)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         W, d_delta = ctx.saved_tensors
-        need_w, need_d = ctx.needs_input_grad[:2]
-        c_in, area, c_out = W.shape
-        grad = grad.reshape(c_out, c_in, area)
+        need_w, need_d = ctx.needs_input_grad
+        area = W.shape[1]
         if (
             type(grad) is torch.Tensor
             and grad.dtype == torch.float32
@@ -214,10 +229,10 @@ class _NativeWeight(torch.autograd.Function):
             and not is_in_torch_dispatch_mode()
         ):
             grad_w, grad_d = native_ops().doconv_compose_backward(grad, W, d_delta, need_w, need_d, True)
-            return (grad_w if need_w else None), (grad_d if need_d else None), None
+            return (grad_w if need_w else None), (grad_d if need_d else None)
         with torch.autocast(grad.device.type, enabled=False):
             D = d_delta + torch.eye(area, dtype=d_delta.dtype, device=d_delta.device)
-            return (*_torch_compose_backward(grad, W, D, 1, need_w, need_d), None)
+            return _torch_compose_backward(grad, W, D, 1, need_w, need_d)
 
 
 def compose_kernel(W: torch.Tensor, D: torch.Tensor, groups: int) -> torch.Tensor:  # noqa: N803
@@ -299,11 +314,6 @@ class DOConv2d(ConvAttributes, nn.Module):
             )
         self.spec = spec
         self.d_mul = d_mul
-        # the shapes the native kernels compose straight from D' (_NativeWeight): groups = 1, M*N = D_mul = 9
-        # (3x3, 1x9, 9x1), channel counts multiples of 16
-        self._native_shape = (
-            groups == 1 and area == d_mul == NATIVE_AREA and in_channels % 16 == 0 and out_channels % 16 == 0
-        )
         factory = {"device": device, "dtype": dtype}
         self.W = nn.Parameter(torch.empty(in_channels, d_mul, out_channels // groups, **factory))
         self.d_delta = nn.Parameter(torch.zeros(in_channels, area, d_mul, **factory))
@@ -331,6 +341,18 @@ class DOConv2d(ConvAttributes, nn.Module):
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DOConv2d:
+        """``nn.Module._apply`` (``to``, ``to_empty``, ``half``, ...), then the identity refilled.
+
+        ``d_identity`` is derived state, never in a state_dict: ``to_empty`` followed by ``load_state_dict``
+        (the usual meta-device loading) would otherwise leave it uninitialized. Every path must see D = D' + I
+        with the exact identity, since the native path adds I itself and never reads the buffer.
+        """
+        super()._apply(fn, recurse)
+        with torch.no_grad():
+            self.d_identity.copy_(identity_init(self.d_identity.shape[0], self.d_mul))
+        return self
+
     @property
     def D(self) -> torch.Tensor:  # noqa: N802  (the paper's name)
         """The over-parameterization kernel D = D' + I, shape (C_in, M*N, D_mul)."""
@@ -344,8 +366,9 @@ class DOConv2d(ConvAttributes, nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The composed kernel W' (C_out, C_in/groups, M, N), what an equivalent nn.Conv2d holds."""
-        if self._native_shape and native_weight_ready(self.W, self.d_delta):
-            return _NativeWeight.apply(self.W, self.d_delta, self.kernel_size)
+        W, d_delta = self.W, self.d_delta
+        if native_weight_shape(W, d_delta, self.groups) and native_weight_ready(W, d_delta):
+            return _NativeWeight.apply(W, d_delta).view(self.out_channels, -1, *self.kernel_size)
         composed = compose_kernel(self.W, self.D, self.groups)
         return composed.reshape(self.out_channels, -1, *self.kernel_size)
 
