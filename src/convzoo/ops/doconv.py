@@ -88,7 +88,7 @@ class _ComposeKernel(torch.autograd.Function):
     (C_out, C_in*M*N), is done as a 2-D transpose, which torch copies in cache blocks.
 
     Where ``native_compose_applies``, both directions run ``convzoo.native``'s kernels instead: one
-    pass each, with the layout change done in registers (forward + backward through autograd 3.4-3.7x
+    pass each, with the layout change done in registers (forward + backward through autograd 3.5-4.5x
     faster than ``bmm`` + transpose for 256-512 channel layers, ``benchmarks/results/doconv.md``).
 
     Both directions run with autocast off, in the parameters' precision: a ``backward()`` called
