@@ -16,6 +16,7 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.autograd import forward_ad
 from torch.fx import _symbolic_trace
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -110,6 +111,16 @@ def is_tracing() -> bool:
     return _fx_symbolic_tracing() or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
+def transform_active() -> bool:
+    """True inside a ``torch.func`` transform (grad, vmap, jvp, ...) or a forward-mode AD dual level.
+
+    Custom autograd Functions without ``setup_context`` / ``jvp``, memory-format queries under vmap and
+    native kernels do not work there: modules check this and run their plain torch form, which every
+    transform differentiates and batches.
+    """
+    return forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
 def autocast_enabled(device: torch.device) -> bool:
     """Whether ``torch.autocast`` is on for ``device``'s type (False for types autocast does not know, e.g. meta)."""
     try:
@@ -145,6 +156,8 @@ def relayout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tenso
     NCHW model hands channels-last gradients to the NCHW layers before it. Their backward then mixes
     layouts, which oneDNN and BatchNorm run on slower paths.
     """
+    if transform_active():  # a layout is only a speed matter, and vmap cannot query it
+        return x
     if memory_format_of(x) == memory_format or not (torch.is_grad_enabled() and x.requires_grad):
         return x.contiguous(memory_format=memory_format)
     return _Relayout.apply(x, memory_format)

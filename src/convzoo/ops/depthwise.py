@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convzoo.ops.conv_spec import PaddingArg, autocast_enabled, relayout, to_pair
+from convzoo.ops.conv_spec import PaddingArg, autocast_enabled, relayout, to_pair, transform_active
 
 _conv_backward = torch.ops.aten.convolution_backward
 
@@ -310,7 +310,12 @@ def depthwise_conv2d(
         )
     stride, dilation = to_pair(stride, "stride"), to_pair(dilation, "dilation")
     padding = _depthwise_padding(padding, weight, stride, dilation)
-    blocks = torch.is_grad_enabled() and weight.requires_grad and uses_column_blocks(x, weight, stride, dilation)
+    blocks = (
+        torch.is_grad_enabled()
+        and weight.requires_grad
+        and not transform_active()  # torch.func / forward AD differentiate F.conv2d, not the custom backward
+        and uses_column_blocks(x, weight, stride, dilation)
+    )
     if isinstance(padding, str) or not blocks:
         return F.conv2d(x, weight, bias, stride, padding, dilation, x.shape[1])
     x = relayout(x, torch.channels_last)  # its gradient goes back in the caller's layout

@@ -27,11 +27,17 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.autograd import forward_ad
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from convzoo.native import native_operands_ready, native_ops
-from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg, autocast_enabled, is_tracing
+from convzoo.ops.conv_spec import (
+    ConvAttributes,
+    ConvSpec,
+    PaddingArg,
+    autocast_enabled,
+    is_tracing,
+    transform_active,
+)
 from convzoo.ops.registry import needs_spatial_kernel, register_conv
 
 
@@ -174,8 +180,7 @@ def native_weight_ready(W: torch.Tensor, d_delta: torch.Tensor) -> bool:  # noqa
         and d_delta.dtype == torch.float32
         and W.is_cpu
         and d_delta.is_cpu
-        and forward_ad._current_level < 0
-        and not torch._C._are_functorch_transforms_active()
+        and not transform_active()
         and not is_in_torch_dispatch_mode()
         and not is_tracing()
         and native_ops() is not None
@@ -253,7 +258,7 @@ def compose_kernel(W: torch.Tensor, D: torch.Tensor, groups: int) -> torch.Tenso
     if autocast_enabled(W.device):
         with torch.autocast(W.device.type, enabled=False):
             return compose_kernel(W, D, groups)
-    if forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+    if transform_active():
         # forward-mode AD and torch.func (grad, vmap, jvp, ...) differentiate the torch ops themselves; the
         # custom backward has neither a jvp nor functorch's setup_context form
         return _torch_compose(W, D, groups)

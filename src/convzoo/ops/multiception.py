@@ -45,6 +45,7 @@ from convzoo.ops.conv_spec import (
     memory_format_of,
     relayout,
     to_pair,
+    transform_active,
 )
 from convzoo.ops.depthwise import run_depthwise
 from convzoo.ops.multiception_train import branches_norm_pointwise, fused_training_applies
@@ -223,7 +224,7 @@ class MulticeptionConv2d(_MulticeptionBase):
         """x (B, C_in, H, W) -> (B, C_out, H', W'); on CPU the depthwise step runs channels-last."""
         if check_input(x, self.in_channels, "MulticeptionConv2d"):
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        if is_tracing() or x.device.type != "cpu":
+        if is_tracing() or transform_active() or x.device.type != "cpu":
             return self.bn_out(self.pointwise(self.bn_in(torch.cat([branch(x) for branch in self.branches], dim=1))))
         fmt = memory_format_of(x)
         x = relayout(x, torch.channels_last)
@@ -496,6 +497,9 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
         if check_input(x, self.in_channels, "FusedMulticeptionConv2d"):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if is_tracing():
+            return self.pointwise(self.depthwise(x))
+        if transform_active():  # torch.func / forward AD: the torch ops, which every transform handles
+            self.last_algorithm = "canonical"
             return self.pointwise(self.depthwise(x))
         algorithm = self.algorithm
         if algorithm != "dense" and self._needs_grad(x):

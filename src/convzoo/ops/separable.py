@@ -21,7 +21,15 @@ from timm.layers import MixedConv2d
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from convzoo.ops.conv_spec import ConvSpec, PaddingArg, check_channels, check_input, is_tracing, relayout
+from convzoo.ops.conv_spec import (
+    ConvSpec,
+    PaddingArg,
+    check_channels,
+    check_input,
+    is_tracing,
+    relayout,
+    transform_active,
+)
 from convzoo.ops.depthwise import run_depthwise
 from convzoo.ops.multiception import (
     centred_replaceable,
@@ -58,7 +66,7 @@ class _SeparableBase(nn.Module):
         """x (B, C_in, H, W) -> (B, C_out, floor((H-1)/s)+1, floor((W-1)/s)+1); unbatched (C_in, H, W) as nn.Conv2d."""
         if check_input(x, self.in_channels, type(self).__name__):
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        if is_tracing() or x.device.type != "cpu":
+        if is_tracing() or transform_active() or x.device.type != "cpu":
             return self.bn_out(self.pointwise(self.depthwise(x)))
         fmt = memory_format_of(x)
         x = relayout(x, torch.channels_last)  # oneDNN's depthwise kernels: much faster on CPU
