@@ -25,9 +25,11 @@ branches share one laid-out input. The batch statistics come from ``batch_norm_u
 own kernel; ``var_mean`` is 20x slower on channels-last tensors. The running statistics are
 updated as ``nn.BatchNorm2d`` updates them.
 
-The op is once-differentiable: a double backward raises an error instead of giving a wrong
-result. :class:`~convzoo.ops.multiception.MulticeptionConv2d` uses it only where that does not
-matter (CPU, training mode, no tracing, no autocast, float32/float64) and runs plain modules elsewhere.
+Its fused backward is once-differentiable. Under ``create_graph`` (a gradient penalty, a double
+backward) the op's backward instead runs autograd on the plain forward (cat -> BN -> 1x1) from the
+saved inputs, so that its gradients can be differentiated again.
+:class:`~convzoo.ops.multiception.MulticeptionConv2d` uses the op on CPU in training mode (no
+tracing, no autocast, float32/float64) and runs plain modules elsewhere.
 """
 
 from __future__ import annotations
@@ -124,13 +126,43 @@ class _BranchesNormPointwise(torch.autograd.Function):
         for z_j, part in zip(z[1:], parts[1:], strict=True):
             y.add_(F.conv2d(z_j, part))
         ctx.save_for_backward(x, mean, invstd, gamma, beta, pointwise_weight, weight, *branch_weights, *z)
-        ctx.stride, ctx.branches = stride, len(branch_weights)
+        ctx.stride, ctx.branches, ctx.eps = stride, len(branch_weights), eps
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y: Tensor, _grad_mean: Tensor, _grad_var: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph: a double backward must be able to differentiate this
+            return _BranchesNormPointwise._differentiable_backward(ctx, grad_y)
+        return _BranchesNormPointwise._fused_backward(ctx, grad_y)
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        """The same gradients through autograd on the plain forward (cat -> batch-stat BN -> 1x1), with a graph.
+
+        Used under ``create_graph`` (gradient penalties, double backward): the saved inputs are still
+        connected to the graph, so the gradients returned here can be differentiated again.
+        """
+        x, _, _, gamma, beta, pointwise_weight, _, *rest = ctx.saved_tensors
+        branch_weights = rest[: ctx.branches]
+        inputs = (x, gamma, beta, pointwise_weight, *branch_weights)
+        needs = (*ctx.needs_input_grad[:4], *ctx.needs_input_grad[7:])
+        wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+        with torch.enable_grad():
+            channels = x.shape[1]
+            z = torch.cat(
+                [F.conv2d(x, w, None, ctx.stride, _centred_padding(w), 1, channels) for w in branch_weights], dim=1
+            )
+            normalized = F.batch_norm(z, None, None, gamma, beta, training=True, eps=ctx.eps)
+            y = F.conv2d(normalized, pointwise_weight)  # the bias's gradient is grad_y's sum, below
+            found = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
+        grads = [next(found) if need else None for need in needs]
+        grad_bias = grad_y.sum((0, 2, 3)) if ctx.needs_input_grad[4] else None
+        return (*grads[:4], grad_bias, None, None, *grads[4:])
+
+    @staticmethod
+    @once_differentiable
+    def _fused_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, mean, invstd, gamma, beta, pointwise_weight, weight, *rest = ctx.saved_tensors
         branch_weights, z = rest[: ctx.branches], rest[ctx.branches :]
         stride, channels = ctx.stride, x.shape[1]
