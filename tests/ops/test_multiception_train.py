@@ -154,3 +154,35 @@ def test_a_gradient_penalty_differentiates_the_fused_op_like_the_modules(kernels
         grads.append({name: p.grad for name, p in module.named_parameters()})
     for name, expected in grads[1].items():
         torch.testing.assert_close(grads[0][name], expected, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize(
+    "trainable",
+    [{"pointwise.bias"}, {"x", "pointwise.bias"}, {"pointwise.weight"}, {"x", "bn_in.weight", "branches.1.weight"},
+     {"x"}],
+    ids=["bias-only", "input-and-bias", "pointwise-weight", "input-bn-and-one-branch", "input-only"],
+)  # fmt: skip
+def test_a_gradient_penalty_with_frozen_parts_matches_the_modules(trainable) -> None:
+    """Each subset of the fused op's inputs needing a gradient, under create_graph."""
+    fused = _layer((3, 5, 7), 1)
+    plain = copy.deepcopy(fused)
+    x = torch.randn(3, 4, 9, 10, **F64, requires_grad="x" in trainable)
+    results = []
+    for module, forward in ((fused, fused.__call__), (plain, lambda x: _plain_modules(plain, x))):
+        for name, parameter in module.named_parameters():
+            parameter.requires_grad_(name in trainable)
+        y = forward(x)
+        if module is fused:
+            assert _pointwise_node(y) == FUSED
+        parameters = [p for name, p in module.named_parameters() if name in trainable]
+        targets = [x, *parameters] if "x" in trainable else parameters
+        grads = torch.autograd.grad(y.square().sum(), targets, create_graph=True)
+        penalty = sum(g.square().sum() for g in grads if g.requires_grad)
+        second = torch.autograd.grad(penalty, targets, allow_unused=True) if torch.is_tensor(penalty) else ()
+        results.append((grads, second))
+    for got, expected in zip(results[0], results[1], strict=True):
+        for a, b in zip(got, expected, strict=True):
+            if b is None:
+                assert a is None or not a.abs().any()
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convzoo.native import native_ops, native_ready
-from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg, check_input, is_tracing
+from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg, check_input, is_tracing, transform_active
 from convzoo.ops.registry import check_module, needs_spatial_kernel, register_conv
 
 SCORE_MACS_PER_POSITION = 13
@@ -72,6 +72,7 @@ def _native_gradient_applies(spec: ConvSpec, x: Tensor) -> bool:
         min(spec.kernel_size) >= 3
         and (spec.padding_mode == "zeros" or not any(spec.explicit_padding))
         and not is_tracing()  # exporters record the torch form
+        and not transform_active()  # torch.func / forward AD see the torch form too
         and native_ready(x.detach())
     )
 
@@ -443,6 +444,8 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
 
     # forward -----------------------------------------------------------------------------
     def _record(self, mask: Tensor, counts: Tensor, out_size: tuple[int, int]) -> None:
+        if transform_active():  # functorch wrappers must not outlive their transform (deepcopy refuses them)
+            mask = counts = None
         self.last_mask = mask
         self.last_sharp_count = counts
         self.last_output_size = out_size
@@ -456,7 +459,9 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         mask, counts = sharp_windows(self.spec, x, self.gamma, self.beta, out_size, gradient)
         self._record(mask, counts, out_size)
         logits = None
-        if torch.is_grad_enabled() and (self.gamma.requires_grad or self.beta.requires_grad):
+        # the estimator wherever γ or β may be differentiated: reverse mode, or any torch.func transform or
+        # forward-mode AD (their dual / wrapped γ, β do not report requires_grad)
+        if transform_active() or (torch.is_grad_enabled() and (self.gamma.requires_grad or self.beta.requires_grad)):
             logits = torch.addcmul(self.beta, self.gamma, gradient)
         sharp = self.spec.conv2d(x, self.weight, self.bias)
         smooth = centre_conv(self.spec, x, summed_kernel(self.weight), self.bias, out_size)

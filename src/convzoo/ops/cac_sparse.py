@@ -72,7 +72,7 @@ from convzoo.ops.cac import (
     sharp_windows,
     summed_kernel,
 )
-from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, check_input, is_tracing
+from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, check_input, is_tracing, transform_active
 from convzoo.ops.weight_cache import WeightCache
 
 SPARSE_ALGORITHMS = ("pixel", "block")
@@ -421,10 +421,14 @@ class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
         tracing = is_tracing()
-        mask, counts = sharp_windows(self.spec, x, self.gamma, self.beta, out_size, count=not tracing)
-        if tracing:
+        mask, counts = sharp_windows(
+            self.spec, x, self.gamma, self.beta, out_size, count=not (tracing or transform_active())
+        )
+        if tracing or transform_active():
             # torch.export / ONNX / FX / TorchScript record one static graph: the dense masked form
-            # (the sparse path's shapes and branches depend on the data); it computes the same values
+            # (the sparse path's shapes and branches depend on the data); it computes the same values.
+            # torch.func transforms and forward-mode AD differentiate and batch that form too (no .item(),
+            # no native kernel), and nothing is recorded: wrapped tensors must not outlive the transform.
             return self._masked(x, mask, out_size)
         self.last_mask, self.last_sharp_count, self.last_output_size = mask, counts, out_size
         sharp_total = int(counts.sum())  # one device sync

@@ -148,6 +148,9 @@ class _BranchesNormPointwise(torch.autograd.Function):
         inputs = (x, gamma, beta, pointwise_weight, *branch_weights)
         needs = (*ctx.needs_input_grad[:4], *ctx.needs_input_grad[7:])
         wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+        grad_bias = grad_y.sum((0, 2, 3)) if ctx.needs_input_grad[4] else None
+        if not wanted:  # only the 1x1 bias needs a gradient
+            return None, None, None, None, grad_bias, None, None, *([None] * ctx.branches)
         with torch.enable_grad():
             channels = x.shape[1]
             z = torch.cat(
@@ -157,7 +160,6 @@ class _BranchesNormPointwise(torch.autograd.Function):
             y = F.conv2d(normalized, pointwise_weight)  # the bias's gradient is grad_y's sum, below
             found = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
         grads = [next(found) if need else None for need in needs]
-        grad_bias = grad_y.sum((0, 2, 3)) if ctx.needs_input_grad[4] else None
         return (*grads[:4], grad_bias, None, None, *grads[4:])
 
     @staticmethod
