@@ -355,3 +355,23 @@ def test_the_module_weight_can_be_edited_in_place_and_shapes_are_read_on_every_c
     module.d_delta = nn.Parameter(module.d_delta.detach()[:12].clone())
     module.spec = module.spec.__class__.create(12, 16, 3, 1, 1, 1, 1, True, "zeros")
     assert module(torch.randn(1, 12, 5, 5)).shape == (1, 16, 5, 5) and calls.forward == 1
+
+
+def test_the_kernel_writes_the_conv_shape_and_its_backward_reads_it() -> None:
+    W, D, grad = _operands(16, 32)
+    ops = native_ops()
+    flat = ops.doconv_compose(W, D)
+    for kernel_size in ([3, 3], [1, 9]):
+        shaped = ops.doconv_compose(W, D, False, kernel_size)
+        assert shaped.shape == (32, 16, *kernel_size) and shaped.is_contiguous()
+        assert torch.equal(shaped.reshape(flat.shape), flat)
+        for got, expected in zip(
+            ops.doconv_compose_backward(grad.reshape(32, 16, *kernel_size), W, D, True, True),
+            ops.doconv_compose_backward(grad, W, D, True, True),
+            strict=True,
+        ):
+            assert torch.equal(got, expected)
+    with pytest.raises(RuntimeError, match="kernel_size must be empty or a pair"):
+        ops.doconv_compose(W, D, False, [2, 5])
+    with pytest.raises(RuntimeError, match="grad must be a float32 CPU tensor"):
+        ops.doconv_compose_backward(torch.randn(32, 16, 3, 4), W, D, True, True)  # M*N = 12

@@ -81,12 +81,16 @@ void check_operands(const at::Tensor& W, const at::Tensor& D, int64_t area) {
 }
 
 template <int A>
-at::Tensor compose(const at::Tensor& W_, const at::Tensor& D_, bool add_identity) {
+at::Tensor compose(const at::Tensor& W_, const at::Tensor& D_, bool add_identity, at::IntArrayRef kernel_size) {
   check_operands(W_, D_, A);
   const at::Tensor W = W_.contiguous(), D = D_.contiguous();
   const int64_t I = W.size(0), O = W.size(2), row = I * A;  // row: one output channel of W'
   const int64_t ld = O + 16;  // the buffer's row stride: rows 2^k floats apart would share a few cache sets
-  at::Tensor out = at::empty({O, I, A}, W.options());
+  // (C_out, C_in, A), or the conv's (C_out, C_in, M, N) when the caller passes its kernel size: the same memory
+  TORCH_CHECK(kernel_size.empty() || (kernel_size.size() == 2 && kernel_size[0] * kernel_size[1] == A),
+              "doconv_compose: kernel_size must be empty or a pair whose product is ", A, ", got ", kernel_size);
+  at::Tensor out = kernel_size.empty() ? at::empty({O, I, A}, W.options())
+                                       : at::empty({O, I, kernel_size[0], kernel_size[1]}, W.options());
   const float* w = W.data_ptr<float>();
   const float* dm = D.data_ptr<float>();
   float* wc = out.data_ptr<float>();
@@ -121,11 +125,13 @@ std::tuple<at::Tensor, at::Tensor> compose_backward(const at::Tensor& grad_, con
                                                     bool add_identity) {
   check_operands(W_, D_, A);
   const int64_t I = W_.size(0), O = W_.size(2), row = I * A, ld = O + 16;
-  TORCH_CHECK(grad_.device().is_cpu() && grad_.scalar_type() == at::kFloat && grad_.dim() == 3 &&
-                  grad_.size(0) == O && grad_.size(1) == I && grad_.size(2) == A,
+  const bool grad_shape_ok = grad_.size(0) == O && grad_.size(1) == I &&
+                             ((grad_.dim() == 3 && grad_.size(2) == A) ||
+                              (grad_.dim() == 4 && grad_.size(2) * grad_.size(3) == A));
+  TORCH_CHECK(grad_.device().is_cpu() && grad_.scalar_type() == at::kFloat && grad_.dim() >= 3 && grad_shape_ok,
               "doconv_compose_backward: grad must be a float32 CPU tensor of shape (", O, ", ", I, ", ", A,
-              "), got ", grad_.sizes());
-  const at::Tensor grad = grad_.contiguous(), W = W_.contiguous(), D = D_.contiguous();
+              ") or (", O, ", ", I, ", M, N) with M*N = ", A, ", got ", grad_.sizes());
+  const at::Tensor grad = grad_.contiguous().view({O, I, A}), W = W_.contiguous(), D = D_.contiguous();
   // a gradient that is not needed comes back empty (0 elements)
   at::Tensor grad_w = at::empty({need_w ? I : 0, A, O}, W.options());
   at::Tensor grad_d = at::empty({need_d ? I : 0, A, A}, W.options());
@@ -183,9 +189,9 @@ std::tuple<at::Tensor, at::Tensor> compose_backward(const at::Tensor& grad_, con
   return {grad_w, grad_d};
 }
 
-at::Tensor doconv_compose(const at::Tensor& W, const at::Tensor& D, bool add_identity) {
+at::Tensor doconv_compose(const at::Tensor& W, const at::Tensor& D, bool add_identity, at::IntArrayRef kernel_size) {
   TORCH_CHECK(W.dim() == 3 && W.size(1) == 9, "doconv_compose: only 3x3 kernels with d_mul = 9, got W ", W.sizes());
-  return compose<9>(W, D, add_identity);
+  return compose<9>(W, D, add_identity, kernel_size);
 }
 
 std::tuple<at::Tensor, at::Tensor> doconv_compose_backward(const at::Tensor& grad, const at::Tensor& W,
@@ -200,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor> doconv_compose_backward(const at::Tensor& gra
 }  // namespace convzoo_native
 
 TORCH_LIBRARY_FRAGMENT(convzoo, m) {
-  m.def("doconv_compose(Tensor W, Tensor D, bool add_identity=False) -> Tensor");
+  m.def("doconv_compose(Tensor W, Tensor D, bool add_identity=False, int[] kernel_size=[]) -> Tensor");
   m.def(
       "doconv_compose_backward(Tensor grad, Tensor W, Tensor D, bool need_w, bool need_d, bool add_identity=False) "
       "-> (Tensor, Tensor)");

@@ -216,15 +216,15 @@ class _NativeWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, W: torch.Tensor, d_delta: torch.Tensor) -> torch.Tensor:  # noqa: N803
+    def forward(ctx, W: torch.Tensor, d_delta: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:  # noqa: N803
         ctx.save_for_backward(W, d_delta)
-        # (C_out, C_in, M*N); the caller views it 4-D (a view made inside a Function could not be edited in place)
-        return native_ops().doconv_compose(W, d_delta, True)
+        # allocated 4-D by the kernel: no view op (and a view made here could not be edited in place)
+        return native_ops().doconv_compose(W, d_delta, True, kernel_size)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        W, d_delta = ctx.saved_tensors
-        need_w, need_d = ctx.needs_input_grad
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        W, d_delta = ctx.saved_tensors  # grad: (C_out, C_in, M, N), which the native backward reads as is
+        need_w, need_d = ctx.needs_input_grad[:2]
         area = W.shape[1]
         if (
             type(grad) is torch.Tensor
@@ -234,10 +234,11 @@ class _NativeWeight(torch.autograd.Function):
             and not is_in_torch_dispatch_mode()
         ):
             grad_w, grad_d = native_ops().doconv_compose_backward(grad, W, d_delta, need_w, need_d, True)
-            return (grad_w if need_w else None), (grad_d if need_d else None)
+            return (grad_w if need_w else None), (grad_d if need_d else None), None
         with torch.autocast(grad.device.type, enabled=False):
             D = d_delta + torch.eye(area, dtype=d_delta.dtype, device=d_delta.device)
-            return _torch_compose_backward(grad, W, D, 1, need_w, need_d)
+            grad = grad.reshape(grad.shape[0], grad.shape[1], area)
+            return (*_torch_compose_backward(grad, W, D, 1, need_w, need_d), None)
 
 
 def compose_kernel(W: torch.Tensor, D: torch.Tensor, groups: int) -> torch.Tensor:  # noqa: N803
@@ -373,7 +374,7 @@ class DOConv2d(ConvAttributes, nn.Module):
         """The composed kernel W' (C_out, C_in/groups, M, N), what an equivalent nn.Conv2d holds."""
         W, d_delta = self.W, self.d_delta
         if native_weight_shape(W, d_delta, self.groups) and native_weight_ready(W, d_delta):
-            return _NativeWeight.apply(W, d_delta).view(self.out_channels, -1, *self.kernel_size)
+            return _NativeWeight.apply(W, d_delta, self.kernel_size)
         composed = compose_kernel(self.W, self.D, self.groups)
         return composed.reshape(self.out_channels, -1, *self.kernel_size)
 
