@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -60,13 +61,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
         tune_cpu_allocator()  # reuse freed memory across steps (see convzoo.runtime); CONVZOO_KEEP_ALLOCATOR opts out
         try:
-            return int(args.run(args) or 0)
+            status = int(args.run(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, inside this handler, not at interpreter exit
+            return status
         except (CLIError, ValueError, TypeError, FileNotFoundError) as error:
             print(f"convzoo {args.command}: error: {error}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"convzoo {args.command}: interrupted{RESUME_HINTS.get(args.command, '')}", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            # the reader stopped early (`convzoo train --list-recipes | head`): stop quietly, as Unix tools do.
+            # Python flushes stdout again at exit, so point it at /dev/null first (the Python docs' recipe).
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 1
 
 
 if __name__ == "__main__":

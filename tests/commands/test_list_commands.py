@@ -26,3 +26,22 @@ def test_a_pattern_matching_nothing_says_so(command: str, message: str, capsys: 
     assert main([command, "zz_nothing*"]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.strip() == message
+
+
+def test_a_reader_that_stops_early_gets_no_traceback() -> None:
+    """`convzoo train --list-recipes | head -1`: a closed pipe ends the command quietly, with status 1."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from convzoo.cli import main; sys.exit(main())",
+        "train",
+        "--list-recipes",
+    ]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        process.stdout.close()  # like `head` exiting: closed long before the child (importing torch) prints
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=120) == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
