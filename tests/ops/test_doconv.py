@@ -241,12 +241,12 @@ def test_autocast_forward_and_backward() -> None:
         torch.testing.assert_close(grad, expected, rtol=0.05, atol=0.05 * float(expected.abs().max()))
 
 
-def test_reset_parameters_refills_the_identity_after_to_empty() -> None:
-    """Built on the meta device then allocated with to_empty(), D's identity is uninitialized memory
-    until reset_parameters() (the meta-init / FSDP pattern, and convzoo's own materialize())."""
+def test_reset_parameters_after_to_empty_gives_d_the_exact_identity() -> None:
+    """Built on the meta device then allocated with to_empty() and reset (the meta-init / FSDP pattern, and
+    convzoo's own materialize()): D = D' + I with D' = 0 and the tiled identity for d_mul > M*N."""
     layer = DOConv2d(4, 6, 3, d_mul=11, device="meta").to_empty(device="cpu")
     layer.reset_parameters()
-    assert torch.equal(layer.d_identity, identity_init(9, 11))
+    assert torch.equal(layer.D, identity_init(9, 11).expand(4, 9, 11))
 
 
 def test_forward_mode_ad_and_torch_func_transforms_differentiate_the_composition() -> None:
@@ -276,6 +276,6 @@ def test_a_module_built_on_meta_and_loaded_has_the_exact_identity() -> None:
         loaded = DOConv2d(6, 4, 3, padding=1, dtype=torch.float64)
     loaded = loaded.to_empty(device="cpu")
     loaded.load_state_dict(source.state_dict())
-    assert torch.equal(loaded.d_identity, identity_init(9, 9, dtype=torch.float64))
+    assert torch.equal(loaded.D, source.D)
     x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=0)

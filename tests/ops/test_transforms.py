@@ -125,10 +125,10 @@ def test_forward_mode_gives_cac_its_straight_through_gradient() -> None:
     torch.testing.assert_close(forward, reverse, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["cac", "multiception", "doconv"])
-def test_a_layer_used_under_transforms_can_still_be_copied(kind) -> None:
+def test_a_cac_layer_used_under_transforms_can_still_be_copied() -> None:
+    """CAC records per-call statistics (mask, counts): none may hold a functorch wrapper afterwards."""
     for deployed in (False, True):
-        model = _converted(kind, torch.float32, deployed)
+        model = _converted("cac", torch.float32, deployed)
         torch.func.vmap(model.eval())(torch.randn(3, 2, 32, 9, 9))
         torch.func.grad(lambda x, m=model: m(x).sum())(torch.randn(2, 32, 9, 9))
         copy.deepcopy(model)  # no functorch wrapper left behind in the layer's recorded statistics

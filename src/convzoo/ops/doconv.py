@@ -23,7 +23,6 @@ mixes channels when groups > 1 and C_out / g > 1.)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -44,6 +43,8 @@ from convzoo.ops.registry import needs_spatial_kernel, register_conv
 def identity_init(kernel_area: int, d_mul: int, *, device=None, dtype=None) -> torch.Tensor:
     """The (kernel_area, d_mul) matrix of identities tiled along d_mul, zeros for the remainder."""
     eye = torch.eye(kernel_area, device=device, dtype=dtype)
+    if d_mul == kernel_area:
+        return eye
     tiles = [eye] * (d_mul // kernel_area)
     if d_mul % kernel_area:
         tiles.append(torch.zeros(kernel_area, d_mul % kernel_area, device=device, dtype=dtype))
@@ -236,7 +237,7 @@ class _NativeWeight(torch.autograd.Function):
             grad_w, grad_d = native_ops().doconv_compose_backward(grad, W, d_delta, need_w, need_d, True)
             return (grad_w if need_w else None), (grad_d if need_d else None), None
         with torch.autocast(grad.device.type, enabled=False):
-            D = d_delta + torch.eye(area, dtype=d_delta.dtype, device=d_delta.device)
+            D = d_delta + identity_init(area, area, device=d_delta.device, dtype=d_delta.dtype)
             grad = grad.reshape(grad.shape[0], grad.shape[1], area)
             return (*_torch_compose_backward(grad, W, D, 1, need_w, need_d), None)
 
@@ -323,7 +324,6 @@ class DOConv2d(ConvAttributes, nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.W = nn.Parameter(torch.empty(in_channels, d_mul, out_channels // groups, **factory))
         self.d_delta = nn.Parameter(torch.zeros(in_channels, area, d_mul, **factory))
-        self.register_buffer("d_identity", identity_init(area, d_mul, **factory), persistent=False)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         else:
@@ -331,38 +331,26 @@ class DOConv2d(ConvAttributes, nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """W as nn.Conv2d initialises its kernel (same fan-in when d_mul = M*N); D' = 0.
-
-        Also refills the identity buffer, so that a module built on the meta device and allocated with
-        ``to_empty(device=...)`` (uninitialized memory) is made whole by this call.
-        """
+        """W as nn.Conv2d initialises its kernel (same fan-in when d_mul = M*N); D' = 0."""
         paper_w = torch.empty(self.out_channels, self.in_channels // self.groups, self.d_mul)
         nn.init.kaiming_uniform_(paper_w, a=math.sqrt(5))
         with torch.no_grad():
             self.W.copy_(_to_input_major(paper_w, self.groups))
-            self.d_identity.copy_(identity_init(self.d_identity.shape[0], self.d_mul))
         nn.init.zeros_(self.d_delta)
         if self.bias is not None:
             fan_in = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DOConv2d:
-        """``nn.Module._apply`` (``to``, ``to_empty``, ``half``, ...), then the identity refilled.
-
-        ``d_identity`` is derived state, never in a state_dict: ``to_empty`` followed by ``load_state_dict``
-        (the usual meta-device loading) would otherwise leave it uninitialized. Every path must see D = D' + I
-        with the exact identity, since the native path adds I itself and never reads the buffer.
-        """
-        super()._apply(fn, recurse)
-        with torch.no_grad():
-            self.d_identity.copy_(identity_init(self.d_identity.shape[0], self.d_mul))
-        return self
-
     @property
     def D(self) -> torch.Tensor:  # noqa: N802  (the paper's name)
-        """The over-parameterization kernel D = D' + I, shape (C_in, M*N, D_mul)."""
-        return self.d_delta + self.d_identity
+        """The over-parameterization kernel D = D' + I, shape (C_in, M*N, D_mul).
+
+        I is built here, not held: no module state can then hold anything but the exact identity (a buffer
+        is left uninitialized by ``to_empty()`` + ``load_state_dict()``, since it is in no state_dict).
+        """
+        d_delta = self.d_delta
+        return d_delta + identity_init(d_delta.shape[1], self.d_mul, device=d_delta.device, dtype=d_delta.dtype)
 
     @property
     def W_paper(self) -> torch.Tensor:  # noqa: N802

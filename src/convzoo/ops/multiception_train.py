@@ -157,7 +157,7 @@ class _BranchesNormPointwise(torch.autograd.Function):
                 [F.conv2d(x, w, None, ctx.stride, _centred_padding(w), 1, channels) for w in branch_weights], dim=1
             )
             normalized = F.batch_norm(z, None, None, gamma, beta, training=True, eps=ctx.eps)
-            y = F.conv2d(normalized, pointwise_weight)  # the bias's gradient is grad_y's sum, below
+            y = F.conv2d(normalized, pointwise_weight)  # no bias: its gradient is grad_y's sum (above)
             found = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
         grads = [next(found) if need else None for need in needs]
         return (*grads[:4], grad_bias, None, None, *grads[4:])
