@@ -481,3 +481,41 @@ def test_sync_batchnorm_folds_like_batchnorm(kind: str | None, container: str) -
         y = deployed(x)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deployed.modules())
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+FROZEN_CASES = {  # kind, the conv it replaces, parameters holding its kernel, parameters holding its bias
+    "doconv": (lambda: nn.Conv2d(8, 16, 3, padding=1), {"W", "d_delta"}, {"bias"}),
+    "cac": (lambda: nn.Conv2d(8, 16, 3, padding=1), {"weight"}, {"bias"}),
+    "cpwc": (lambda: nn.Conv2d(8, 16, 1), {"weight"}, {"bias"}),
+    "dds": (lambda: nn.Conv2d(8, 16, 3, padding=1), {"depthwise.weight", "pointwise.weight"}, {"pointwise.bias"}),
+    "dds-depthwise": (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), {"depthwise.weight"}, {"depthwise.bias"}),
+    "pyramid": (
+        lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        {f"branches.{i}.weight" for i in range(3)},
+        {f"branches.{i}.bias" for i in range(3)},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FROZEN_CASES))
+@pytest.mark.parametrize("frozen", ["all", "weight", "none"])
+def test_a_frozen_conv_converts_to_a_frozen_layer(case: str, frozen: str) -> None:
+    """The parameters holding the conv's kernel and bias keep its requires_grad flags (a frozen stem
+    stays frozen; BitFit's trainable biases stay trainable); new parameters (CAC's γ, β, CPWC's
+    context unit) stay trainable. DO-Conv's D' factors the kernel, so it follows the kernel's flag."""
+    build, kernel_params, bias_params = FROZEN_CASES[case]
+    conv = build()
+    if frozen == "all":
+        conv.requires_grad_(False)
+    elif frozen == "weight":
+        conv.weight.requires_grad_(False)
+    model = convert(nn.Sequential(conv), case.split("-")[0])
+    flags = {name.removeprefix("0."): p.requires_grad for name, p in model.named_parameters()}
+    assert kernel_params | bias_params <= set(flags)
+    for name, requires_grad in flags.items():
+        if name in kernel_params:
+            assert requires_grad is (frozen == "none"), name
+        elif name in bias_params:
+            assert requires_grad is (frozen != "all"), name
+        else:
+            assert requires_grad, name

@@ -91,7 +91,9 @@ def convert(
         The converted model (a new module if ``model`` itself was a replaced conv). Its
         ``convzoo_report`` attribute (also ``conversion_report(model)``) lists which layers were
         replaced and which were skipped, and why. Layers that already are convzoo operators
-        are skipped and not entered, so converting twice is idempotent.
+        are skipped and not entered, so converting twice is idempotent. Training mode, device,
+        dtype and the ``requires_grad`` flags of the parameters that hold a conv's kernel and bias
+        carry over to its replacement (see ``conv_spec.inherit_requires_grad``).
     """
     check_module(model)
     conv_kind = get_conv_kind(kind)

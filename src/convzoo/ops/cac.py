@@ -41,7 +41,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convzoo.native import native_ops, native_ready
-from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, PaddingArg, check_input, is_tracing, transform_active
+from convzoo.ops.conv_spec import (
+    ConvAttributes,
+    ConvSpec,
+    PaddingArg,
+    check_input,
+    inherit_requires_grad,
+    is_tracing,
+    transform_active,
+)
 from convzoo.ops.registry import check_module, needs_spatial_kernel, register_conv
 
 SCORE_MACS_PER_POSITION = 13
@@ -506,7 +514,7 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
             module.weight.copy_(conv.weight)
             if conv.bias is not None:
                 module.bias.copy_(conv.bias)
-        module.weight.requires_grad_(conv.weight.requires_grad)
+        inherit_requires_grad(conv, weights=(module.weight,), biases=(module.bias,))
         return module
 
     def always_sharp(self) -> bool:

@@ -9,7 +9,7 @@ way ``nn.Conv2d`` does, so operators never re-derive it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -366,6 +366,24 @@ class ConvAttributes:
     dilation = property(lambda self: self.spec.dilation)
     groups = property(lambda self: self.spec.groups)
     padding_mode = property(lambda self: self.spec.padding_mode)
+
+
+def inherit_requires_grad(
+    conv: nn.Conv2d,
+    *,
+    weights: Iterable[nn.Parameter | None] = (),
+    biases: Iterable[nn.Parameter | None] = (),
+) -> None:
+    """Give the parameters that hold ``conv``'s kernel (``weights``) and its bias (``biases``) ``conv``'s
+    ``requires_grad`` flags, so that a frozen conv converts to a frozen layer (``convert`` on a backbone
+    whose stem the user froze). Parameters that are new (CAC's γ and β, CPWC's context unit) stay trainable.
+    """
+    for targets, source in ((weights, conv.weight), (biases, conv.bias)):
+        if source is None:
+            continue
+        for parameter in targets:
+            if parameter is not None:
+                parameter.requires_grad_(source.requires_grad)
 
 
 def conv_signature(conv: nn.Conv2d) -> str:

@@ -47,7 +47,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, check_bool, check_channels, check_input, to_pair
+from convzoo.ops.conv_spec import (
+    ConvAttributes,
+    ConvSpec,
+    check_bool,
+    check_channels,
+    check_input,
+    inherit_requires_grad,
+    to_pair,
+)
 from convzoo.ops.registry import needs_pointwise, register_conv
 
 CONTEXT_KERNEL = 3
@@ -352,9 +360,9 @@ class CPWConv2d(ConvAttributes, nn.Module):
         with torch.no_grad():
             if module.weight is not None:
                 module.weight.copy_(conv.weight)
-                module.weight.requires_grad_(conv.weight.requires_grad)
             if conv.bias is not None:
                 module.bias.copy_(conv.bias)
+        inherit_requires_grad(conv, weights=(module.weight,), biases=(module.bias,))
         return module
 
     @torch.no_grad()

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convzoo.ops.conv_spec import ConvSpec, check_bool, check_channels, check_input, to_pair
+from convzoo.ops.conv_spec import ConvSpec, check_bool, check_channels, check_input, inherit_requires_grad, to_pair
 from convzoo.ops.registry import needs_depthwise, register_conv
 
 DEPLOY_FORMS = ("branches", "folded")
@@ -262,6 +262,10 @@ class DilatedSeparableConv2d(nn.Module):
                 module.depthwise.weight.copy_(vh[:, 0, :].reshape(c_in, 1, k, k))
                 if conv.bias is not None:
                     module.pointwise.bias.copy_(conv.bias)
+        held_bias = module.depthwise.bias if depthwise else getattr(module.pointwise, "bias", None)
+        inherit_requires_grad(
+            conv, weights=(module.depthwise.weight, getattr(module.pointwise, "weight", None)), biases=(held_bias,)
+        )
         return module.train(conv.training)
 
     def fuse(self) -> nn.Module:
@@ -437,6 +441,9 @@ class PyramidDilatedConv2d(nn.Module):
                 branch.weight.copy_(weight)
                 if bias is not None:
                     branch.bias.copy_(bias)
+        inherit_requires_grad(
+            conv, weights=[b.weight for b in module.branches], biases=[b.bias for b in module.branches]
+        )
         return module.train(conv.training)
 
     @torch.no_grad()

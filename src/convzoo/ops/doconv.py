@@ -34,6 +34,7 @@ from convzoo.ops.conv_spec import (
     ConvSpec,
     PaddingArg,
     autocast_enabled,
+    inherit_requires_grad,
     is_tracing,
     transform_active,
 )
@@ -383,7 +384,8 @@ class DOConv2d(ConvAttributes, nn.Module):
             module.W.copy_(_to_input_major(paper_w, spec.groups))
             if conv.bias is not None:
                 module.bias.copy_(conv.bias)
-        module.W.requires_grad_(conv.weight.requires_grad)
+        # D' factors the kernel with W: a frozen kernel freezes both
+        inherit_requires_grad(conv, weights=(module.W, module.d_delta), biases=(module.bias,))
         return module
 
     @torch.no_grad()

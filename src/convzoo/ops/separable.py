@@ -40,6 +40,20 @@ from convzoo.ops.multiception import (
 from convzoo.ops.registry import register_conv
 
 
+class MixedDepthwiseConv2d(MixedConv2d):
+    """timm's ``MixedConv2d`` (same parameters and state_dict keys) that also takes an unbatched
+    (C, H, W) input, as ``nn.Conv2d`` does: timm's splits dim 1, which is H for an unbatched tensor.
+    This one splits and concatenates the channel dim counted from the end (no branch: fx-traceable).
+
+    Shapes:
+        (B, C, H, W) -> (B, C, H', W'); unbatched (C, H, W) -> (C, H', W').
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = torch.split(x, self.splits, -3)  # indexed, not unpacked: fx cannot iterate a traced split
+        return torch.cat([conv(parts[index]) for index, conv in enumerate(self.values())], -3)
+
+
 class _SeparableBase(nn.Module):
     """depthwise -> pointwise (1x1, bias) -> bn_out; subclasses build ``depthwise``."""
 
@@ -84,7 +98,7 @@ class _SeparableBase(nn.Module):
     def fuse(self) -> nn.Sequential:
         """``nn.Sequential(depthwise, pointwise)`` with BN(C_out) folded into the 1x1 (exact in eval mode).
 
-        MixConv's holds timm's ``MixedConv2d``, which takes batched (B, C, H, W) input only.
+        MixConv's depthwise is a ``MixedDepthwiseConv2d`` (timm's ``MixedConv2d``, unbatched input too).
         """
         pointwise = fuse_conv_bn_eval(self.pointwise.eval(), self.bn_out.eval())
         self.pointwise.train(self.training)
@@ -186,7 +200,9 @@ class MixConv2d(_SeparableBase):
         if self.stride[0] != self.stride[1]:
             raise ValueError(f"MixConv2d needs a square stride (timm MixedConv2d), got {stride!r}")
         c = self.in_channels
-        self.depthwise = MixedConv2d(c, c, list(self.kernels), stride=self.stride[0], depthwise=True, **factory)
+        self.depthwise = MixedDepthwiseConv2d(
+            c, c, list(self.kernels), stride=self.stride[0], depthwise=True, **factory
+        )
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, kernels: Sequence[int] = (3, 5, 7)) -> MixConv2d:
