@@ -519,3 +519,66 @@ def test_a_frozen_conv_converts_to_a_frozen_layer(case: str, frozen: str) -> Non
             assert requires_grad is (frozen != "all"), name
         else:
             assert requires_grad, name
+
+
+class _FoldsItself(nn.Module):
+    """A block that folds its own conv + BN from ``conv.weight`` (LeViT's ConvNorm, YOLO's ``fuse()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        return _fold_from_weight(self.conv, self.bn)
+
+
+def _fold_from_weight(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """What such a block does: a plain conv from the child's weight and geometry, BN folded."""
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+    plain = plain.to(conv.weight.dtype).eval()
+    with torch.no_grad():
+        plain.weight.copy_(conv.weight)
+    return torch.nn.utils.fusion.fuse_conv_bn_eval(plain, bn.eval())
+
+
+@pytest.mark.parametrize("root", [True, False])
+def test_convs_inside_a_block_that_folds_itself_convert_only_to_exact_weight_kinds(root: bool) -> None:
+    """Such a block folds each child conv from its weight, dropping what CAC (or CPWC ...) adds: deploy
+    used to give silently wrong outputs (timm RepVGG / MobileOne). convert() skips those kinds there and
+    says why; DO-Conv, whose weight is its whole function, converts and folds exactly."""
+    torch.manual_seed(0)
+    model = (_FoldsItself() if root else nn.Sequential(_FoldsItself())).double()
+    where = "the model (_FoldsItself, fuse())" if root else "'0' (_FoldsItself, fuse())"
+    with pytest.warns(UserWarning, match="no layer was replaced"):
+        skipped = convert(model, "cac")
+    assert conversion_report(skipped).skipped == [
+        (
+            "conv" if root else "0.conv",
+            f"inside {where}, which folds its convs from their weight (dropping what 'cac' adds)",
+        )
+    ]
+    converted = make_trained_like_(convert(model, "doconv"), torch.randn(2, 4, 7, 7, dtype=torch.float64))
+    assert conversion_report(converted).replaced
+    x = torch.randn(2, 4, 7, 9, dtype=torch.float64)
+    with torch.no_grad():
+        expected = converted(x)
+        torch.testing.assert_close(deploy(converted)(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_deploy_refuses_a_block_that_would_fold_an_operator_as_a_plain_conv() -> None:
+    """A hand-built model (no convert() to skip it): timm's RepVGG block around a CPWC operator."""
+    from timm.models.byobnet import RepVggBlock
+
+    block = RepVggBlock(8, 8).eval()
+    block.conv_1x1.conv = convzoo.CPWConv2d.from_conv(block.conv_1x1.conv)
+    with pytest.raises(
+        ValueError,
+        match=r"deploy: module '0' \(RepVggBlock\) folds its own convs with reparameterize\(\) from their weight, "
+        r"which would drop what the convzoo 'cpwc' operator at '0.conv_1x1.conv'",
+    ):
+        deploy(nn.Sequential(block))

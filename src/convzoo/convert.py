@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from convzoo.ops.conv_spec import check_bool, conv_signature
-from convzoo.ops.registry import check_callable, check_module, get_conv_kind, operator_kind
+from convzoo.ops.registry import FOLD_METHODS, check_callable, check_module, fold_method, get_conv_kind, operator_kind
 
 LayerOptions = Callable[[str, nn.Conv2d], "dict[str, Any] | None"]
 
@@ -108,7 +108,7 @@ def convert(
     used_patterns: set[str] = set()
     built: dict[int, nn.Module] = {}  # preserves sharing when one conv is reached twice
 
-    def replacement(name: str, conv: nn.Module) -> nn.Module | None:
+    def replacement(name: str, conv: nn.Module, folder: str | None) -> nn.Module | None:
         if type(conv) is not nn.Conv2d:
             report.skipped.append((name, f"{type(conv).__name__} is a subclass of nn.Conv2d with its own forward"))
             return None
@@ -124,6 +124,8 @@ def convert(
             report.skipped.append((name, f"excluded by {hits[0]!r}"))
             return None
         reason = conv_kind.skip_reason(conv)
+        if reason is None and folder is not None and not conv_kind.exact_weight:
+            reason = f"inside {folder}, which folds its convs from their weight (dropping what {kind!r} adds)"
         if reason is not None:
             report.skipped.append((name, reason))
             return None
@@ -145,7 +147,7 @@ def convert(
         report.replaced.append((name, conv_signature(conv)))
         return built[id(conv)]
 
-    def visit(parent: nn.Module, prefix: str) -> None:
+    def visit(parent: nn.Module, prefix: str, folder: str | None) -> None:
         # _modules, not named_children(): the latter hides a shared module's second slot
         for child_name, child in list(parent._modules.items()):
             if child is None:
@@ -156,18 +158,18 @@ def convert(
                 report.skipped.append((name, f"already a convzoo {existing!r} operator"))
                 continue
             if isinstance(child, nn.Conv2d):
-                new = replacement(name, child)
+                new = replacement(name, child, folder)
                 if new is not None:
                     setattr(parent, child_name, new)
                 continue
-            visit(child, name + ".")
+            visit(child, name + ".", _folder_description(child, name) or folder)
 
     if operator_kind(model) is not None:
         report.skipped.append(("", f"already a convzoo {operator_kind(model)!r} operator"))
     elif isinstance(model, nn.Conv2d):
-        model = replacement("", model) or model
+        model = replacement("", model, None) or model
     else:
-        visit(model, "")
+        visit(model, "", _folder_description(model, ""))
 
     report.unmatched_patterns = [p for p in includes + excludes if p not in used_patterns]
     problems = [f"pattern {p!r} matched no conv" for p in report.unmatched_patterns]
@@ -180,6 +182,15 @@ def convert(
         warnings.warn(message + " (see convzoo.conversion_report(model))", UserWarning, stacklevel=2)
     object.__setattr__(model, "convzoo_report", report)
     return model
+
+
+def _folder_description(module: nn.Module, name: str) -> str | None:
+    """'the model (YOLO) ... fuse()' style words for a block that folds its own convs, or None."""
+    method = fold_method(module)
+    if method is None:
+        return None
+    where = f"{name!r}" if name else "the model"
+    return f"{where} ({type(module).__name__}, {method}())"
 
 
 # -------------------------------------------------------------------- deploy
@@ -198,6 +209,8 @@ def reparameterize(model: nn.Module) -> nn.Module:
 
 def _reparameterize(module: nn.Module, name: str) -> nn.Module:
     if callable(getattr(module, "fuse", None)):
+        if operator_kind(module) is None:
+            _check_folds_exactly(module, name, "fuse")
         fused = module.fuse()
         if not isinstance(fused, nn.Module):
             where = f"module {name!r}" if name else "the root module"
@@ -208,8 +221,9 @@ def _reparameterize(module: nn.Module, name: str) -> nn.Module:
         if fused is not module:  # a fuse() that folds in place and returns self: go on into its children
             return _reparameterize(fused, name)
     else:
-        for method in ("reparameterize", "switch_to_deploy"):
+        for method in FOLD_METHODS[1:]:
             if callable(getattr(module, method, None)):
+                _check_folds_exactly(module, name, method)
                 getattr(module, method)()
                 break
     for child_name, child in list(module.named_children()):
@@ -217,6 +231,22 @@ def _reparameterize(module: nn.Module, name: str) -> nn.Module:
         if new is not child:
             setattr(module, child_name, new)
     return module
+
+
+def _check_folds_exactly(block: nn.Module, name: str, method: str) -> None:
+    """Refuse to let a block that folds its own convs (timm's RepVGG ``reparameterize()``, ...) fold a
+    convzoo operator whose function is more than its ``weight``: the block would fold it as a plain conv."""
+    for inner_name, inner in block.named_modules():
+        kind = operator_kind(inner)
+        if kind is not None and inner is not block and not get_conv_kind(kind).exact_weight:
+            where = f"module {name!r}" if name else "the root module"
+            inner_path = f"{name}.{inner_name}" if name else inner_name
+            raise ValueError(
+                f"deploy: {where} ({type(block).__name__}) folds its own convs with {method}() from their weight, "
+                f"which would drop what the convzoo {kind!r} operator at {inner_path!r} computes beyond it "
+                f"(wrong outputs); convert() skips convs inside such blocks: convert the original model again, or "
+                f"exclude that block"
+            )
 
 
 _FOLDABLE_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)  # SyncBatchNorm: what --sync-bn CUDA training holds

@@ -61,6 +61,7 @@ def test_register_conv_accepts_a_valid_kind(kinds: dict) -> None:
         ({"skip_reason": "3x3"}, TypeError, "skip_reason must be callable, got '3x3'"),
         ({"from_conv": 5}, TypeError, "from_conv must be callable, got 5"),
         ({"zoo_default": "no"}, TypeError, "zoo_default must be a bool, got 'no'"),
+        ({"exact_weight": 1}, TypeError, "exact_weight must be a bool, got 1"),
     ],
 )
 def test_register_conv_bad_arguments(kinds: dict, kwargs: dict, error: type[Exception], match: str) -> None:

@@ -272,6 +272,7 @@ def compose_kernel(W: torch.Tensor, D: torch.Tensor, groups: int) -> torch.Tenso
     "doconv",
     description="DO-Conv / DO-DConv / DO-GConv: depthwise over-parameterized k x k conv, folds into nn.Conv2d",
     skip_reason=needs_spatial_kernel,
+    exact_weight=True,  # weight is the composed kernel: a parent block that folds from conv.weight folds it right
 )
 class DOConv2d(ConvAttributes, nn.Module):
     """Depthwise over-parameterized convolution with ``nn.Conv2d``'s interface.

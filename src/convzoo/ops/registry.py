@@ -63,6 +63,10 @@ class ConvKind:
         zoo_default: whether ``create_model(..., conv=name)`` may fall back to converting
             every conv the kind replaces when the model has no placement preset for it.
             False for kinds whose paper places them selectively (e.g. Multiception).
+        exact_weight: whether the operator's ``weight`` and ``bias`` (with ``nn.Conv2d``'s geometry
+            attributes) are its whole function, so that a parent block that folds its convs itself
+            from ``conv.weight`` (timm's RepVGG / MobileOne / LeViT blocks, YOLO's ``fuse()``) folds it
+            right (DO-Conv). ``convert()`` skips the other kinds inside such blocks.
     """
 
     name: str
@@ -71,6 +75,7 @@ class ConvKind:
     skip_reason: SkipReason
     from_conv: ConvFactory
     zoo_default: bool = True
+    exact_weight: bool = False
 
 
 _KINDS: dict[str, ConvKind] = {}
@@ -83,6 +88,7 @@ def register_conv(
     skip_reason: SkipReason,
     from_conv: ConvFactory | None = None,
     zoo_default: bool = True,
+    exact_weight: bool = False,
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator registering an operator kind.
 
@@ -92,7 +98,7 @@ def register_conv(
 
     Raises:
         TypeError: ``name`` is not a non-empty str, ``description`` not a str, ``skip_reason`` or
-            ``from_conv`` not callable, ``zoo_default`` not a bool, or the decorated object not an
+            ``from_conv`` not callable, ``zoo_default`` / ``exact_weight`` not a bool, or the decorated object not an
             ``nn.Module`` subclass.
         ValueError: ``name`` is already registered by another class.
     """
@@ -103,6 +109,7 @@ def register_conv(
     if from_conv is not None:
         check_callable(from_conv, "from_conv")
     check_bool(zoo_default, "zoo_default")
+    check_bool(exact_weight, "exact_weight")
 
     def decorator(cls: type[nn.Module]) -> type[nn.Module]:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
@@ -113,7 +120,7 @@ def register_conv(
         if factory is None:
             raise TypeError(f"{cls.__name__} needs a from_conv classmethod to be registered as {name!r}")
         cls.convzoo_kind = name
-        _KINDS[name] = ConvKind(name, description, cls, skip_reason, factory, zoo_default)
+        _KINDS[name] = ConvKind(name, description, cls, skip_reason, factory, zoo_default, exact_weight)
         return cls
 
     return decorator
@@ -140,6 +147,19 @@ def list_convs(pattern: str = "*") -> dict[str, str]:
 def operator_kind(module: nn.Module) -> str | None:
     """The kind key of a convzoo operator module, or None for any other module."""
     return getattr(type(module), "convzoo_kind", None)
+
+
+FOLD_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
+"""The deploy-form protocol of ``timm.utils.reparameterize_model`` (and ``convzoo.deploy``), in its order."""
+
+
+def fold_method(module: nn.Module) -> str | None:
+    """The method by which a module that is not a convzoo operator folds its own children (timm's RepVGG
+    ``reparameterize()``, LeViT's ``fuse()``, ...), or None. Such a block builds its folded conv from each
+    child conv's ``weight``, so it folds only ``exact_weight`` operators right."""
+    if operator_kind(module) is not None:
+        return None
+    return next((method for method in FOLD_METHODS if callable(getattr(module, method, None))), None)
 
 
 # ---------------------------------------------------------------- predicates
