@@ -71,3 +71,40 @@ def test_onnx_export_of_deployed_model_runs_in_onnxruntime(tmp_path, kind: str) 
     (logits,) = session.run(None, {"images": x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=1e-4, atol=1e-4)
+
+
+DYNAMIC_LAYERS = {  # kind: the conv it replaces (stride 2: output sizes round down on odd inputs)
+    "doconv": lambda: torch.nn.Conv2d(8, 8, 3, 2, 1),
+    "cac": lambda: torch.nn.Conv2d(8, 8, 3, 2, 1),
+    "cpwc": lambda: torch.nn.Conv2d(8, 8, 1),
+    "dds": lambda: torch.nn.Conv2d(8, 8, 3, 2, 1),
+    "pyramid": lambda: torch.nn.Conv2d(12, 12, 3, 2, 1, groups=12),
+    "dsconv": lambda: torch.nn.Conv2d(8, 8, 3, 2, 1),
+    "mixconv": lambda: torch.nn.Conv2d(8, 8, 3, 2, 1),
+    "multiception": lambda: torch.nn.Conv2d(8, 8, 3, 2, 1),
+}
+
+
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. CAC kept export's fake tensors in last_mask
+@pytest.mark.parametrize("deployed", [True, False], ids=["deployed", "eval"])
+@pytest.mark.parametrize("kind", sorted(DYNAMIC_LAYERS))
+def test_torch_export_with_dynamic_batch_and_image_size(kind: str, deployed: bool) -> None:
+    """One export serves every batch and image size. CAC's output size was math.floor of a true division,
+    and its slices were truncated to it, which torch.export could not prove in bounds: any dynamic H / W
+    failed. The CAC layer keeps no tensor of the trace in its statistics."""
+    torch.manual_seed(0)
+    conv = DYNAMIC_LAYERS[kind]()
+    model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(conv.out_channels)).double()
+    x = torch.randn(2, conv.in_channels, 16, 16, dtype=torch.float64)
+    model = make_trained_like_(convzoo.convert(model, kind), x)
+    if deployed:
+        model = convzoo.deploy(model)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    # from 4: torch's own conv guards a stride-2 output size of 1 (a plain nn.Conv2d fails below that too)
+    height, width = torch.export.Dim("height", min=4, max=64), torch.export.Dim("width", min=4, max=64)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch, 2: height, 3: width},))
+    other = torch.randn(3, conv.in_channels, 13, 21, dtype=torch.float64)
+    recorded = [getattr(m, "last_mask", None) for m in model.modules()]
+    assert not any(isinstance(t, torch._subclasses.FakeTensor) for t in recorded)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(other), model(other), rtol=1e-10, atol=1e-10)

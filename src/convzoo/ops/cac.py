@@ -48,6 +48,7 @@ from convzoo.ops.conv_spec import (
     check_input,
     inherit_requires_grad,
     is_tracing,
+    tracing_a_graph,
     transform_active,
 )
 from convzoo.ops.registry import check_module, needs_spatial_kernel, register_conv
@@ -59,6 +60,22 @@ SCORE_MACS_PER_POSITION = 13
 def centre_offset(spec: ConvSpec) -> tuple[int, int]:
     """Offset (rows, cols) of the window centre tap from the window's first tap, in padded input pixels."""
     return tuple(d * ((k - 1) // 2) for k, d in zip(spec.kernel_size, spec.dilation))  # type: ignore[return-value]
+
+
+def window_taps(t: Tensor, dim: int, offset: int, extent: int, stride: int, lead: int = 0, trail: int = 0) -> Tensor:
+    """Tap ``offset`` of every window along ``dim``, a strided view with one entry per output position.
+
+    The windows span ``extent`` = d·(k−1)+1 entries and start at ``lead``, ``lead`` + stride, ... as long as
+    they end before the last ``trail`` entries (margins outside the conv's padded input). The slice's end is
+    the size minus a constant, so it holds exactly floor((size − lead − trail − extent) / stride) + 1 entries,
+    the conv's output size, with no truncating slice: torch.export's dynamic shapes could not prove that
+    truncation in bounds (a CAC model exported for one image size only).
+    """
+    start = lead + offset
+    end = t.shape[dim] - (trail + extent - 1 - offset)
+    index = [slice(None)] * t.dim()
+    index[dim] = slice(start, end, stride)
+    return t[tuple(index)]
 
 
 def pad_input(spec: ConvSpec, x: Tensor) -> Tensor:
@@ -125,17 +142,18 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
     if top or bottom or left or right:
         mean = F.pad(mean, (left, right, top, bottom), mode="replicate")
     ch, cw = centre_offset(spec)
-    (dh, dw), (sh, sw), (out_h, out_w) = spec.dilation, spec.stride, out_size
+    (dh, dw), (sh, sw) = spec.dilation, spec.stride
+    extent_h, extent_w = (d * (k - 1) + 1 for k, d in zip(spec.kernel_size, spec.dilation))
     mean = mean[:, 0]
     # Separable Sobel on strided views (no copies; a 1-channel conv2d is very slow on CPU): first along x
     # on every row, at the output columns: col[c] is tap column c of every window, (B, Hp, W').
-    col = [mean[:, :, left + cw + (c - 1) * dw :: sw][:, :, :out_w] for c in range(3)]
+    col = [window_taps(mean, 2, cw + (c - 1) * dw, extent_w, sw, left, right) for c in range(3)]
     diff_x = col[2] - col[0]  # [-1 0 1] along x
     smooth_x = torch.add(col[0] + col[2], col[1], alpha=2)  # [1 2 1] along x
 
     # then along y at the output rows: row(t, r) is tap row r of every window, (B, H', W')
     def row(t: Tensor, r: int) -> Tensor:
-        return t[:, top + ch + (r - 1) * dh :: sh][:, :out_h]
+        return window_taps(t, 1, ch + (r - 1) * dh, extent_h, sh, top, bottom)
 
     grad_x = torch.add(row(diff_x, 0) + row(diff_x, 2), row(diff_x, 1), alpha=2)  # [1 2 1]^T ⊗ [-1 0 1]
     grad_y = row(smooth_x, 2) - row(smooth_x, 0)  # [-1 0 1]^T ⊗ [1 2 1]
@@ -179,24 +197,33 @@ def sharp_windows(
     return mask, (mask.flatten(1).sum(1) if count else None)
 
 
-def centre_pixels(spec: ConvSpec, padded: Tensor, out_size: tuple[int, int]) -> Tensor:
+def centre_pixels(spec: ConvSpec, padded: Tensor) -> Tensor:
     """The window centre pixel of every output position: padded (B, C, Hp, Wp) -> (B, C, H', W') view."""
-    ch, cw = centre_offset(spec)
-    sh, sw = spec.stride
-    return padded[..., ch::sh, cw::sw][..., : out_size[0], : out_size[1]]
+    (ch, cw), (sh, sw) = centre_offset(spec), spec.stride
+    extent_h, extent_w = (d * (k - 1) + 1 for k, d in zip(spec.kernel_size, spec.dilation))
+    return window_taps(window_taps(padded, -2, ch, extent_h, sh), -1, cw, extent_w, sw)
 
 
 def first_centre_inside(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> tuple[int, int] | None:
-    """The pixel (row, col) of x under the first window's centre, if every window's centre lies inside x."""
+    """The pixel (row, col) of x under the first window's centre, if every window's centre lies inside x.
+
+    When the part of the window after its centre reaches at least as far as the padding after x, the last
+    centre lies inside x for every input size. Otherwise it depends on the size, which is only checked for
+    concrete sizes: under torch.export's dynamic shapes the answer is None (the padded path, same values),
+    as a guard on the symbolic size would pin the export to some image sizes.
+    """
     (ch, cw), (sh, sw) = centre_offset(spec), spec.stride
-    left, _, top, _ = spec.explicit_padding
+    left, right, top, bottom = spec.explicit_padding
     first_h, first_w = ch - top, cw - left
-    inside = (
-        first_h >= 0
-        and first_w >= 0
-        and first_h + (out_size[0] - 1) * sh < x.shape[2]
-        and first_w + (out_size[1] - 1) * sw < x.shape[3]
-    )
+    if first_h < 0 or first_w < 0:
+        return None
+    extent_h, extent_w = (d * (k - 1) + 1 for k, d in zip(spec.kernel_size, spec.dilation))
+    if extent_h - 1 - ch >= bottom and extent_w - 1 - cw >= right:
+        return first_h, first_w
+    sizes = (x.shape[2], x.shape[3], *out_size)
+    if not all(isinstance(size, int) for size in sizes):
+        return None
+    inside = first_h + (out_size[0] - 1) * sh < x.shape[2] and first_w + (out_size[1] - 1) * sw < x.shape[3]
     return (first_h, first_w) if inside else None
 
 
@@ -230,7 +257,7 @@ def centre_conv(
         return out[..., : out_size[0], : out_size[1]]
     if padded is None:
         padded = pad_input(spec, x)
-    centres = centre_pixels(spec, padded, out_size)
+    centres = centre_pixels(spec, padded)
     if padded.stride(1) == 1:
         centres = centres.contiguous(memory_format=torch.channels_last)
     return F.conv2d(centres, kernel, bias, 1, 0, 1, spec.groups)
@@ -452,8 +479,11 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
 
     # forward -----------------------------------------------------------------------------
     def _record(self, mask: Tensor, counts: Tensor, out_size: tuple[int, int]) -> None:
-        if transform_active():  # functorch wrappers must not outlive their transform (deepcopy refuses them)
+        # functorch wrappers must not outlive their transform (deepcopy refuses them), nor torch.export's fake
+        # tensors or fx's proxies their trace (torch.compile replays the assignment with real tensors: kept)
+        if transform_active() or tracing_a_graph():
             mask = counts = None
+            out_size = None if tracing_a_graph() else out_size  # symbolic under dynamic shapes
         self.last_mask = mask
         self.last_sharp_count = counts
         self.last_output_size = out_size

@@ -8,7 +8,6 @@ way ``nn.Conv2d`` does, so operators never re-derive it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -109,6 +108,12 @@ def is_tracing() -> bool:
     (Called once per layer per step: the helpers are looked up at import, not on each call.)
     """
     return _fx_symbolic_tracing() or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
+def tracing_a_graph() -> bool:
+    """True under torch.export or fx symbolic tracing, whose tensors (fake tensors, proxies) must not be kept in
+    module state (torch.compile, in contrast, replays a module's attribute assignments with real tensors)."""
+    return _fx_symbolic_tracing() or torch.compiler.is_exporting()
 
 
 def transform_active() -> bool:
@@ -299,7 +304,9 @@ class ConvSpec:
         for n, lo, hi, k, s, d in zip(
             (height, width), (top, left), (bottom, right), self.kernel_size, self.stride, self.dilation
         ):
-            sizes.append(math.floor((n + lo + hi - d * (k - 1) - 1) / s) + 1)
+            # integer floor division (as math.floor of the true quotient, negative spans included): a symbolic
+            # size under torch.export's dynamic shapes stays an integer expression it can reason about
+            sizes.append((n + lo + hi - d * (k - 1) - 1) // s + 1)
         return sizes[0], sizes[1]
 
     def pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
