@@ -232,3 +232,42 @@ def test_autocast_enabled_is_per_device_type_and_false_for_meta() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert autocast_enabled(cpu)
         assert not autocast_enabled(meta)  # torch.is_autocast_enabled("meta") raises
+
+
+def test_every_operator_takes_numpy_integers_as_nn_conv2d_does() -> None:
+    """Sizes from numpy (a config array, np.arange) are ints to nn.Conv2d; DDS, the pyramid, Multiception,
+    MixConv, DO-Conv's d_mul and CAC's tile used to refuse them. They are stored as Python ints."""
+    import numpy as np
+
+    import convzoo
+    from convzoo import (
+        DilatedSeparableConv2d,
+        DOConv2d,
+        MixConv2d,
+        MulticeptionConv2d,
+        PyramidDilatedConv2d,
+    )
+    from convzoo.ops.cac_sparse import CACSparseConv2d
+
+    three, two = np.int64(3), np.int32(2)
+    built = {
+        "dds": (DilatedSeparableConv2d(8, 8, three, dilation=two), DilatedSeparableConv2d(8, 8, 3, dilation=2)),
+        "pyramid": (PyramidDilatedConv2d(9, three, dilations=list(np.array([1, 2, 3]))), PyramidDilatedConv2d(9, 3)),
+        "multiception": (
+            MulticeptionConv2d(8, 8, kernels=list(np.array([3, 5]))),
+            MulticeptionConv2d(8, 8, kernels=(3, 5)),
+        ),
+        "mixconv": (MixConv2d(8, 8, kernels=list(np.array([3, 5]))), MixConv2d(8, 8, kernels=(3, 5))),
+        "doconv": (DOConv2d(8, 8, three, d_mul=np.int64(12)), DOConv2d(8, 8, 3, d_mul=12)),
+    }
+    for name, (from_numpy, from_int) in built.items():
+        assert repr(from_numpy) == repr(from_int), name
+        assert {k: v.shape for k, v in from_numpy.state_dict().items()} == {
+            k: v.shape for k, v in from_int.state_dict().items()
+        }, name
+    assert type(built["doconv"][0].d_mul) is int
+    cac = convzoo.CAConv2d(8, 8, 3, padding=1)
+    assert type(CACSparseConv2d.from_cac(cac, tile=np.int64(4), algorithm="block").tile) is int
+    assert convzoo.conversion_report(
+        convzoo.convert(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)), "dds", dilation=two)
+    ).replaced

@@ -72,7 +72,7 @@ from convzoo.ops.cac import (
     sharp_windows,
     summed_kernel,
 )
-from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, check_input, is_tracing, transform_active
+from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, check_input, is_int, is_tracing, transform_active
 from convzoo.ops.weight_cache import WeightCache
 
 SPARSE_ALGORITHMS = ("pixel", "block")
@@ -134,9 +134,9 @@ def check_algorithm(value: object) -> str:
 
 def check_tile(value: object) -> int:
     """Validate the block size of the sparse path: a positive int."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"tile must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def crossover(pixel: tuple[float, float], dense: tuple[float, float], rhos: tuple[float, float]) -> float:

@@ -22,7 +22,7 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 PaddingArg = int | tuple[int, int] | str
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     """An integer that is not a bool: Python ints and ``numbers.Integral`` types such as ``numpy.int64``."""
     return isinstance(value, Integral) and not isinstance(value, bool)
 
@@ -34,10 +34,10 @@ def to_pair(value: object, name: str, *, minimum: int = 1) -> tuple[int, int]:
         TypeError: ``value`` is neither an int nor a sequence of two ints.
         ValueError: an element is below ``minimum``.
     """
-    if _is_int(value):
+    if is_int(value):
         pair = (int(value), int(value))
     elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-        if not all(_is_int(v) for v in value):
+        if not all(is_int(v) for v in value):
             raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
         pair = (int(value[0]), int(value[1]))
     else:
@@ -49,7 +49,7 @@ def to_pair(value: object, name: str, *, minimum: int = 1) -> tuple[int, int]:
 
 def check_channels(value: object, name: str) -> int:
     """Check a channel count is a positive int and return it."""
-    if not _is_int(value):
+    if not is_int(value):
         raise TypeError(f"{name} must be a positive int, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -37,7 +37,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from convzoo.ops.conv_spec import ConvSpec, check_bool, check_channels, check_input, inherit_requires_grad, to_pair
+from convzoo.ops.conv_spec import (
+    ConvSpec,
+    check_bool,
+    check_channels,
+    check_input,
+    inherit_requires_grad,
+    is_int,
+    to_pair,
+)
 from convzoo.ops.registry import needs_depthwise, register_conv
 
 DEPLOY_FORMS = ("branches", "folded")
@@ -54,8 +62,9 @@ def receptive_field(kernel_size: int, dilation: int) -> int:
 
 def _check_kernel(kernel_size: object) -> int:
     """An odd int kernel size >= 1 (odd so that r(k - 1)/2 padding keeps the centre)."""
-    if not isinstance(kernel_size, int) or isinstance(kernel_size, bool):
+    if not is_int(kernel_size):
         raise TypeError(f"kernel_size must be an odd int, got {kernel_size!r}")
+    kernel_size = int(kernel_size)  # numpy ints as nn.Conv2d takes them
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(
             f"kernel_size must be an odd int >= 1 (a centred dilated kernel pads r*(k-1)/2 per side), "
@@ -65,8 +74,9 @@ def _check_kernel(kernel_size: object) -> int:
 
 
 def _check_dilation(dilation: object, name: str = "dilation") -> int:
-    if not isinstance(dilation, int) or isinstance(dilation, bool):
+    if not is_int(dilation):
         raise TypeError(f"{name} must be an int >= 1, got {dilation!r}")
+    dilation = int(dilation)
     if dilation < 1:
         raise ValueError(f"{name} must be an int >= 1, got {dilation!r}")
     return dilation

@@ -35,6 +35,7 @@ from convzoo.ops.conv_spec import (
     PaddingArg,
     autocast_enabled,
     inherit_requires_grad,
+    is_int,
     is_tracing,
     transform_active,
 )
@@ -314,8 +315,9 @@ class DOConv2d(ConvAttributes, nn.Module):
             )
         if d_mul is None:
             d_mul = area
-        if not isinstance(d_mul, int) or isinstance(d_mul, bool):
+        if not is_int(d_mul):
             raise TypeError(f"d_mul must be an int, got {d_mul!r}")
+        d_mul = int(d_mul)
         if d_mul < area:
             raise ValueError(
                 f"d_mul must be >= kernel area M*N = {area} (d_mul < M*N is a depthwise separable conv, "

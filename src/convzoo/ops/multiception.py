@@ -41,6 +41,7 @@ from convzoo.ops.conv_spec import (
     PaddingArg,
     check_channels,
     check_input,
+    is_int,
     is_tracing,
     memory_format_of,
     relayout,
@@ -75,11 +76,11 @@ def check_kernels(kernels: object) -> tuple[int, ...]:
     """Validate a non-empty sequence of odd positive kernel sizes (repeats allowed)."""
     if isinstance(kernels, int | str) or not isinstance(kernels, Sequence):
         raise TypeError(f"kernels must be a non-empty sequence of odd ints such as (3, 5, 7), got {kernels!r}")
-    values = tuple(kernels)
+    values = tuple(int(k) if is_int(k) else k for k in kernels)  # numpy ints as nn.Conv2d takes them
     if not values:
         raise ValueError("kernels must be a non-empty sequence of odd ints such as (3, 5, 7), got an empty one")
     for k in values:
-        if not isinstance(k, int) or isinstance(k, bool):
+        if not is_int(k):
             raise TypeError(f"kernels must hold ints, got {k!r} in {kernels!r}")
         if k < 1 or k % 2 == 0:
             raise ValueError(
