@@ -582,3 +582,35 @@ def test_deploy_refuses_a_block_that_would_fold_an_operator_as_a_plain_conv() ->
         r"which would drop what the convzoo 'cpwc' operator at '0.conv_1x1.conv'",
     ):
         deploy(nn.Sequential(block))
+
+
+@pytest.mark.parametrize(
+    ("kind", "model", "reason"),
+    [
+        (
+            "mixconv",
+            lambda: nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)),
+            "cannot replace 1->16 k3x3 s1 g1 by a MixConv: in_channels=1 < 3 kernels (3, 5, 7)",
+        ),
+        (
+            "pyramid",
+            lambda: nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, groups=2), nn.Conv2d(8, 8, 3, padding=1, groups=8)),
+            "pyramid cannot replace 2->2 k3x3 s1 g2: 2 channels < 3 dilations (1, 2, 3)",
+        ),
+        ("cpwc", lambda: nn.Sequential(nn.Conv2d(8, 8, 1, padding=1), nn.Conv2d(8, 8, 1)), "padded pointwise conv"),
+    ],
+)
+def test_a_conv_the_kind_cannot_build_is_skipped_not_fatal(kind: str, model, reason: str) -> None:
+    """A grayscale stem (1 channel for MixConv's 3 kernels), a 2-channel depthwise conv for the pyramid's 3
+    dilations, a padded 1x1 for CPWC: each used to abort the whole conversion."""
+    converted = convert(model(), kind)
+    report = conversion_report(converted)
+    assert [name for name, _ in report.replaced] == ["1"]
+    assert report.skipped[0][0] == "0" and report.skipped[0][1].startswith(reason)
+    with pytest.raises(convzoo.ConvNotReplaceableError):
+        convzoo.get_conv_kind(kind).from_conv(model()[0])  # direct callers still get a ValueError
+
+
+def test_an_option_error_still_fails_the_conversion() -> None:
+    with pytest.raises(ValueError, match=r"cannot convert '0' to 'mixconv': kernels must be odd positive ints"):
+        convert(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)), "mixconv", kernels=(2,))

@@ -17,6 +17,7 @@ from convzoo.models import create_model, list_models, register_model
 from convzoo.ops import (
     CACLoss,
     CAConv2d,
+    ConvNotReplaceableError,
     ConvSpec,
     CPWConv2d,
     DilatedSeparableConv2d,
@@ -43,6 +44,7 @@ __all__ = [
     "CACLoss",
     "CAConv2d",
     "CPWConv2d",
+    "ConvNotReplaceableError",
     "ConvSpec",
     "ConversionReport",
     "DOConv2d",

@@ -19,7 +19,15 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from convzoo.ops.conv_spec import check_bool, conv_signature
-from convzoo.ops.registry import FOLD_METHODS, check_callable, check_module, fold_method, get_conv_kind, operator_kind
+from convzoo.ops.registry import (
+    FOLD_METHODS,
+    ConvNotReplaceableError,
+    check_callable,
+    check_module,
+    fold_method,
+    get_conv_kind,
+    operator_kind,
+)
 
 LayerOptions = Callable[[str, nn.Conv2d], "dict[str, Any] | None"]
 
@@ -140,6 +148,9 @@ def convert(
                 layer_opts.update(extra or {})
             try:
                 new = conv_kind.from_conv(conv, **layer_opts)
+            except ConvNotReplaceableError as error:  # this conv's channels / geometry, with these options
+                report.skipped.append((name, str(error)))
+                return None
             except (TypeError, ValueError) as error:
                 raise type(error)(f"cannot convert {name!r} to {kind!r}: {error}") from error
             new.train(conv.training)

@@ -18,7 +18,7 @@ from convzoo.ops.depthwise import depthwise_conv2d
 from convzoo.ops.dilated import DilatedSeparableConv2d, PyramidDilatedConv2d
 from convzoo.ops.doconv import DOConv2d
 from convzoo.ops.multiception import FusedMulticeptionConv2d, MulticeptionConv2d, MulticeptionOfficial
-from convzoo.ops.registry import ConvKind, get_conv_kind, list_convs, register_conv
+from convzoo.ops.registry import ConvKind, ConvNotReplaceableError, get_conv_kind, list_convs, register_conv
 from convzoo.ops.separable import DSConv2d, MixConv2d
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "CPWCGroupingPlan",
     "CPWConv2d",
     "ConvKind",
+    "ConvNotReplaceableError",
     "ConvSpec",
     "DOConv2d",
     "DSConv2d",

@@ -56,7 +56,7 @@ from convzoo.ops.conv_spec import (
     inherit_requires_grad,
     to_pair,
 )
-from convzoo.ops.registry import needs_pointwise, register_conv
+from convzoo.ops.registry import ConvNotReplaceableError, needs_pointwise, register_conv
 
 CONTEXT_KERNEL = 3
 
@@ -341,11 +341,11 @@ class CPWConv2d(ConvAttributes, nn.Module):
         """
         spec = ConvSpec.from_conv(conv)
         if not spec.is_pointwise:
-            raise ValueError(f"CPWC replaces 1x1 convs; conv has kernel_size={tuple(conv.kernel_size)}")
+            raise ConvNotReplaceableError(f"CPWC replaces 1x1 convs; conv has kernel_size={tuple(conv.kernel_size)}")
         if spec.groups != 1:
-            raise ValueError(f"CPWC replaces 1x1 convs with groups=1; conv has groups={spec.groups}")
+            raise ConvNotReplaceableError(f"CPWC replaces 1x1 convs with groups=1; conv has groups={spec.groups}")
         if spec.explicit_padding != (0, 0, 0, 0):
-            raise ValueError(f"CPWC replaces unpadded 1x1 convs; conv has padding={conv.padding!r}")
+            raise ConvNotReplaceableError(f"CPWC replaces unpadded 1x1 convs; conv has padding={conv.padding!r}")
         module = cls(
             spec.in_channels,
             spec.out_channels,

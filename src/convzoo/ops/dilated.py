@@ -46,7 +46,7 @@ from convzoo.ops.conv_spec import (
     is_int,
     to_pair,
 )
-from convzoo.ops.registry import needs_depthwise, register_conv
+from convzoo.ops.registry import ConvNotReplaceableError, needs_depthwise, register_conv
 
 DEPLOY_FORMS = ("branches", "folded")
 #: The form ``PyramidDilatedConv2d.fuse()`` returns by default: the faster exact one measured on CPU
@@ -244,7 +244,7 @@ class DilatedSeparableConv2d(nn.Module):
         """
         reason = needs_dense_or_depthwise(conv)
         if reason is not None:
-            raise ValueError(f"dds cannot replace {ConvSpec.from_conv(conv).describe()}: {reason}")
+            raise ConvNotReplaceableError(f"dds cannot replace {ConvSpec.from_conv(conv).describe()}: {reason}")
         depthwise = conv.groups != 1
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         module = cls(
@@ -427,8 +427,12 @@ class PyramidDilatedConv2d(nn.Module):
         cannot stand in for a conv in an existing network (build it into the network instead).
         """
         reason = needs_centred_depthwise(conv)
+        if reason is None and split and isinstance(dilations, Sequence) and conv.in_channels < len(dilations):
+            reason = (
+                f"{conv.in_channels} channels < {len(dilations)} dilations {tuple(dilations)} (a channel per dilation)"
+            )
         if reason is not None:
-            raise ValueError(f"pyramid cannot replace {ConvSpec.from_conv(conv).describe()}: {reason}")
+            raise ConvNotReplaceableError(f"pyramid cannot replace {ConvSpec.from_conv(conv).describe()}: {reason}")
         if not split:
             raise ValueError(
                 "split=False outputs len(dilations) x the channels, so it cannot replace a conv in place; "

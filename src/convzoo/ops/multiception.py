@@ -50,7 +50,7 @@ from convzoo.ops.conv_spec import (
 )
 from convzoo.ops.depthwise import run_depthwise
 from convzoo.ops.multiception_train import branches_norm_pointwise, fused_training_applies
-from convzoo.ops.registry import needs_dense_spatial, register_conv
+from convzoo.ops.registry import ConvNotReplaceableError, needs_dense_spatial, register_conv
 from convzoo.ops.weight_cache import WeightCache
 
 # Per-stage kernel schedules for three-stage CIFAR networks. "code" is what the authors'
@@ -241,7 +241,9 @@ class MulticeptionConv2d(_MulticeptionBase):
         """A freshly initialised Multiception with ``conv``'s geometry, device and dtype."""
         reason = centred_replaceable(conv)
         if reason is not None:
-            raise ValueError(f"cannot replace {ConvSpec.from_conv(conv).describe()} by a Multiception: {reason}")
+            raise ConvNotReplaceableError(
+                f"cannot replace {ConvSpec.from_conv(conv).describe()} by a Multiception: {reason}"
+            )
         return cls(
             conv.in_channels,
             conv.out_channels,

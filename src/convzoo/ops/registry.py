@@ -25,6 +25,12 @@ SkipReason = Callable[[nn.Conv2d], "str | None"]
 ConvFactory = Callable[..., nn.Module]
 
 
+class ConvNotReplaceableError(ValueError):
+    """Raised by a kind's ``from_conv`` when this conv cannot be replaced with these options (too few channels
+    for MixConv's kernels or the pyramid's dilations, ...): ``convert()`` skips and reports the conv, as it does
+    for ``skip_reason``, instead of failing the whole conversion. A ``ValueError`` for direct callers."""
+
+
 # ------------------------------------------------------------ argument checks
 # Shared by the registries, convert() / deploy(), profiling and viz (this module imports only
 # conv_spec of convzoo's, so they import these without a cycle). Flags: conv_spec.check_bool.
@@ -171,11 +177,13 @@ def needs_spatial_kernel(conv: nn.Conv2d) -> str | None:
 
 
 def needs_pointwise(conv: nn.Conv2d) -> str | None:
-    """Replace 1 x 1 convs with groups == 1 only."""
+    """Replace unpadded 1 x 1 convs with groups == 1 only."""
     if tuple(conv.kernel_size) != (1, 1):
         return f"kernel {tuple(conv.kernel_size)} is not 1x1"
     if conv.groups != 1:
         return f"grouped pointwise conv (groups={conv.groups})"
+    if conv.padding not in ("valid", (0, 0), 0):
+        return f"padded pointwise conv (padding={conv.padding!r})"
     return None
 
 

@@ -37,7 +37,7 @@ from convzoo.ops.multiception import (
     check_kernels,
     memory_format_of,
 )
-from convzoo.ops.registry import register_conv
+from convzoo.ops.registry import ConvNotReplaceableError, register_conv
 
 
 class MixedDepthwiseConv2d(MixedConv2d):
@@ -147,7 +147,7 @@ class DSConv2d(_SeparableBase):
         """A freshly initialised DSConv with ``conv``'s geometry, device and dtype."""
         reason = centred_replaceable(conv)
         if reason is not None:
-            raise ValueError(f"cannot replace {ConvSpec.from_conv(conv).describe()} by a DSConv: {reason}")
+            raise ConvNotReplaceableError(f"cannot replace {ConvSpec.from_conv(conv).describe()} by a DSConv: {reason}")
         like = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         return cls(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride), **like)
 
@@ -208,8 +208,15 @@ class MixConv2d(_SeparableBase):
     def from_conv(cls, conv: nn.Conv2d, *, kernels: Sequence[int] = (3, 5, 7)) -> MixConv2d:
         """A freshly initialised MixConv with ``conv``'s geometry, device and dtype."""
         reason = centred_replaceable(conv)
+        kernels = check_kernels(kernels)
+        if reason is None and conv.in_channels < len(kernels):
+            reason = f"in_channels={conv.in_channels} < {len(kernels)} kernels {kernels} (a channel per kernel size)"
+        if reason is None and conv.stride[0] != conv.stride[1]:
+            reason = f"stride {tuple(conv.stride)} is not square (timm's MixedConv2d takes one stride)"
         if reason is not None:
-            raise ValueError(f"cannot replace {ConvSpec.from_conv(conv).describe()} by a MixConv: {reason}")
+            raise ConvNotReplaceableError(
+                f"cannot replace {ConvSpec.from_conv(conv).describe()} by a MixConv: {reason}"
+            )
         like = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         return cls(
             conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride), kernels=kernels, **like
