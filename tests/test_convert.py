@@ -614,3 +614,29 @@ def test_a_conv_the_kind_cannot_build_is_skipped_not_fatal(kind: str, model, rea
 def test_an_option_error_still_fails_the_conversion() -> None:
     with pytest.raises(ValueError, match=r"cannot convert '0' to 'mixconv': kernels must be odd positive ints"):
         convert(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)), "mixconv", kernels=(2,))
+
+
+@pytest.mark.parametrize("kind", ["doconv", "cac", "dsconv", "multiception", "dds"])
+def test_hooks_on_a_replaced_conv_and_a_folded_bn_keep_firing(kind: str) -> None:
+    """Activation capture by hooks (timm FeatureHooks, profilers) used to stop silently after convert() and
+    deploy(). The BN's hook moves to what stands in for it, which outputs what the BN output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).double()
+    fired: list[str] = []
+    captured: dict[str, torch.Tensor] = {}
+    model[0].register_forward_pre_hook(lambda module, args: fired.append("conv pre"))
+    model[0].register_forward_hook(lambda module, args, out: fired.append("conv"))
+    model[1].register_forward_hook(lambda module, args, out: captured.__setitem__("bn", out))
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    converted = make_trained_like_(convert(model, kind), x)
+    fired.clear()
+    with torch.no_grad():
+        converted(x)
+    assert fired == ["conv pre", "conv"]
+    expected = captured["bn"]
+    deployed = deploy(converted)
+    fired.clear()
+    with torch.no_grad():
+        deployed(x)
+    assert fired == ["conv pre", "conv"]
+    torch.testing.assert_close(captured["bn"], expected, rtol=1e-10, atol=1e-10)

@@ -6,6 +6,7 @@ deploy (``deploy``): see the README.
 
 from convzoo.convert import (
     ConversionReport,
+    carry_hooks,
     conversion_report,
     convert,
     deploy,
@@ -56,6 +57,7 @@ __all__ = [
     "PyramidDilatedConv2d",
     "__version__",
     "cac_statistics",
+    "carry_hooks",
     "conversion_report",
     "convert",
     "count_macs",

@@ -154,6 +154,7 @@ def convert(
             except (TypeError, ValueError) as error:
                 raise type(error)(f"cannot convert {name!r} to {kind!r}: {error}") from error
             new.train(conv.training)
+            carry_hooks(conv, new)
             built[id(conv)] = new
         report.replaced.append((name, conv_signature(conv)))
         return built[id(conv)]
@@ -195,6 +196,35 @@ def convert(
     return model
 
 
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the forward, forward-pre and backward hooks registered on ``old``, the module it replaces.
+
+    ``convert()`` and ``deploy()`` call it for every module they swap, so activation capture (timm's
+    ``FeatureHooks``, torchvision's feature extraction by hooks, profilers) keeps firing, as torch.ao's
+    ``swap_module`` does. Hooks are keyed by handle id, so carrying twice adds nothing. The user's
+    ``RemovableHandle`` still refers to ``old``: remove a carried hook with ``new._forward_hooks.pop(handle.id)``.
+    """
+    if new is old:
+        return
+    for attribute in _HOOK_DICTS:
+        hooks = getattr(old, attribute, None)
+        if hooks:
+            getattr(new, attribute).update(hooks)
+    if old._backward_hooks and getattr(old, "_is_full_backward_hook", None) is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
+
+
 def _folder_description(module: nn.Module, name: str) -> str | None:
     """'the model (YOLO) ... fuse()' style words for a block that folds its own convs, or None."""
     method = fold_method(module)
@@ -230,6 +260,7 @@ def _reparameterize(module: nn.Module, name: str) -> nn.Module:
                 "expected the nn.Module that replaces it"
             )
         if fused is not module:  # a fuse() that folds in place and returns self: go on into its children
+            carry_hooks(module, fused)
             return _reparameterize(fused, name)
     else:
         for method in FOLD_METHODS[1:]:
@@ -369,8 +400,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     model.eval()
     for conv_name, bn_name in find_conv_bn_pairs(model):
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        _set_submodule(model, conv_name, _fuse_pair(conv, bn))
-        _set_submodule(model, bn_name, _bn_replacement(bn))
+        fused, stand_in = _fuse_pair(conv, bn), _bn_replacement(bn)
+        carry_hooks(conv, fused)
+        carry_hooks(bn, stand_in)  # what stands in for the BN outputs what the BN output: the fused conv's output
+        _set_submodule(model, conv_name, fused)
+        _set_submodule(model, bn_name, stand_in)
     return model
 
 
