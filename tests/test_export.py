@@ -108,3 +108,38 @@ def test_torch_export_with_dynamic_batch_and_image_size(kind: str, deployed: boo
     assert not any(isinstance(t, torch._subclasses.FakeTensor) for t in recorded)
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(other), model(other), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("form", ["train", "eval", "deployed"])
+@pytest.mark.parametrize("kind", sorted(DYNAMIC_LAYERS))
+def test_fx_symbolic_trace_equals_the_module(kind: str, form: str) -> None:
+    """torch.fx.symbolic_trace (FX quantization, torchvision's create_feature_extractor) traces every form.
+    DO-Conv's weight and CAC's pick used to branch on traced values; both are fx-wrapped calls now, which
+    choose their path when the graph runs, so the traced training form also trains CAC's γ and β."""
+    torch.manual_seed(0)
+    conv = DYNAMIC_LAYERS[kind]()
+    x = torch.randn(2, conv.in_channels, 11, 13, dtype=torch.float64)
+    model = make_trained_like_(convzoo.convert(torch.nn.Sequential(conv).double(), kind), x)
+    if form == "deployed":
+        model = convzoo.deploy(model)
+    model.train(form == "train")
+    traced = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-10, atol=1e-10)
+    if form == "train":
+        grads = [torch.autograd.grad(m(x).square().sum(), list(model.parameters())) for m in (traced, model)]
+        for traced_grad, grad in zip(*grads):
+            torch.testing.assert_close(traced_grad, grad, rtol=1e-10, atol=1e-10)
+
+
+def test_create_feature_extractor_on_a_converted_resnet() -> None:
+    from torchvision.models import resnet18
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    for kind in ("doconv", "cac"):
+        model = convzoo.convert(resnet18(num_classes=10), kind).eval()
+        extractor = create_feature_extractor(model, {"layer2": "features", "fc": "logits"})
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(extractor(x)["logits"], model(x))

@@ -38,7 +38,7 @@ from numbers import Real
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from convzoo.native import native_ops, native_ready
 from convzoo.ops.conv_spec import (
@@ -73,9 +73,10 @@ def window_taps(t: Tensor, dim: int, offset: int, extent: int, stride: int, lead
     """
     start = lead + offset
     end = t.shape[dim] - (trail + extent - 1 - offset)
-    index = [slice(None)] * t.dim()
-    index[dim] = slice(start, end, stride)
-    return t[tuple(index)]
+    taps = slice(start, end, stride)
+    # no t.dim() (a proxy under fx symbolic tracing): count from the front or, for a negative dim, the back
+    index = (*[slice(None)] * dim, taps) if dim >= 0 else (..., taps, *[slice(None)] * (-dim - 1))
+    return t[index]
 
 
 def pad_input(spec: ConvSpec, x: Tensor) -> Tensor:
@@ -251,14 +252,15 @@ def centre_conv(
     oneDNN's 1×1 conv runs ~5x faster on them than on the strided view).
     """
     first = first_centre_inside(spec, x, out_size)
-    if first == (0, 0) or (first is not None and x.is_contiguous(memory_format=torch.channels_last)):
+    symbolic = isinstance(x, fx.Proxy)  # fx symbolic tracing: no layout query (control flow on a proxy)
+    if first == (0, 0) or (first is not None and not symbolic and x.is_contiguous(memory_format=torch.channels_last)):
         source = x if first == (0, 0) else x[..., first[0] :, first[1] :]
         out = F.conv2d(source, kernel, bias, spec.stride, 0, 1, spec.groups)
         return out[..., : out_size[0], : out_size[1]]
     if padded is None:
         padded = pad_input(spec, x)
     centres = centre_pixels(spec, padded)
-    if padded.stride(1) == 1:
+    if not symbolic and padded.stride(1) == 1:
         centres = centres.contiguous(memory_format=torch.channels_last)
     return F.conv2d(centres, kernel, bias, 1, 0, 1, spec.groups)
 
@@ -350,6 +352,37 @@ class CACStatsMixin:
     def convzoo_macs(self, input: Tensor, output: Tensor) -> int:
         """Effective MACs of the call that produced ``output`` (whole batch), for ``convzoo.profiling``."""
         return round(float(self.effective_macs_per_image().sum()))
+
+
+def pick_windows(
+    mask: Tensor, sharp: Tensor, smooth: Tensor, gamma: Tensor, beta: Tensor, gradient: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """CAC's output: each window's sharp or smooth value, and ρ per image with the straight-through gradient.
+
+    Args:
+        mask: (B, H', W') bool, the sharp windows; sharp, smooth: (B, C_out, H', W') the two convs' outputs;
+        gamma, beta: the layer's scalars; gradient: G (B, H', W') the mask came from.
+
+    Returns:
+        (output (B, C_out, H', W'), ρ (B,) whose gradient reaches γ and β, or None without the estimator).
+
+    The estimator runs wherever γ or β may be differentiated: reverse mode, or any torch.func transform or
+    forward-mode AD (their dual / wrapped γ, β do not report requires_grad). It is decided here, when the
+    layer runs, also in an fx graph (``torch.fx.wrap``: fx records this call and does not trace into it, so a
+    ``create_feature_extractor`` model trains γ and β like the layer).
+    """
+    if not (transform_active() or (torch.is_grad_enabled() and (gamma.requires_grad or beta.requires_grad))):
+        # no estimator: torch.where keeps a finite picked value wherever the other branch overflows
+        return torch.where(mask.unsqueeze(1), sharp, smooth), None
+    soft = torch.sigmoid(torch.addcmul(beta, gamma, gradient))
+    # the hard pick, with the straight-through gradient Σ_c g·(sharp - smooth) to M (in the convs' dtype:
+    # under autocast the float32 score must not promote the output)
+    out = _PickStraightThrough.apply(mask.unsqueeze(1), sharp, smooth, soft.unsqueeze(1))
+    straight = soft - soft.detach()  # 0.0 in value; d/dM = 1
+    return out, mask.flatten(1).to(soft.dtype).mean(1) + straight.flatten(1).mean(1)
+
+
+fx.wrap("pick_windows")
 
 
 class _Transient:
@@ -496,23 +529,11 @@ class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
         gradient = gradient_map(self.spec, x, out_size)  # detached: only γ and β learn from the score
         mask, counts = sharp_windows(self.spec, x, self.gamma, self.beta, out_size, gradient)
         self._record(mask, counts, out_size)
-        logits = None
-        # the estimator wherever γ or β may be differentiated: reverse mode, or any torch.func transform or
-        # forward-mode AD (their dual / wrapped γ, β do not report requires_grad)
-        if transform_active() or (torch.is_grad_enabled() and (self.gamma.requires_grad or self.beta.requires_grad)):
-            logits = torch.addcmul(self.beta, self.gamma, gradient)
         sharp = self.spec.conv2d(x, self.weight, self.bias)
         smooth = centre_conv(self.spec, x, summed_kernel(self.weight), self.bias, out_size)
-        if logits is not None:
-            soft = torch.sigmoid(logits)
-            # the hard pick, with the straight-through gradient Σ_c g·(sharp - smooth) to M (in the convs'
-            # dtype: under autocast the float32 score must not promote the output)
-            out = _PickStraightThrough.apply(mask.unsqueeze(1), sharp, smooth, soft.unsqueeze(1))
-            straight = soft - soft.detach()  # 0.0 in value; d/dM = 1
-            self._ste.value = mask.flatten(1).to(soft.dtype).mean(1) + straight.flatten(1).mean(1)
-        else:  # no estimator: torch.where keeps a finite picked value wherever the other branch overflows
-            out = torch.where(mask.unsqueeze(1), sharp, smooth)
-            self._ste.value = None
+        picked = pick_windows(mask, sharp, smooth, self.gamma, self.beta, gradient)
+        out, rho_ste = picked[0], picked[1]  # indexed, not unpacked: a proxy under fx symbolic tracing
+        self._ste.value = None if tracing_a_graph() else rho_ste
         return out
 
     @property

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from convzoo.native import native_operands_ready, native_ops
@@ -244,6 +244,32 @@ class _NativeWeight(torch.autograd.Function):
             return (*_torch_compose_backward(grad, W, D, 1, need_w, need_d), None)
 
 
+def composed_weight(
+    W: torch.Tensor,  # noqa: N803
+    d_delta: torch.Tensor,
+    groups: int,
+    kernel_size: tuple[int, int],
+) -> torch.Tensor:
+    """``DOConv2d.weight``: W' = (D' + I) W as the conv's kernel, (C_out, C_in/groups, M, N).
+
+    Args:
+        W: (C_in, D_mul, C_out/groups), input-major; d_delta: D' (C_in, M*N, D_mul); groups, kernel_size: the conv's.
+
+    The native kernels where they apply (``native_weight_shape`` and ``native_weight_ready``), else the torch
+    composition. Wrapped for fx (``torch.fx.wrap``): an fx symbolic trace (torchvision's
+    ``create_feature_extractor``, FX quantization) records this call rather than tracing into its checks,
+    and the traced graph picks the path when it runs, as the layer does.
+    """
+    if native_weight_shape(W, d_delta, groups) and native_weight_ready(W, d_delta):
+        return _NativeWeight.apply(W, d_delta, kernel_size)
+    area = kernel_size[0] * kernel_size[1]
+    D = d_delta + identity_init(area, d_delta.shape[2], device=d_delta.device, dtype=d_delta.dtype)
+    return compose_kernel(W, D, groups).reshape(W.shape[2] * groups, -1, *kernel_size)
+
+
+fx.wrap("composed_weight")
+
+
 def compose_kernel(W: torch.Tensor, D: torch.Tensor, groups: int) -> torch.Tensor:  # noqa: N803
     """Kernel composition (paper §3) with D tied to the input channel each slice of W reads.
 
@@ -364,11 +390,7 @@ class DOConv2d(ConvAttributes, nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The composed kernel W' (C_out, C_in/groups, M, N), what an equivalent nn.Conv2d holds."""
-        W, d_delta = self.W, self.d_delta
-        if native_weight_shape(W, d_delta, self.groups) and native_weight_ready(W, d_delta):
-            return _NativeWeight.apply(W, d_delta, self.kernel_size)
-        composed = compose_kernel(self.W, self.D, self.groups)
-        return composed.reshape(self.out_channels, -1, *self.kernel_size)
+        return composed_weight(self.W, self.d_delta, self.groups, self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C_in, H, W) -> (B, C_out, H', W') via kernel composition."""
