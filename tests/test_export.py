@@ -143,3 +143,39 @@ def test_create_feature_extractor_on_a_converted_resnet() -> None:
         x = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
             torch.testing.assert_close(extractor(x)["logits"], model(x))
+
+
+SCRIPTABLE_DEPLOYED = {"doconv", "dds", "pyramid", "dsconv", "mixconv", "multiception"}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script itself is deprecated in torch 2.14
+@pytest.mark.parametrize("form", ["train", "deployed"])
+@pytest.mark.parametrize("kind", sorted(DYNAMIC_LAYERS))
+def test_torch_jit_script_compiles_or_refuses_clearly(kind: str, form: str) -> None:
+    """Deployed plain forms script (the fused Multiception as pointwise(depthwise)); the Python-only forms
+    refuse with a TypeError that names them and the way out, instead of failing inside the TorchScript
+    compiler ("Unknown type annotation: 'ConvSpec'")."""
+    torch.manual_seed(0)
+    conv = DYNAMIC_LAYERS[kind]()
+    x = torch.randn(2, conv.in_channels, 11, 13, dtype=torch.float64)
+    model = make_trained_like_(convzoo.convert(torch.nn.Sequential(conv).double(), kind), x)
+    if form == "deployed":
+        model = convzoo.deploy(model)
+    if (form == "deployed" and kind in SCRIPTABLE_DEPLOYED) or kind == "dds":
+        scripted = torch.jit.script(model)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), model(x), rtol=1e-10, atol=1e-10)
+    else:
+        with pytest.raises(TypeError, match=rf"torch.jit.script cannot compile {type(model[0]).__name__}: export"):
+            torch.jit.script(model)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_an_always_sharp_cac_layer_scripts_as_its_conv() -> None:
+    from convzoo.ops.cac_sharp import CACSharpConv2d
+
+    model = convzoo.deploy(convzoo.convert(torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, 2, 1)).double(), "cac"))
+    assert isinstance(model[0], CACSharpConv2d)
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=0, atol=0)

@@ -44,6 +44,7 @@ from convzoo.native import native_ops, native_ready
 from convzoo.ops.conv_spec import (
     ConvAttributes,
     ConvSpec,
+    NoTorchScript,
     PaddingArg,
     check_input,
     inherit_requires_grad,
@@ -414,7 +415,7 @@ def _check_real(value: object, name: str) -> float:
     description="CAC: content-aware k x k conv, 1x1 summed kernel on smooth windows; deploys to a sparse path",
     skip_reason=needs_spatial_kernel,
 )
-class CAConv2d(CACStatsMixin, ConvAttributes, nn.Module):
+class CAConv2d(NoTorchScript, CACStatsMixin, ConvAttributes, nn.Module):
     """Content-aware convolution with ``nn.Conv2d``'s interface (any groups, padding mode, stride, dilation).
 
     Args:

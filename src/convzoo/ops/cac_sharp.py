@@ -59,6 +59,12 @@ class CACSharpConv2d(CACStatsMixin, nn.Conv2d):
         self.last_output_size: tuple[int, int] | None = None
         self._last_call: tuple[int, torch.device] | None = None  # (batch, device) of the last call
 
+    def __prepare_scriptable__(self) -> nn.Conv2d:
+        """``torch.jit.script`` compiles the ``nn.Conv2d`` this layer is (same parameters; no ρ statistics)."""
+        conv = nn.Conv2d(**self.spec.conv_kwargs(), device="meta")
+        conv.weight, conv.bias = self.weight, self.bias
+        return conv.train(self.training)
+
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C_in, H, W) -> (B, C_out, H', W'): the conv; records ρ = 1 (except under tracing)."""
         if check_input(x, self.in_channels, "CACSharpConv2d"):

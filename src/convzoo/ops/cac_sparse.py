@@ -72,7 +72,15 @@ from convzoo.ops.cac import (
     sharp_windows,
     summed_kernel,
 )
-from convzoo.ops.conv_spec import ConvAttributes, ConvSpec, check_input, is_int, is_tracing, transform_active
+from convzoo.ops.conv_spec import (
+    ConvAttributes,
+    ConvSpec,
+    NoTorchScript,
+    check_input,
+    is_int,
+    is_tracing,
+    transform_active,
+)
 from convzoo.ops.weight_cache import WeightCache
 
 SPARSE_ALGORITHMS = ("pixel", "block")
@@ -308,7 +316,7 @@ def sharp_window_taps(positions: Tensor, geometry: WindowGeometry) -> tuple[Tens
     return pixels, border, outside.flatten(1)
 
 
-class CACSparseConv2d(CACStatsMixin, ConvAttributes, nn.Module):
+class CACSparseConv2d(NoTorchScript, CACStatsMixin, ConvAttributes, nn.Module):
     """Inference form of :class:`~convzoo.ops.cac.CAConv2d`: sparse below ``threshold`` sharp windows.
 
     Built by ``CAConv2d.fuse()`` (so ``convzoo.deploy`` selects it) for layers that are not always sharp

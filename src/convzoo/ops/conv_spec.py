@@ -357,6 +357,19 @@ class ConvSpec:
         )
 
 
+class NoTorchScript:
+    """Mixin: ``torch.jit.script`` refuses the module with a clear ``TypeError`` naming it, rather than failing
+    deep inside the TorchScript compiler on its Python-only code (TorchScript is in maintenance in PyTorch).
+    ``torch.export``, ``torch.jit.trace``, fx and ``torch.compile`` take it; ``deploy()`` gives plain modules."""
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(
+            f"torch.jit.script cannot compile {type(self).__name__}: export it with torch.export.export or "
+            "torch.jit.trace instead (convzoo.deploy() first for the inference form; most deployed forms are "
+            "plain torch modules, which script)"
+        )
+
+
 class ConvAttributes:
     """``nn.Conv2d``'s read-only geometry attributes for a module that holds ``self.spec: ConvSpec``.
 

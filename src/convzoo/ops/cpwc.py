@@ -50,6 +50,7 @@ from torch import nn
 from convzoo.ops.conv_spec import (
     ConvAttributes,
     ConvSpec,
+    NoTorchScript,
     check_bool,
     check_channels,
     check_input,
@@ -176,7 +177,7 @@ def cpwc_grouping_plan(in_channels: int, out_channels: int) -> CPWCGroupingPlan:
     skip_reason=needs_pointwise,
     zoo_default=True,
 )
-class CPWConv2d(ConvAttributes, nn.Module):
+class CPWConv2d(NoTorchScript, ConvAttributes, nn.Module):
     """Contextual pointwise convolution: a drop-in for a 1x1 ``nn.Conv2d`` with ``groups=1``.
 
     Args:

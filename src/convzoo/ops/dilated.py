@@ -39,6 +39,7 @@ from torch import nn
 
 from convzoo.ops.conv_spec import (
     ConvSpec,
+    NoTorchScript,
     check_bool,
     check_channels,
     check_input,
@@ -342,7 +343,7 @@ _NO_SINGLE_WEIGHT = (
     description="DDS pyramid: parallel depthwise convs with dilations (1,2,3) on channel shares, concatenated",
     skip_reason=needs_centred_depthwise,
 )
-class PyramidDilatedConv2d(nn.Module):
+class PyramidDilatedConv2d(NoTorchScript, nn.Module):
     """Parallel depthwise dilated k x k convs fused by concatenation (the DDS pyramid block's middle).
 
     Args:

@@ -32,6 +32,7 @@ from convzoo.native import native_operands_ready, native_ops
 from convzoo.ops.conv_spec import (
     ConvAttributes,
     ConvSpec,
+    NoTorchScript,
     PaddingArg,
     autocast_enabled,
     inherit_requires_grad,
@@ -301,7 +302,7 @@ def compose_kernel(W: torch.Tensor, D: torch.Tensor, groups: int) -> torch.Tenso
     skip_reason=needs_spatial_kernel,
     exact_weight=True,  # weight is the composed kernel: a parent block that folds from conv.weight folds it right
 )
-class DOConv2d(ConvAttributes, nn.Module):
+class DOConv2d(NoTorchScript, ConvAttributes, nn.Module):
     """Depthwise over-parameterized convolution with ``nn.Conv2d``'s interface.
 
     Args:

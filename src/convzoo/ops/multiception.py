@@ -38,6 +38,7 @@ from convzoo.native import native_ops, native_ready
 from convzoo.ops.autotune import AlgorithmCache
 from convzoo.ops.conv_spec import (
     ConvSpec,
+    NoTorchScript,
     PaddingArg,
     check_channels,
     check_input,
@@ -145,7 +146,7 @@ def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale, shift
 
 
-class _MulticeptionBase(nn.Module):
+class _MulticeptionBase(NoTorchScript, nn.Module):
     """Shared geometry and attributes: (B, C_in, H, W) -> (B, C_out, floor((H-1)/s)+1, ...).
 
     Every form also takes an unbatched (C_in, H, W) input, run as a batch of one (as ``nn.Conv2d``).
@@ -494,6 +495,10 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
         if algorithm == "dense":
             return self._dense_forward(x)
         return self.pointwise(self.depthwise(x))
+
+    def __prepare_scriptable__(self) -> nn.Sequential:
+        """``torch.jit.script`` compiles ``pointwise(depthwise(x))``, what this module is (same parameters)."""
+        return nn.Sequential(self.depthwise, self.pointwise).train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C_in, H, W) -> (B, C_out, H', W')."""

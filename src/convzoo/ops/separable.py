@@ -23,6 +23,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from convzoo.ops.conv_spec import (
     ConvSpec,
+    NoTorchScript,
     PaddingArg,
     check_channels,
     check_input,
@@ -54,7 +55,7 @@ class MixedDepthwiseConv2d(MixedConv2d):
         return torch.cat([conv(parts[index]) for index, conv in enumerate(self.values())], -3)
 
 
-class _SeparableBase(nn.Module):
+class _SeparableBase(NoTorchScript, nn.Module):
     """depthwise -> pointwise (1x1, bias) -> bn_out; subclasses build ``depthwise``."""
 
     depthwise: nn.Module
