@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -240,9 +241,10 @@ def test_top_level_api() -> None:
     [
         (lambda: profile_model("model"), TypeError, "model must be an nn.Module"),
         (lambda: profile_model(nn.ReLU(), 32), TypeError, "input_size must be a tuple"),
-        (lambda: profile_model(nn.ReLU(), (3, 0, 4)), ValueError, "input_size must be a non-empty tuple of positive"),
+        (lambda: profile_model(nn.ReLU(), (3, 0, 4)), ValueError, r"input_size must be \(C, H, W\), a tuple of 3"),
         (lambda: profile_model(nn.ReLU(), batch_size=0), ValueError, "batch_size must be a positive int"),
-        (lambda: profile_model(nn.ReLU(), inputs=torch.ones(3)), TypeError, "inputs must be a batched tensor"),
+        (lambda: profile_model(nn.ReLU(), inputs=torch.ones(3)), ValueError, "inputs must be a batched tensor"),
+        (lambda: profile_model(nn.ReLU(), inputs=[1.0]), TypeError, r"inputs must be a Tensor \(B, C, H, W\) or None"),
         (lambda: profile_model(nn.ReLU(), (1, 2, 2), memory="no"), TypeError, "memory must be a bool, got 'no'"),
         (lambda: count_parameters(None), TypeError, "model must be an nn.Module, got NoneType"),
         (lambda: count_macs(None), TypeError, "model must be an nn.Module, got NoneType"),
@@ -276,3 +278,68 @@ def test_dsconv_and_mixconv_are_depthwise_then_pointwise() -> None:
     splits = (4, 3)  # timm's split: equal parts, the first takes the remainder
     depthwise = 9 * splits[0] + 25 * splits[1]
     assert count_macs(mixconv, (c, side, side)) == (depthwise + c * c_out) * side * side
+
+
+@pytest.mark.parametrize("input_size", [(3, 32), (32,), (1, 3, 32, 32), ()])
+def test_input_size_must_be_c_h_w(input_size: tuple[int, ...]) -> None:
+    match = f"input_size must be (C, H, W), a tuple of 3 positive ints such as (3, 32, 32), got {input_size!r}"
+    with pytest.raises(ValueError, match=re.escape(match)):
+        profile_model(nn.Conv2d(3, 4, 3), input_size)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "error", "match"),
+    [
+        (
+            torch.ones(1, 3, 8, 8, dtype=torch.long),
+            TypeError,
+            "inputs must be a floating-point tensor, got torch.int64",
+        ),
+        (
+            torch.randn(3, 8, 8),
+            ValueError,
+            r"inputs must be a batched tensor \(B, C, H, W\), got shape \(3, 8, 8\); add the batch dimension",
+        ),
+        (torch.randn(2, 1, 3, 8, 8), ValueError, r"inputs must be a batched tensor .*got shape \(2, 1, 3, 8, 8\)$"),
+        (torch.randn(0, 3, 8, 8), ValueError, r"inputs must hold at least one image, got shape \(0, 3, 8, 8\)"),
+    ],
+)
+def test_inputs_must_be_a_non_empty_floating_point_batch(inputs: torch.Tensor, error: type[Exception], match: str):
+    with pytest.raises(error, match=match):
+        profile_model(nn.Conv2d(3, 4, 3), inputs=inputs)
+
+
+def test_a_forward_that_refuses_the_input_raises_a_value_error_naming_it() -> None:
+    model = convzoo.create_model("cifar_resnet20").train()
+    with pytest.raises(ValueError) as refused:
+        profile_model(model, (1, 32, 32))
+    message = str(refused.value)
+    assert message.startswith(
+        "profile: CifarResNet cannot run on input_size=(1, 32, 32) (a batch of shape (1, 1, 32, 32)) "
+        "in layer 'conv1' (Conv2d) (torch: Given groups=1"
+    )
+    assert "to have 3 channels, but got 1 channels" in message
+    assert isinstance(refused.value.__cause__, RuntimeError) and model.training
+    with pytest.raises(ValueError, match=r"cannot run on inputs of shape \(2, 3, 8, 8\) \(torch.float64, cpu\)"):
+        profile_model(model, inputs=torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+
+def test_cac_layers_on_the_meta_device_are_refused_and_standard_ones_count() -> None:
+    assert profile_model(convzoo.create_model("cifar_resnet20", device="meta")).macs == 40_813_184
+    cac = convzoo.create_model("cifar_resnet20", conv="cac", device="meta")
+    with pytest.raises(ValueError, match=r"profile: CifarResNet has 19 CAC layer\(s\) on the meta device"):
+        profile_model(cac, memory=False)
+    with pytest.raises(ValueError, match="effective MACs .* depend on the content of real images"):
+        profile_model(convzoo.create_model("cifar_resnet20", conv="cac"), inputs=torch.empty(1, 3, 8, 8, device="meta"))
+    assert cac.training
+
+
+def test_memory_not_measured_is_none_and_shown_as_such() -> None:
+    report = profile_model(nn.Conv2d(3, 4, 3), (3, 8, 8), memory=False)
+    assert report.peak_activation_bytes is None
+    assert ("peak activation memory", "not measured") in report.summary_rows()
+    assert "| peak activation memory | not measured |" in report.format("md")
+    assert json.loads(report.format("json"))["peak_activation_bytes"] is None
+    measured = profile_model(nn.Conv2d(3, 4, 3), (3, 8, 8))
+    assert measured.peak_activation_bytes == 4 * 6 * 6 * 4
+    assert ("peak activation memory", "576 B") in measured.summary_rows()

@@ -135,7 +135,8 @@ class ProfileReport:
         flop_counter_macs: FLOPs / 2 per image as ``torch.utils.flop_counter`` counts the ops
             actually run (differs from ``macs`` where a module defines ``convzoo_macs``).
         peak_activation_bytes: peak bytes held by tensors created during the eval forward pass
-            (weights and the input excluded), for the whole batch.
+            (weights and the input excluded), for the whole batch; None when not measured
+            (``memory=False``).
         layers: the per-layer table, leaf modules and convzoo operators in call order.
         other_macs: MACs per image not inside any listed layer (functional ops in containers).
         cac: the CAC summary when the model has CAC layers, else None.
@@ -148,14 +149,14 @@ class ProfileReport:
     trainable_parameters: int
     macs: int
     flop_counter_macs: int
-    peak_activation_bytes: int
+    peak_activation_bytes: int | None
     layers: list[LayerProfile] = field(default_factory=list)
     other_macs: int = 0
     cac: CACSummary | None = None
 
     # ------------------------------------------------------------ formats
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serializable dict of everything in the report."""
+        """A JSON-serializable dict of everything in the report (``peak_activation_bytes`` None if not measured)."""
         data = asdict(self)
         data["input_size"] = list(self.input_size)
         for row in data["layers"]:
@@ -192,7 +193,8 @@ class ProfileReport:
         ]
         if self.flop_counter_macs != self.macs:
             rows.append(("MACs run (flop counter)", f"{self.flop_counter_macs:,} ({_si(self.flop_counter_macs)})"))
-        rows.append(("peak activation memory", _bytes(self.peak_activation_bytes)))
+        memory = "not measured" if self.peak_activation_bytes is None else _bytes(self.peak_activation_bytes)
+        rows.append(("peak activation memory", memory))
         if self.cac is not None:
             rho = "" if self.cac.sharp_ratio is None else f", mean sharp ratio {self.cac.sharp_ratio:.3f}"
             rows.append(
@@ -307,12 +309,69 @@ def _example_input(model: nn.Module, input_size: tuple[int, ...], batch_size: in
     return torch.randn(batch_size, *input_size, generator=generator, dtype=dtype).to(device)
 
 
-def _check_input_size(input_size: object) -> tuple[int, ...]:
+def _check_input_size(input_size: object) -> tuple[int, int, int]:
+    """``input_size`` as (C, H, W), three positive ints."""
     if isinstance(input_size, int) or not isinstance(input_size, tuple | list):
-        raise TypeError(f"input_size must be a tuple of ints such as (3, 32, 32), got {input_size!r}")
-    if not input_size or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in input_size):
-        raise ValueError(f"input_size must be a non-empty tuple of positive ints, got {input_size!r}")
-    return tuple(input_size)
+        raise TypeError(f"input_size must be a tuple of ints (C, H, W) such as (3, 32, 32), got {input_size!r}")
+    if len(input_size) != 3 or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in input_size):
+        raise ValueError(
+            f"input_size must be (C, H, W), a tuple of 3 positive ints such as (3, 32, 32), got {input_size!r}; "
+            "for inputs of another rank pass them with inputs="
+        )
+    return tuple(input_size)  # type: ignore[return-value]
+
+
+def _check_inputs(inputs: object) -> Tensor:
+    """``inputs`` as a non-empty floating-point batch (B, C, H, W)."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a Tensor (B, C, H, W) or None, got {type(inputs).__name__}")
+    if inputs.dim() != 4:
+        hint = "; add the batch dimension: inputs.unsqueeze(0)" if inputs.dim() == 3 else ""
+        raise ValueError(f"inputs must be a batched tensor (B, C, H, W), got shape {tuple(inputs.shape)}{hint}")
+    if inputs.shape[0] < 1:
+        raise ValueError(f"inputs must hold at least one image, got shape {tuple(inputs.shape)}")
+    if not inputs.is_floating_point():
+        raise TypeError(f"inputs must be a floating-point tensor, got {inputs.dtype}; convert it, e.g. inputs.float()")
+    return inputs
+
+
+def _check_cac_on_real_data(model: nn.Module, x: Tensor) -> None:
+    """Refuse CAC layers on the meta device: their effective MACs (eq. 17) are read from the masks of real images."""
+    try:
+        from convzoo.ops.cac import CACStatsMixin
+    except ImportError:  # CAC not available
+        return
+    cac = [m for m in model.modules() if isinstance(m, CACStatsMixin)]
+    if cac and (x.is_meta or any(p.is_meta for m in cac for p in m.parameters())):
+        raise ValueError(
+            f"profile: {type(model).__name__} has {len(cac)} CAC layer(s) on the meta device; their effective MACs "
+            "(eq. 17) depend on the content of real images, which the meta device does not hold. Profile the model "
+            "on a real device (model.to_empty(device='cpu'), then load its weights) with real images (inputs=), "
+            "or profile the model with standard convs for the dense count"
+        )
+
+
+def _pending_layer(run: _CountingRun) -> str:
+    """`` in layer 'name' (Type)`` for the table row whose forward was interrupted, else ``""``."""
+    for record in run.records:
+        if record.start_flops:  # its pre-hook ran, its forward hook did not
+            return f" in layer {record.name or '(model)'!r} ({type(record.module).__name__})"
+    return ""
+
+
+def _refused_input(
+    model: nn.Module, x: Tensor, input_size: object, given_inputs: bool, where: str, error: RuntimeError
+) -> ValueError:
+    """The ValueError for a forward pass that refused the profiling input, naming the argument that set it."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if given_inputs:
+        argument = f"inputs of shape {tuple(x.shape)} ({x.dtype}, {x.device})"
+    else:
+        argument = f"input_size={input_size!r} (a batch of shape {tuple(x.shape)})"
+    return ValueError(
+        f"profile: {type(model).__name__} cannot run on {argument}{where} (torch: {reason}); "
+        "check the channel count, image size, dtype and device it expects"
+    )
 
 
 def _conv_dense_macs(module: nn.Module, output_shape: tuple[int, ...] | None) -> int | None:
@@ -462,33 +521,48 @@ def profile_model(
 
     Args:
         model: any module; it runs in eval mode without autograd, and its mode is restored.
-        input_size: (C, H, W) of one image; ignored when ``inputs`` is given.
-        batch_size: images of the random input (seeded, standard normal).
-        inputs: a real batch (B, C, H, W) to profile on instead, e.g. test images for CAC,
-            whose effective MACs depend on the content.
+        input_size: (C, H, W) of one image, three positive ints; ignored when ``inputs`` is given.
+        batch_size: images of the random input (seeded, standard normal, in the dtype of the
+            model's first parameter, on its device).
+        inputs: a real floating-point batch (B, C, H, W), B >= 1, to profile on instead, e.g. test
+            images for CAC, whose effective MACs depend on the content. Used as given (no cast).
         name: display name (default: the model's class name).
-        memory: also run a second pass to measure peak activation memory.
+        memory: also run a second pass to measure peak activation memory (False: the report's
+            ``peak_activation_bytes`` is None and shows as not measured).
 
     Returns:
         A :class:`ProfileReport`; MACs are per image (totals divided by the batch size).
+
+    Raises:
+        TypeError: ``model`` is not a module, ``memory`` not a bool, ``input_size`` not a tuple,
+            ``inputs`` not a floating-point tensor.
+        ValueError: ``input_size`` not 3 positive ints, ``inputs`` not a non-empty 4-D batch, a bad
+            ``batch_size``, the forward pass refuses the input (wrong channel count, size, dtype or
+            device: the torch error is chained), or CAC layers on the meta device (their effective
+            MACs need real data).
     """
     check_module(model)
     check_bool(memory, "memory")
     if inputs is None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        x = _example_input(model, _check_input_size(input_size), batch_size)
+        input_size = _check_input_size(input_size)
+        x = _example_input(model, input_size, batch_size)
     else:
-        if not isinstance(inputs, Tensor) or inputs.dim() < 2 or inputs.shape[0] < 1:
-            raise TypeError(f"inputs must be a batched tensor (B, C, H, W), got {inputs!r}")
-        x = inputs
+        x = _check_inputs(inputs)
+    _check_cac_on_real_data(model, x)
     batch = x.shape[0]
     training = model.training
     model.eval()
+    run = _CountingRun(model)
     try:
-        run = _CountingRun(model)
-        total_flops = run.run(x)
-        peak = _peak_activation_bytes(model, x) if memory else 0
+        try:
+            total_flops = run.run(x)
+            peak = _peak_activation_bytes(model, x) if memory else None
+        except (torch.OutOfMemoryError, NotImplementedError):
+            raise  # not the input's shape or type: let it through as it is
+        except RuntimeError as error:  # the forward pass refused the input (channels, size, dtype, device)
+            raise _refused_input(model, x, input_size, inputs is not None, _pending_layer(run), error) from error
     finally:
         model.train(training)
 

@@ -69,3 +69,22 @@ def test_output_that_is_a_directory_is_refused(tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err.strip()
     example = tmp_path / "profile.md"
     assert err == f"convzoo profile: error: --output '{tmp_path}' is a directory; give a file path, e.g. {example}"
+
+
+def test_no_memory_shows_memory_as_not_measured(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["profile", "--model", "cifar_resnet20", "--no-memory"]
+    assert main([*argv, "--summary"]) == 0
+    assert "| peak activation memory | not measured |" in capsys.readouterr().out
+    assert main([*argv, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["peak_activation_bytes"] is None
+
+
+def test_cac_on_the_meta_device_is_not_reported_as_a_bad_input_size(monkeypatch, capsys) -> None:
+    """profile_model's ValueErrors that are not a refused input pass through unchanged."""
+    import convzoo
+
+    create = convzoo.create_model
+    monkeypatch.setattr(convzoo, "create_model", lambda *args, **kwargs: create(*args, **kwargs, device="meta"))
+    assert main(["profile", "--model", "cifar_resnet20", "--conv", "cac", "--no-memory"]) == 2
+    err = capsys.readouterr().err
+    assert "CAC layer(s) on the meta device" in err and "cannot run on input size" not in err

@@ -252,3 +252,52 @@ def test_create_model_takes_conv_options_none_or_empty() -> None:
     for options in (None, {}):
         model = convzoo.create_model("cifar_resnet20", conv="doconv", conv_options=options)
         assert any(isinstance(m, convzoo.DOConv2d) for m in model.modules())
+
+
+def _builders_from(*modules: str) -> list[str]:
+    """Registered names whose builder is defined in one of ``modules`` (under convzoo.models)."""
+    names = [f"convzoo.models.{module}" for module in modules]
+    return [n for n in convzoo.list_models() if get_model_entry(n).builder.__module__ in names]
+
+
+# every network convzoo implements (torchvision's builders take no in_channels)
+OWN_NETWORKS = _builders_from(
+    "cifar_densenet",
+    "cifar_preresnet",
+    "cifar_resnet",
+    "cifar_resnext",
+    "cifar_se_resnet",
+    "cifar_shakeshake",
+    "cifar_shufflenetv2",
+    "mobilenet",
+)
+# every network with a zero_init_residual option (convzoo's MobileNets have none)
+ZERO_INIT_NETWORKS = [n for n in OWN_NETWORKS if n not in _builders_from("mobilenet")] + _builders_from(
+    "torchvision_models"
+)
+
+
+@pytest.mark.parametrize("name", OWN_NETWORKS)
+@pytest.mark.parametrize(
+    ("in_channels", "error"), [(0, ValueError), (-1, ValueError), (True, TypeError), ("3", TypeError), (3.0, TypeError)]
+)
+def test_in_channels_must_be_a_positive_int(name: str, in_channels: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match=f"in_channels must be a positive int, got {in_channels!r}"):
+        convzoo.create_model(name, in_channels=in_channels)
+
+
+@pytest.mark.parametrize("name", ZERO_INIT_NETWORKS)
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_zero_init_residual_must_be_a_bool(name: str, value: object) -> None:
+    with pytest.raises(TypeError, match=f"zero_init_residual must be a bool, got {value!r}"):
+        convzoo.create_model(name, zero_init_residual=value)
+
+
+def test_the_network_classes_check_their_options_too() -> None:
+    from convzoo.models.cifar_resnet import CifarResNet
+
+    with pytest.raises(TypeError, match="zero_init_residual must be a bool, got 'no'"):
+        CifarResNet(1, zero_init_residual="no")
+    model = CifarResNet(1, in_channels=1, zero_init_residual=True)
+    assert model.conv1.in_channels == 1 and float(model.layer1[0].bn2.weight.detach().abs().sum()) == 0
+    assert tuple(model(torch.randn(2, 1, 8, 8)).shape) == (2, 10)

@@ -261,3 +261,133 @@ def test_loss_does_not_read_the_ratio_out_of_the_device() -> None:
     cpu_loss(torch.tensor(1.0, **F64))
     assert isinstance(cpu_loss.last_ratio, float)
     assert cpu_loss.last_ratio == float(cpu_loss.cost_ratio().detach())
+
+
+# ---------------------------------------------------------------------------- images of different sizes
+def _baseline(side: int) -> int:
+    """MACs per image of ``_model()`` with its standard conv at side x side."""
+    positions = side * side
+    return positions * (8 * 3 * 9 + 4 * 8) + 5 * 4
+
+
+def test_statistics_compare_each_image_with_the_baseline_at_its_own_size() -> None:
+    model = _model()  # just converted: ρ = 1, so each image costs its baseline plus the score map
+    big, small = torch.randn(1, 3, 8, 8, **F64), torch.randn(2, 3, 4, 4, **F64)
+    stats = cac_statistics(model, [big, small])
+    baselines = torch.tensor([_baseline(8), _baseline(4), _baseline(4)], **F64)
+    assert_close(stats.image_baseline_macs, baselines, rtol=0, atol=0)
+    score = torch.tensor([64 * 13, 16 * 13, 16 * 13], **F64)
+    assert_close(stats.image_macs, baselines + score, rtol=1e-14, atol=0)
+    assert stats.baseline_macs == pytest.approx(float(baselines.mean()), rel=1e-14)
+    assert stats.mean_ratio == pytest.approx(float((baselines + score).sum() / baselines.sum()), rel=1e-14)
+    assert 1 < stats.mean_ratio < 1.1
+    reordered = cac_statistics(model, [small, big])
+    assert reordered.mean_ratio == pytest.approx(stats.mean_ratio, rel=1e-14)  # order does not matter
+    summary = stats.table().splitlines()[-1]
+    assert f"standard convs mean {float(baselines.mean()) / 1e6:.2f}M" in summary
+
+
+def test_table_says_more_when_the_cost_went_up() -> None:
+    stats = cac_statistics(_model(), [torch.randn(2, 3, 6, 6, **F64)])  # ρ = 1: the score map costs extra
+    assert stats.mean_ratio > 1
+    summary = stats.table().splitlines()[-1]
+    assert summary.endswith(f"({100 * (stats.mean_ratio - 1):.1f}% more)") and "fewer" not in summary
+    assert "-" not in summary
+
+
+def test_statistics_result_checks_its_fields() -> None:
+    macs = torch.ones(2, **F64)
+    with pytest.raises(TypeError, match=r"image_baseline_macs must be a non-empty 1-d tensor \(N,\), got 5.0"):
+        CACStatistics({"a": 1.0}, macs, 5.0)
+    with pytest.raises(ValueError, match=r"one entry per image, got shapes \(2,\) and \(3,\)"):
+        CACStatistics({"a": 1.0}, macs, torch.ones(3, **F64))
+
+
+# ---------------------------------------------------------------------------- empty and unbatched inputs
+def test_statistics_skip_empty_batches() -> None:
+    model = _model()
+    x = torch.randn(3, 3, 6, 6, **F64)
+    expected = cac_statistics(model, [x])
+    stats = cac_statistics(model, [x[:0], (x, None), torch.empty(0, 3, 9, 9, **F64)])
+    assert stats.rho == expected.rho
+    assert_close(stats.image_macs, expected.image_macs, rtol=0, atol=0)
+    assert_close(stats.image_baseline_macs, expected.image_baseline_macs, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"data yielded no image \(2 empty batches\)"):
+        cac_statistics(model, [x[:0], x[:0]])
+
+
+def test_loss_costs_an_unbatched_input_as_a_batch_of_one() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1)).double()
+    model = convzoo.convert(model, "cac", include=["1"])
+    loss = CACLoss(model, lam=1.0)
+    x = torch.randn(3, 8, 8, **F64)
+    model(x.unsqueeze(0))
+    batched = loss.cost_ratio().detach()
+    model(x)
+    assert loss._plain.total == 16 * 3 * 64  # the 1x1 conv's MACs for one image
+    assert_close(loss.cost_ratio().detach(), batched, rtol=1e-14, atol=0)
+    plain, kxk = 16 * 3 * 64, 64 * 16 * 16 * 9
+    expected = torch.tensor((plain + kxk + 64 * 13) / (plain + kxk), **F64)  # ρ = 1 at initialization
+    assert_close(batched, expected, rtol=1e-14, atol=0)
+
+
+def test_loss_after_a_forward_on_an_empty_batch_is_the_task_loss() -> None:
+    model = _model().train()
+    loss = CACLoss(model, lam=0.3)
+    model(torch.randn(2, 3, 6, 6, **F64))
+    loss(torch.tensor(1.0, **F64))
+    ratio = loss.last_ratio
+    model(torch.randn(0, 3, 6, 6, **F64))  # the hooks must not divide by the empty batch
+    task = torch.tensor(0.0, **F64, requires_grad=True)
+    assert loss(task) is task  # no image, no cost: the batch contributes only its task loss
+    assert loss.last_ratio == ratio
+    with pytest.raises(ValueError, match=r"most recent call ran on an empty batch \(B = 0\)"):
+        loss.cost_ratio()
+
+
+def test_loss_refuses_a_non_scalar_task_loss() -> None:
+    model = _model()
+    loss = CACLoss(model)
+    model(torch.randn(2, 3, 6, 6, **F64))
+    with pytest.raises(ValueError, match=r"task_loss must be a scalar \(0-d\) tensor, got shape \(2,\); reduce it"):
+        loss(torch.ones(2, **F64))
+    with pytest.raises(ValueError, match=r"got shape \(1,\)"):
+        loss(torch.ones(1, **F64))
+
+
+# ---------------------------------------------------------------------------- dtype, device, meta
+def test_statistics_cast_inputs_to_the_model_dtype() -> None:
+    model = _model()  # float64
+    x = torch.randn(2, 3, 6, 6)  # what a float32 DataLoader yields
+    stats = cac_statistics(model, [x])
+    expected = cac_statistics(model, [x.double()])
+    assert_close(stats.image_macs, expected.image_macs, rtol=0, atol=0)
+    assert stats.rho == expected.rho
+
+
+@pytest.mark.parametrize(
+    ("device", "error", "match"),
+    [
+        ("gpu", ValueError, r"device must be a torch.device, a device string such as 'cpu' or 'cuda:0', or None"),
+        (3.5, TypeError, r"device must be a torch.device, .* got 3.5"),
+        ("meta", ValueError, r"cac_statistics needs real data, but device='meta'"),
+    ],
+)
+def test_statistics_device_errors(device: object, error: type[Exception], match: str) -> None:
+    model = _model()
+    with pytest.raises(error, match=match):
+        cac_statistics(model, [torch.randn(1, 3, 4, 4, **F64)], device=device)
+    assert model.training
+
+
+def test_statistics_refuse_integer_images() -> None:
+    with pytest.raises(TypeError, match=r"each batch must hold a floating-point input, got torch.uint8 \(batch 0\)"):
+        cac_statistics(_model(), [torch.zeros(1, 3, 4, 4, dtype=torch.uint8)])
+
+
+def test_statistics_refuse_a_model_on_the_meta_device() -> None:
+    with torch.device("meta"):
+        model = convzoo.convert(CifarResNet(1, 4), "cac")
+    with pytest.raises(ValueError, match="cac_statistics needs real data, but CifarResNet is on the meta device"):
+        cac_statistics(model, [torch.randn(1, 3, 8, 8)])

@@ -69,3 +69,41 @@ def test_plot_rho_errors(tmp_path: Path) -> None:
 
 def test_plot_rho_accepts_scalar_tensors(tmp_path: Path) -> None:
     assert plot_rho({"a": torch.tensor(0.25)}, tmp_path / "rho.png").read_bytes()[:8] == PNG
+
+
+def test_a_path_without_a_suffix_gets_png_appended_and_is_returned(tmp_path: Path) -> None:
+    model = _model()
+    masks = plot_masks(model, torch.randn(3, 16, 16), tmp_path / "masks")
+    rho = plot_rho({"a": 0.5}, str(tmp_path / "rho"))
+    assert (masks, rho) == (tmp_path / "masks.png", tmp_path / "rho.png")
+    assert masks.read_bytes()[:8] == PNG and rho.read_bytes()[:8] == PNG
+    upper = plot_rho({"a": 0.5}, tmp_path / "RHO.PNG")
+    assert upper == tmp_path / "RHO.PNG" and upper.read_bytes()[:8] == PNG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["RHO.PNG", "masks.png", "rho.png"]
+
+
+@pytest.mark.parametrize("name", ["masks.jpg", "masks.txt", "masks.pdf", "masks.png.bak"])
+def test_a_suffix_other_than_png_is_refused(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    match = rf"path must name a PNG file \(suffix .png, or no suffix to have .png appended\), got '{path}'"
+    with pytest.raises(ValueError, match=match.replace(".", r"\.")):
+        plot_masks(_model(), torch.randn(3, 8, 8), path)
+    with pytest.raises(ValueError, match="path must name a PNG file"):
+        plot_rho({"a": 0.5}, path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_parent_directories_are_created(tmp_path: Path) -> None:
+    rho = plot_rho({"a": 0.5}, tmp_path / "new" / "dir" / "rho.png")
+    masks = plot_masks(_model(), torch.randn(3, 8, 8), tmp_path / "other" / "masks")
+    assert rho.read_bytes()[:8] == PNG and masks == tmp_path / "other" / "masks.png" and masks.is_file()
+
+
+def test_a_directory_or_a_non_path_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=rf"path '{tmp_path}' is a directory; give a file path, e.g. .*rho\.png"):
+        plot_rho({"a": 0.5}, tmp_path)
+    with pytest.raises(ValueError, match=r"is a directory; give a file path, e.g. .*masks\.png"):
+        plot_masks(_model(), torch.randn(3, 8, 8), tmp_path)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike naming a .png file, got int"):
+        plot_rho({"a": 0.5}, 5)
+    assert not any(tmp_path.iterdir())

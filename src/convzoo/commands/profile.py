@@ -78,12 +78,18 @@ def run(args: argparse.Namespace) -> int:
         report = convzoo.profile_model(
             model, input_size, batch_size=args.batch_size, name=name, memory=not args.no_memory
         )
-    except RuntimeError as error:  # the forward pass refused the input (channels, too small, ...)
+    except (RuntimeError, ValueError) as error:
+        # profile_model reports a forward pass that refused the input (channels, too small, ...) as a
+        # ValueError chained to torch's RuntimeError; say it in the command's terms (--input-size)
+        torch_error = error.__cause__ if isinstance(error, ValueError) else error
+        if not isinstance(torch_error, RuntimeError):
+            raise
         shape = " ".join(map(str, input_size))
         hint = ""
         if input_size[0] != default_size[0]:
             hint = f"; {args.model} expects {default_size[0]} input channels (--input-size {default_size[0]} H W)"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = str(torch_error).strip()
+        reason = message.splitlines()[0] if message else type(torch_error).__name__
         raise ValueError(f"{args.model} cannot run on input size {shape}{hint} (torch: {reason})") from None
     text = report.format(args.format, layers=not args.summary)
     if args.output is None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convzoo.models.materialize import materialize, reject_zero_init_residual, reset_zoo_parameters_
+from convzoo.models.options import check_network_options
 from convzoo.models.registry import register_model
 
 
@@ -77,6 +78,7 @@ class CifarDenseNet(nn.Module):
             raise ValueError(f"block_config must be a non-empty sequence of positive ints, got {block_config!r}")
         if not 0 < reduction <= 1:
             raise ValueError(f"reduction must be in (0, 1], got {reduction!r}")
+        in_channels, _ = check_network_options(in_channels)
         channels = 2 * growth_rate
         self.conv1 = nn.Conv2d(in_channels, channels, 3, 1, 1, bias=False)
         for index, num_layers in enumerate(block_config, start=1):

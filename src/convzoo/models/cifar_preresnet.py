@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from convzoo.models.materialize import materialize, reset_zoo_parameters_
+from convzoo.models.options import check_network_options
 from convzoo.models.registry import register_model
 from convzoo.models.stages import residual_stages
 
@@ -113,6 +114,7 @@ class CifarPreResNet(nn.Module):
         if not isinstance(depth, int) or depth < 3 * per_block + 2 or (depth - 2) % (3 * per_block):
             form = "6n+2" if block == "basic" else "9n+2"
             raise ValueError(f"depth must be {form} with n >= 1 for {block} blocks, got {depth!r}")
+        in_channels, zero_init_residual = check_network_options(in_channels, zero_init_residual)
         n = (depth - 2) // (3 * per_block)
         block_cls = _BLOCKS[block]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)

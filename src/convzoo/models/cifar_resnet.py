@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from convzoo.models.init import init_weights
 from convzoo.models.materialize import place
+from convzoo.models.options import check_network_options
 from convzoo.models.registry import register_model
 from convzoo.models.stages import residual_stages
 
@@ -49,10 +50,11 @@ class CifarResNet(nn.Module):
         num_classes: classifier size.
         widths: channels of the three stages.
         skip: False builds the plain network (no shortcuts), as in DO-Conv's Table 1.
-        zero_init_residual: zero the last BN gamma of each block.
+        zero_init_residual: zero the last BN gamma of each block (a bool).
+        in_channels: image channels (a positive int).
 
     Shapes:
-        (B, 3, H, W) -> (B, num_classes)
+        (B, in_channels, H, W) -> (B, num_classes)
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class CifarResNet(nn.Module):
         super().__init__()
         if depth_per_stage < 1:
             raise ValueError(f"depth_per_stage must be >= 1, got {depth_per_stage}")
+        in_channels, zero_init_residual = check_network_options(in_channels, zero_init_residual)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from convzoo.models.materialize import materialize, reset_zoo_parameters_
+from convzoo.models.options import check_network_options
 from convzoo.models.registry import register_model
 from convzoo.models.stages import residual_stages
 
@@ -83,6 +84,7 @@ class CifarResNeXt(nn.Module):
         for name, value in (("cardinality", cardinality), ("base_width", base_width)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        in_channels, zero_init_residual = check_network_options(in_channels, zero_init_residual)
         n = (depth - 2) // 9
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)

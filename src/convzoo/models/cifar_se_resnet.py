@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from convzoo.models.cifar_resnet import BasicBlock
 from convzoo.models.materialize import materialize, reset_zoo_parameters_
+from convzoo.models.options import check_network_options
 from convzoo.models.registry import register_model
 from convzoo.models.stages import residual_stages
 
@@ -82,6 +83,7 @@ class CifarSEResNet(nn.Module):
         super().__init__()
         if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2 with n >= 1, got {depth!r}")
+        in_channels, zero_init_residual = check_network_options(in_channels, zero_init_residual)
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])

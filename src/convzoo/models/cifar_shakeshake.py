@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from convzoo.models.materialize import materialize, reset_zoo_parameters_
+from convzoo.models.options import check_network_options
 from convzoo.models.registry import register_model
 from convzoo.models.stages import residual_stages
 
@@ -138,6 +139,7 @@ class CifarShakeShake(nn.Module):
             raise ValueError(f"depth must be 6n+2 with n >= 1, got {depth!r}")
         if not isinstance(base_width, int) or base_width < 1:
             raise ValueError(f"base_width must be a positive int, got {base_width!r}")
+        in_channels, zero_init_residual = check_network_options(in_channels, zero_init_residual)
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from convzoo.models.materialize import materialize, reject_zero_init_residual, reset_zoo_parameters_
+from convzoo.models.options import check_network_options
 from convzoo.models.registry import register_model
 
 # Stage output channels (three stages, then the last 1x1 conv) for each width multiplier.
@@ -106,6 +107,7 @@ class CifarShuffleNetV2(nn.Module):
         if width not in WIDTHS:
             raise ValueError(f"width must be one of {sorted(WIDTHS)}, got {width!r}")
         widths = WIDTHS[width]
+        in_channels, _ = check_network_options(in_channels)
         self.conv1 = nn.Conv2d(in_channels, 24, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
         self.relu = nn.ReLU(inplace=True)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from convzoo.models.init import init_weights
+from convzoo.ops.conv_spec import check_bool
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -109,8 +110,12 @@ def reject_zero_init_residual(zero_init_residual: bool, model: str) -> None:
 
     Zeroing a block's last BN makes a residual block start as the identity; in a block that
     concatenates (DenseNet, ShuffleNetV2) it would only silence features, so it is an error.
+
+    Raises:
+        TypeError: ``zero_init_residual`` is not a bool.
+        ValueError: it is True.
     """
-    if zero_init_residual:
+    if check_bool(zero_init_residual, "zero_init_residual"):
         raise ValueError(
             f"zero_init_residual=True does not apply to {model}: its blocks concatenate instead of adding "
             "a residual, so zeroing a BN would only silence features"

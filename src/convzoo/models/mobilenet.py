@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from convzoo.convert import convert
 from convzoo.models.init import init_weights
 from convzoo.models.materialize import place
+from convzoo.models.options import check_network_options
 from convzoo.models.registry import add_preset, register_model
 from convzoo.ops.dilated import PyramidDilatedConv2d
 
@@ -202,6 +203,7 @@ class MobileNetV2(nn.Module):
     ) -> None:
         super().__init__()
         width = _validate_width(width)
+        in_channels, _ = check_network_options(in_channels)
         channels = make_divisible(32 * width)
         self.conv_stem = nn.Conv2d(in_channels, channels, 3, stem_stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
@@ -295,6 +297,7 @@ class MobileNetV1(nn.Module):
     ) -> None:
         super().__init__()
         width = _validate_width(width)
+        in_channels, _ = check_network_options(in_channels)
         channels = make_divisible(32 * width)
         self.conv_stem = nn.Conv2d(in_channels, channels, 3, stem_stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)

@@ -16,6 +16,7 @@ from torch import nn
 
 from convzoo.models.materialize import reject_zero_init_residual
 from convzoo.models.registry import register_model
+from convzoo.ops.conv_spec import check_bool
 
 IMAGENET_INPUT = (3, 224, 224)
 
@@ -42,6 +43,7 @@ def _torchvision(
 ) -> nn.Module:
     import torchvision
 
+    check_bool(zero_init_residual, "zero_init_residual")
     if tv_name.startswith("resnet"):
         kwargs["zero_init_residual"] = zero_init_residual
     elif not tv_name.startswith("mobilenet_v2"):

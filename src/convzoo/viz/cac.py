@@ -1,10 +1,11 @@
 """CAC figures: feature maps over their sharp-window masks (the paper's Fig. 3) and ρ per layer (Fig. 4).
 
-Matplotlib's Agg canvas is used directly (no pyplot, no global backend change).
+Both are written as PNG files. Matplotlib's Agg canvas is used directly (no pyplot, no global backend change).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from numbers import Real
 from pathlib import Path
@@ -26,18 +27,53 @@ def _figure(width: float, height: float) -> Figure:
     return figure
 
 
+def _png_path(path: object, example: str) -> Path:
+    """``path`` as the PNG file to write: ``.png`` appended when it has no suffix (as matplotlib does).
+
+    Raises:
+        TypeError: ``path`` is not a str or ``os.PathLike``.
+        ValueError: ``path`` is an existing directory or has a suffix other than ``.png``.
+    """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike naming a .png file, got {type(path).__name__}")
+    file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"path {str(path)!r} is a directory; give a file path, e.g. {file / example}")
+    if not file.suffix:
+        return file.with_name(file.name + ".png")
+    if file.suffix.lower() != ".png":
+        raise ValueError(
+            f"path must name a PNG file (suffix .png, or no suffix to have .png appended), got {str(path)!r}"
+        )
+    return file
+
+
+def _save_png(figure: Figure, path: Path) -> Path:
+    """Write ``figure`` to ``path`` as PNG, creating missing parent directories."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, format="png")
+    return path
+
+
 @torch.no_grad()
 def plot_masks(model: nn.Module, image: Tensor, path: str | Path, *, max_layers: int | None = None) -> Path:
     """Save a PNG like Fig. 3: for each CAC layer, its input feature map (channel mean) over its sharp-window mask.
 
     Args:
         model: a model with CAC layers (training or deployed form); run once in eval mode.
-        image: one image (C, H, W) or a batch whose first image is shown (1, C, H, W).
-        path: where to write the PNG.
+        image: one image (C, H, W) or a batch whose first image is shown (B, C, H, W); cast to the
+            model's device and dtype.
+        path: the PNG file to write: a ``.png`` suffix (any case), or none and ``.png`` is appended.
+            Missing parent directories are created.
         max_layers: show only the first this many CAC layers.
 
     Returns:
-        The path written. Yellow = sharp windows (k×k conv), dark = smooth (1×1 conv).
+        The path written (``path`` with ``.png`` appended if it had no suffix). Yellow = sharp windows
+        (k×k conv), dark = smooth (1×1 conv).
+
+    Raises:
+        TypeError: ``model`` is not a module or ``path`` not a path.
+        ValueError: no CAC layer, a bad ``image`` or ``max_layers``, ``path`` a directory or not ``.png``.
     """
     layers = cac_layers(check_module(model))
     if not layers:
@@ -50,6 +86,7 @@ def plot_masks(model: nn.Module, image: Tensor, path: str | Path, *, max_layers:
         if not isinstance(max_layers, int) or max_layers < 1:
             raise ValueError(f"max_layers must be a positive int or None, got {max_layers!r}")
         layers = layers[:max_layers]
+    path = _png_path(path, "masks.png")
     batch = (image if image.dim() == 4 else image.unsqueeze(0))[:1]
     features: dict[str, Tensor] = {}
     handles = [
@@ -78,9 +115,7 @@ def plot_masks(model: nn.Module, image: Tensor, path: str | Path, *, max_layers:
     axes[0, 0].set_ylabel("feature", fontsize=8)
     axes[1, 0].set_ylabel("sharp windows", fontsize=8)
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    return path
+    return _save_png(figure, path)
 
 
 def plot_rho(rho: Mapping[str, float] | CACStatistics, path: str | Path, *, title: str = "") -> Path:
@@ -88,8 +123,16 @@ def plot_rho(rho: Mapping[str, float] | CACStatistics, path: str | Path, *, titl
 
     Args:
         rho: layer name -> ρ, or the result of ``convzoo.cac_statistics``.
-        path: where to write the PNG.
+        path: the PNG file to write: a ``.png`` suffix (any case), or none and ``.png`` is appended.
+            Missing parent directories are created.
         title: an optional figure title.
+
+    Returns:
+        The path written (``path`` with ``.png`` appended if it had no suffix).
+
+    Raises:
+        TypeError: a ratio is not a real number, ``path`` not a path.
+        ValueError: ``rho`` empty, a ratio outside [0, 1], ``path`` a directory or not ``.png``.
     """
     values = rho.rho if isinstance(rho, CACStatistics) else rho
     if not isinstance(values, Mapping) or not values:
@@ -104,6 +147,7 @@ def plot_rho(rho: Mapping[str, float] | CACStatistics, path: str | Path, *, titl
     ratios = [float(values[name]) for name in names]
     if not all(0.0 <= r <= 1.0 for r in ratios):
         raise ValueError(f"every ratio must be in [0, 1], got {dict(zip(names, ratios))}")
+    path = _png_path(path, "rho.png")
     figure = _figure(max(4.0, 0.3 * len(names) + 1.5), 3.0)
     axis = figure.subplots()
     axis.bar(range(1, len(names) + 1), ratios, color="tab:blue")
@@ -115,6 +159,4 @@ def plot_rho(rho: Mapping[str, float] | CACStatistics, path: str | Path, *, titl
     if title:
         axis.set_title(title)
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    return path
+    return _save_png(figure, path)
