@@ -85,6 +85,19 @@ DYNAMIC_LAYERS = {  # kind: the conv it replaces (stride 2: output sizes round d
 }
 
 
+def _one_layer(kind: str, form: str, *, size: tuple[int, int] = (11, 13)) -> tuple[torch.nn.Module, torch.Tensor]:
+    """(a float64 model of one trained-like ``kind`` layer + BN, in ``form`` "train" / "eval" / "deployed",
+    an input (2, C, *size))."""
+    torch.manual_seed(0)
+    conv = DYNAMIC_LAYERS[kind]()
+    model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(conv.out_channels)).double()
+    x = torch.randn(2, conv.in_channels, *size, dtype=torch.float64)
+    model = make_trained_like_(convzoo.convert(model, kind), x)
+    if form == "deployed":
+        model = convzoo.deploy(model)
+    return model.train(form == "train"), x
+
+
 @pytest.mark.filterwarnings("error::UserWarning")  # e.g. CAC kept export's fake tensors in last_mask
 @pytest.mark.parametrize("deployed", [True, False], ids=["deployed", "eval"])
 @pytest.mark.parametrize("kind", sorted(DYNAMIC_LAYERS))
@@ -92,18 +105,12 @@ def test_torch_export_with_dynamic_batch_and_image_size(kind: str, deployed: boo
     """One export serves every batch and image size. CAC's output size was math.floor of a true division,
     and its slices were truncated to it, which torch.export could not prove in bounds: any dynamic H / W
     failed. The CAC layer keeps no tensor of the trace in its statistics."""
-    torch.manual_seed(0)
-    conv = DYNAMIC_LAYERS[kind]()
-    model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(conv.out_channels)).double()
-    x = torch.randn(2, conv.in_channels, 16, 16, dtype=torch.float64)
-    model = make_trained_like_(convzoo.convert(model, kind), x)
-    if deployed:
-        model = convzoo.deploy(model)
+    model, x = _one_layer(kind, "deployed" if deployed else "eval", size=(16, 16))
     batch = torch.export.Dim("batch", min=2, max=64)
     # from 4: torch's own conv guards a stride-2 output size of 1 (a plain nn.Conv2d fails below that too)
     height, width = torch.export.Dim("height", min=4, max=64), torch.export.Dim("width", min=4, max=64)
     exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch, 2: height, 3: width},))
-    other = torch.randn(3, conv.in_channels, 13, 21, dtype=torch.float64)
+    other = torch.randn(3, x.shape[1], 13, 21, dtype=torch.float64)
     recorded = [getattr(m, "last_mask", None) for m in model.modules()]
     assert not any(isinstance(t, torch._subclasses.FakeTensor) for t in recorded)
     with torch.no_grad():
@@ -116,13 +123,7 @@ def test_fx_symbolic_trace_equals_the_module(kind: str, form: str) -> None:
     """torch.fx.symbolic_trace (FX quantization, torchvision's create_feature_extractor) traces every form.
     DO-Conv's weight and CAC's pick used to branch on traced values; both are fx-wrapped calls now, which
     choose their path when the graph runs, so the traced training form also trains CAC's γ and β."""
-    torch.manual_seed(0)
-    conv = DYNAMIC_LAYERS[kind]()
-    x = torch.randn(2, conv.in_channels, 11, 13, dtype=torch.float64)
-    model = make_trained_like_(convzoo.convert(torch.nn.Sequential(conv).double(), kind), x)
-    if form == "deployed":
-        model = convzoo.deploy(model)
-    model.train(form == "train")
+    model, x = _one_layer(kind, form)
     traced = torch.fx.symbolic_trace(model)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), model(x), rtol=1e-10, atol=1e-10)
@@ -155,12 +156,7 @@ def test_torch_jit_script_compiles_or_refuses_clearly(kind: str, form: str) -> N
     """Deployed plain forms script (the fused Multiception as pointwise(depthwise)); the Python-only forms
     refuse with a TypeError that names them and the way out, instead of failing inside the TorchScript
     compiler ("Unknown type annotation: 'ConvSpec'")."""
-    torch.manual_seed(0)
-    conv = DYNAMIC_LAYERS[kind]()
-    x = torch.randn(2, conv.in_channels, 11, 13, dtype=torch.float64)
-    model = make_trained_like_(convzoo.convert(torch.nn.Sequential(conv).double(), kind), x)
-    if form == "deployed":
-        model = convzoo.deploy(model)
+    model, x = _one_layer(kind, form)
     if (form == "deployed" and kind in SCRIPTABLE_DEPLOYED) or kind == "dds":
         scripted = torch.jit.script(model)
         with torch.no_grad():
