@@ -7,7 +7,7 @@ from torch import nn
 
 import convzoo
 from convzoo.ops import registry
-from convzoo.ops.registry import check_callable, check_module, check_name, needs_spatial_kernel
+from convzoo.ops.registry import check_callable, check_module, check_name, needs_pointwise, needs_spatial_kernel
 
 # The table of /work/shared/ARCHITECTURE.md: kind key -> module class.
 ARCHITECTURE_KINDS = {
@@ -102,3 +102,12 @@ def test_shared_checks() -> None:
     assert check_module(module) is module
     with pytest.raises(TypeError, match="net must be an nn.Module, got str"):
         check_module("resnet", "net")
+
+
+@pytest.mark.parametrize(
+    ("padding", "reason"),
+    [(0, None), ("valid", None), ("same", None), ((0, 1), "padded pointwise conv (padding=(0, 1))")],
+)
+def test_needs_pointwise_skips_padded_1x1_only(padding: object, reason: str | None) -> None:
+    """'same' on a 1x1 conv pads nothing: CPWC replaces it; a padded 1x1 is skipped, not an error."""
+    assert needs_pointwise(nn.Conv2d(4, 4, 1, padding=padding)) == reason

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from convzoo.ops.conv_spec import check_bool
+from convzoo.ops.conv_spec import ConvSpec, check_bool
 
 SkipReason = Callable[[nn.Conv2d], "str | None"]
 ConvFactory = Callable[..., nn.Module]
@@ -182,7 +182,7 @@ def needs_pointwise(conv: nn.Conv2d) -> str | None:
         return f"kernel {tuple(conv.kernel_size)} is not 1x1"
     if conv.groups != 1:
         return f"grouped pointwise conv (groups={conv.groups})"
-    if conv.padding not in ("valid", (0, 0), 0):
+    if ConvSpec.from_conv(conv).explicit_padding != (0, 0, 0, 0):  # 'same' on a 1x1 pads nothing
         return f"padded pointwise conv (padding={conv.padding!r})"
     return None
 
