@@ -1,6 +1,7 @@
 """The ``convzoo`` command: a thin dispatcher over ``convzoo.commands.*``.
 
-Each command module defines ``add_parser(subparsers)`` and ``run(args) -> int``.
+Each command module defines ``add_parser(subparsers)`` and ``run(args) -> int``; ``run`` may set
+``args.interrupt_hint`` to replace the command's Ctrl-C hint (``RESUME_HINTS``) when it does not apply.
 Errors meant for the user (bad names, missing data, ...) are ``CLIError`` or
 ``ValueError``/``TypeError`` and print as one line with exit code 2. Warnings that convzoo
 itself raises (``UserWarning`` from a convzoo module) print as one ``convzoo CMD: warning: ...`` line.
@@ -56,11 +57,15 @@ def _one_line_warnings(command: str, fallback: Callable[..., Any]) -> Callable[.
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``convzoo`` console script."""
-    args = build_parser().parse_args(argv)
+    try:  # importing the command modules takes a moment: Ctrl-C there stops as quietly as later on
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("convzoo: interrupted", file=sys.stderr)
+        return 130
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
-        tune_cpu_allocator()  # reuse freed memory across steps (see convzoo.runtime); CONVZOO_KEEP_ALLOCATOR opts out
         try:
+            tune_cpu_allocator()  # reuse freed memory across steps (convzoo.runtime); CONVZOO_KEEP_ALLOCATOR opts out
             status = int(args.run(args) or 0)
             sys.stdout.flush()  # a closed pipe shows here, inside this handler, not at interpreter exit
             return status
@@ -68,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"convzoo {args.command}: error: {error}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print(f"convzoo {args.command}: interrupted{RESUME_HINTS.get(args.command, '')}", file=sys.stderr)
+            hint = getattr(args, "interrupt_hint", None) or RESUME_HINTS.get(args.command, "")
+            print(f"convzoo {args.command}: interrupted{hint}", file=sys.stderr)
             return 130
         except BrokenPipeError:
             # the reader stopped early (`convzoo train --list-recipes | head`): stop quietly, as Unix tools do.

@@ -192,3 +192,61 @@ def test_demo_resume_picks_the_latest_demo_folder(
     assert _resume_folder("latest") == "runs/demo-20250102-080000"
     assert _resume_folder("runs/demo-20250101-090000") == "runs/demo-20250101-090000"
     assert _resume_folder(None) is None
+
+
+def test_repeated_conv_kinds_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["compare", "--model", "test_tiny", "--convs", "standard,doconv,standard", *TINY]
+    assert main([*args, "--output", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "convzoo compare: error: convs must name each conv kind once, got 'standard,doconv,standard' "
+        "(repeated: standard)"
+    )
+    assert not (tmp_path / "c").exists()
+
+
+def test_compare_output_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("keep")
+    args = ["compare", "--model", "test_tiny", "--convs", "standard", *TINY, "--output", str(tmp_path / "file")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "output" in err and "is a file, not a folder" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_compare_refuses_a_run_cut_within_a_later_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from convzoo.train.checkpoint import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "c"
+    assert main(_compare(out, "--seeds", "1", "--epochs", "2")) == 0
+    path = out / "standard-s0" / "checkpoint.safetensors"
+    checkpoint = load_checkpoint(path)  # as if stopped 1 step into epoch 3 of a longer run
+    checkpoint.meta.update(step=1)
+    save_checkpoint(path, checkpoint)
+    capsys.readouterr()
+    assert main(_compare(out, "--seeds", "1", "--epochs", "2")) == 2
+    assert "holds a run trained for 2 epochs and 1 steps, more than epochs=2" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_evaluating_then_rerun_keeps_the_trained_epoch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convzoo.train.engine as engine
+    from convzoo.train.checkpoint import load_checkpoint
+
+    evaluate = engine.evaluate
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        raise KeyboardInterrupt
+
+    out = tmp_path / "c"
+    monkeypatch.setattr(engine, "evaluate", interrupted)
+    assert main(_compare(out, "--seeds", "1")) == 130
+    meta = load_checkpoint(out / "standard-s0" / "checkpoint.safetensors").meta
+    assert (meta["epoch"], meta["evaluated"]) == (1, False)
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    capsys.readouterr()
+    assert main(_compare(out, "--seeds", "1")) == 0
+    assert "training test_tiny conv=standard seed=0" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "standard-s0" / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1"] and rows[0]["test_top1"] != ""

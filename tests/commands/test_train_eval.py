@@ -233,3 +233,124 @@ def test_ctrl_c_is_one_line_on_a_clean_line_then_resume(
     assert main([*args, "--resume"]) == 0
     rows = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in rows] == ["epoch", "1", "2"]
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str], command: str = "train") -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"convzoo {command}: error: ")
+    return err
+
+
+def test_resume_with_changed_settings_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--output", str(run)]) == 0
+    before = {name: (run / name).read_bytes() for name in ("checkpoint.safetensors", "config.yaml", "metrics.csv")}
+    capsys.readouterr()
+    changed = ["--lr", "0.05", "--batch-size", "8", "--seed", "2", "--optimizer", "adamw"]
+    assert main(["train", *TINY, "--epochs", "2", "--output", str(run), "--resume", *changed]) == 2
+    err = _one_error_line(capsys)
+    for shown in ("batch_size=16 (now 8)", "optimizer='sgd' (now 'adamw')", "lr=0.1 (now 0.05)", "seed=0 (now 2)"):
+        assert shown in err
+    assert "only " in err and "epochs" in err.split("only ")[1]
+    assert before == {name: (run / name).read_bytes() for name in before}
+    # settings that may change: more epochs, progress, evaluation and checkpoint intervals, device
+    more = ["--epochs", "2", "--eval-every", "2", "--checkpoint-every", "3", "--progress", "false"]
+    assert main(["train", *TINY, *more, "--output", str(run), "--resume"]) == 0
+    assert "epochs: 2" in (run / "config.yaml").read_text()
+
+
+def test_resume_of_another_run_into_a_run_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    for run in (first, second):
+        assert main(["train", *TINY, "--epochs", "1", "--output", str(run)]) == 0
+    before = {p.name: p.read_bytes() for p in second.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", *TINY, "--epochs", "2", "--output", str(second), "--resume", str(first)]) == 2
+    assert "already holds another run's checkpoint" in _one_error_line(capsys)
+    assert before == {p.name: p.read_bytes() for p in second.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("output", ["file", "file/run"])
+def test_output_that_is_a_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], output: str) -> None:
+    (tmp_path / "file").write_text("keep")
+    assert main(["train", *TINY, "--epochs", "1", "--output", str(tmp_path / output)]) == 2
+    assert "is a file, not a folder" in _one_error_line(capsys)
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_eval_on_data_with_more_classes_than_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--num-classes", "5", "--epochs", "1", "--output", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--json"]) == 0  # its own data, with its 5 classes
+    assert len(json.loads(capsys.readouterr().out)["per_class"]) == 5
+    assert main(["eval", "--checkpoint", str(run), "--data", "digits"]) == 2
+    err = _one_error_line(capsys, "eval")
+    assert "data 'digits' has 10 classes but the checkpoint" in err and "has num_classes=5" in err
+
+
+def test_ctrl_c_during_start_up_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import convzoo.cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convzoo.cli, "build_parser", interrupted)
+    try:
+        status = main(["train", "--list-recipes"])
+    except KeyboardInterrupt:  # not let through: it would stop the whole pytest session
+        pytest.fail("Ctrl-C during start-up escaped main() as a traceback")
+    assert status == 130
+    assert capsys.readouterr().err == "convzoo: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num-classes", "abc"], "argument --num-classes: expected an int or none, got 'abc'"),
+        (["--image-size", "1.5"], "argument --image-size: expected an int or none, got '1.5'"),
+        (["--ema", "x"], "argument --ema: expected a number, true or false, got 'x'"),
+        (["--milestones", "1,,2"], "argument --milestones: expected comma-separated ints such as 82,123, got '1,,2'"),
+        (["--milestones", "1,"], "argument --milestones: expected comma-separated ints"),
+        (["--milestones", "a"], "argument --milestones: expected comma-separated ints"),
+        (["--progress", "maybe"], "argument --progress: expected true or false, got 'maybe'"),
+    ],
+)
+def test_flag_values_name_the_expected_type(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *TINY, "--output", str(tmp_path / "run"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"convzoo train: error: {message}")
+    assert "_optional_int" not in err and "_float_or_bool" not in err and "_milestones" not in err
+
+
+def test_milestones_flag_values() -> None:
+    from convzoo.commands.train import _milestones
+
+    assert _milestones("82, 123") == [82, 123] and _milestones("") == []
+
+
+def test_ctrl_c_before_the_run_folder_is_written_says_to_start_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convzoo.train.engine as engine
+
+    prepare = engine.prepare_data
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "prepare_data", interrupted)  # Ctrl-C while the data loads
+    argv = ["train", *TINY, "--epochs", "1", "--output", str(tmp_path / "run")]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err == "convzoo train: interrupted; nothing was trained yet: rerun the same command to start over\n"
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(engine, "prepare_data", prepare)
+    assert main(argv) == 0

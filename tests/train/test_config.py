@@ -152,3 +152,24 @@ def test_recipe_file_errors(tmp_path: Path) -> None:
         load_recipe(str(recipe))
     with pytest.raises(ValueError, match=r"recipe file '.*missing.yaml' does not exist"):
         load_recipe(str(tmp_path / "missing.yaml"))
+
+
+def test_recipe_floats_without_a_dot_are_floats(tmp_path: Path) -> None:
+    """YAML 1.1 (PyYAML's default) reads 1e-3 as a string; recipes read it as YAML 1.2 does, as a float."""
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("lr: 1e-3\nweight_decay: 5E-4\nmin_lr: +2e-6\nwarmup_epochs: 1e0\nbatch_size: 1e2\nepochs: 3\n")
+    assert load_recipe(str(recipe)) == {
+        "lr": 0.001,
+        "weight_decay": 0.0005,
+        "min_lr": 2e-6,
+        "warmup_epochs": 1.0,
+        "batch_size": 100,  # an int field takes a float only when it is a whole number
+        "epochs": 3,
+    }
+    config = make_config(str(recipe))
+    assert (config.lr, config.batch_size) == (0.001, 100) and isinstance(config.batch_size, int)
+    recipe.write_text("epochs: 2.5e0\n")
+    with pytest.raises(ValueError, match=r"config key 'epochs' must be int, got 2.5"):
+        load_recipe(str(recipe))
+    recipe.write_text("description: 1e\n")  # not a number: stays a string
+    assert load_recipe(str(recipe)) == {"description": "1e"}

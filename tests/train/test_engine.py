@@ -176,9 +176,172 @@ def test_onecycle_resumed_with_more_epochs(tmp_path: Path) -> None:
     assert [int(r["epoch"]) for r in result.rows] == [1, 2]
 
 
-def test_ema_added_on_resume_starts_at_the_loaded_weights(tmp_path: Path) -> None:
-    first = train(_config(tmp_path, epochs=1))
-    resumed = Trainer(_config(tmp_path, epochs=2, ema=0.9), resume="auto")
-    assert resumed.ema is not None
-    for key, value in first.model.state_dict().items():
-        assert torch.equal(resumed.ema.module.state_dict()[key], value), key
+@pytest.mark.parametrize(
+    ("changes", "shown"),
+    [
+        ({"lr": 0.1}, "lr=0.05 (now 0.1)"),
+        ({"batch_size": 8}, "batch_size=16 (now 8)"),
+        ({"seed": 1}, "seed=0 (now 1)"),
+        ({"train_subset": 6}, "train_subset=8 (now 6)"),
+        ({"scheduler": "constant"}, "scheduler='cosine' (now 'constant')"),
+        ({"ema": 0.9}, "ema=0.0 (now 0.9)"),
+        ({"optimizer": "adamw"}, "optimizer='sgd' (now 'adamw')"),
+        ({"data": "digits", "lr": 0.2}, "data='fake' (now 'digits'), lr=0.05 (now 0.2)"),
+    ],
+)
+def test_resume_with_other_settings_is_refused(tmp_path: Path, changes: dict[str, object], shown: str) -> None:
+    config = _config(tmp_path, epochs=1)
+    train(config)
+    before = {name: (config.output_dir() / name).read_bytes() for name in ("checkpoint.safetensors", "config.yaml")}
+    changed = _config(tmp_path, epochs=2, **changes)
+    with pytest.raises(ValueError, match="with other settings than it was trained with") as error:
+        Trainer(changed, resume="auto")
+    assert shown in str(error.value) and "epochs" in str(error.value).split("only ")[1]
+    assert before == {name: (config.output_dir() / name).read_bytes() for name in before}
+
+
+def test_resume_may_change_run_options_and_grow_epochs(tmp_path: Path) -> None:
+    train(_config(tmp_path, epochs=1))
+    options = {"progress": False, "eval_every": 2, "checkpoint_every": 3, "device": "cpu", "deterministic": True}
+    result = Trainer(_config(tmp_path, epochs=2, **options), resume="auto").fit()
+    assert [int(r["epoch"]) for r in result.rows] == [1, 2]
+
+
+def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path: Path) -> None:
+    config = _config(tmp_path, epochs=2)
+    train(config)
+    with pytest.raises(ValueError, match=r"with epochs=1: it has already trained 2 epochs; pass --epochs 2 or more"):
+        Trainer(_config(tmp_path, epochs=1), resume="auto")
+    Trainer(config, resume="auto")  # the same count: nothing left to train, which is fine
+    # stopped within epoch 2 of a 3-epoch run: its weights hold more than 1 epoch, so epochs=1 is refused too
+    cut = _config(tmp_path, "cut", epochs=3, checkpoint_every=2)
+    trainer = Trainer(cut)
+    step, calls = trainer._train_step, []
+
+    def dies_in_epoch_two(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        if len(calls) == 8:
+            raise _KilledError
+        return step(inputs, labels)
+
+    trainer._train_step = dies_in_epoch_two
+    with pytest.raises(_KilledError):
+        trainer.fit()
+    with pytest.raises(ValueError, match=r"already trained 1 epochs and 2 steps of epoch 2; pass --epochs 2 or more"):
+        Trainer(_config(tmp_path, "cut", epochs=1, checkpoint_every=2), resume="auto")
+
+
+@pytest.mark.parametrize(("trained", "claimed"), [("sgd", "adamw"), ("adamw", "sgd")])
+def test_optimizer_state_of_another_optimizer_is_a_clear_error(tmp_path: Path, trained: str, claimed: str) -> None:
+    from convzoo.train.checkpoint import save_checkpoint
+
+    config = _config(tmp_path, epochs=1, optimizer=trained)
+    train(config)
+    path = config.output_dir() / "checkpoint.safetensors"
+    checkpoint = load_checkpoint(path)  # one optimizer's state, metadata claiming the other: the settings check passes
+    checkpoint.meta["config"]["optimizer"] = claimed
+    save_checkpoint(path, checkpoint)
+    message = rf"optimizer state does not fit optimizer='{claimed}' \(written by another optimizer.*\): it lacks '"
+    with pytest.raises(ValueError, match=message):
+        Trainer(_config(tmp_path, epochs=2, optimizer=claimed), resume="auto")
+    del checkpoint.state["optimizer"]["param_groups"][1]  # a parameter layout that does not fit at all
+    checkpoint.meta["config"]["optimizer"] = trained
+    save_checkpoint(path, checkpoint)
+    with pytest.raises(ValueError, match=rf"its optimizer state does not fit optimizer='{trained}'"):
+        Trainer(_config(tmp_path, epochs=2, optimizer=trained), resume="auto")
+
+
+def test_resume_into_a_folder_holding_another_run_is_refused(tmp_path: Path) -> None:
+    source, target = _config(tmp_path, "source", epochs=1), _config(tmp_path, "target", epochs=1)
+    train(source)
+    train(target)
+    before = {p.name: p.read_bytes() for p in target.output_dir().iterdir() if p.is_file()}
+    moved = _config(tmp_path, "target", epochs=2)
+    with pytest.raises(ValueError, match="already holds another run's checkpoint"):
+        Trainer(moved, resume=str(source.output_dir()))
+    assert before == {p.name: p.read_bytes() for p in target.output_dir().iterdir() if p.is_file()}
+    # from the checkpoint already in the output folder, or into a folder without a run: fine
+    Trainer(moved, resume=str(target.output_dir()))
+    fresh = Trainer(_config(tmp_path, "fresh", epochs=2), resume=str(source.output_dir() / "checkpoint.safetensors"))
+    result = fresh.fit()  # continued there, with the first epoch's row carried over
+    assert [int(r["epoch"]) for r in csv.DictReader((result.run_dir / "metrics.csv").open())] == [1, 2]
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_output_that_is_a_file_is_refused_before_loading_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, below: bool
+) -> None:
+    import convzoo.train.engine as engine
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(engine, "prepare_data", lambda config: pytest.fail("data loaded before the output check"))
+    name = "file/run" if below else "file"
+    with pytest.raises(ValueError, match="is a file, not a folder; pass --output with a folder path"):
+        Trainer(_config(tmp_path, name))
+    assert (tmp_path / "file").read_text() == ""
+
+
+def _without_timing(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_s")} for row in rows]
+
+
+@pytest.mark.parametrize("stop", [1, 2, 3, 4, "log"])
+def test_stop_during_evaluation_keeps_the_trained_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: int | str
+) -> None:
+    """Ctrl-C in the Nth evaluation (model, then EMA, per epoch), or after logging an evaluated epoch but before
+    its checkpoint: the resumed run evaluates that epoch without training it again and ends as an uninterrupted
+    run does."""
+    import convzoo.train.engine as engine
+
+    changes = {"epochs": 2, "ema": 0.5, "deterministic": True, "scheduler": "onecycle"}
+    whole = train(_config(tmp_path, "whole", **changes))
+    config = _config(tmp_path, "cut", **changes)
+    evaluate, save, calls = engine.evaluate, Trainer._save, []
+
+    def interrupted_evaluate(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == stop:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    def interrupted_save(self: Trainer, epoch: int, step: int, *args: object, **kwargs: object) -> None:
+        if kwargs.get("evaluated", True) and not step and epoch == 1:  # epoch 1 logged, then stopped
+            raise KeyboardInterrupt
+        save(self, epoch, step, *args, **kwargs)
+
+    if stop == "log":
+        monkeypatch.setattr(Trainer, "_save", interrupted_save)
+    else:
+        monkeypatch.setattr(engine, "evaluate", interrupted_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.undo()
+    meta = load_checkpoint(config.output_dir() / "checkpoint.safetensors").meta
+    trained = 1 if stop in (1, 2, "log") else 2
+    assert (meta["epoch"], meta["step"], meta["evaluated"]) == (trained, 0, False)
+
+    resumed, steps = Trainer(config, resume="auto"), []
+    train_step = resumed._train_step
+
+    def counted(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        steps.append(1)
+        return train_step(inputs, labels)
+
+    resumed._train_step = counted
+    result = resumed.fit()
+    assert len(steps) == 5 * (2 - trained)  # the trained epoch is not trained again
+    reference, got_checkpoint = (
+        load_checkpoint(run / "checkpoint.safetensors") for run in (whole.run_dir, result.run_dir)
+    )
+    assert got_checkpoint.ema is not None and reference.ema is not None
+    for weights, expected_weights in ((got_checkpoint.model, reference.model), (got_checkpoint.ema, reference.ema)):
+        for key, value in expected_weights.items():
+            assert torch.equal(weights[key], value), key
+    expected = list(csv.DictReader((whole.run_dir / "metrics.csv").open()))
+    got = list(csv.DictReader((result.run_dir / "metrics.csv").open()))
+    assert _without_timing(got) == _without_timing(expected)  # same columns in the same order, no duplicate row
+    summaries = [json.loads((run / "results.json").read_text()) for run in (whole.run_dir, result.run_dir)]
+    for key in ("top1", "top5", "loss", "per_class", "epoch"):
+        assert summaries[0][key] == summaries[1][key], key
+    assert load_checkpoint(config.output_dir() / "checkpoint.safetensors").meta["evaluated"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Any
 
@@ -32,11 +33,20 @@ HELP = {
 }
 
 
+# argparse names a converter by its __name__ when it raises ValueError ("invalid int value: 'x'"); these raise
+# ArgumentTypeError with a message of their own, and carry readable names in case one is ever shown.
+
+
 def _milestones(text: str) -> list[int]:
+    if not text.strip():  # --milestones '': no milestones
+        return []
+    items = [item.strip() for item in text.split(",")]
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        if "" in items:
+            raise ValueError
+        return [int(item) for item in items]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"milestones must be comma-separated ints, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 82,123, got {text!r}") from None
 
 
 def _bool(text: str) -> bool:
@@ -48,11 +58,27 @@ def _bool(text: str) -> bool:
 
 
 def _optional_int(text: str) -> int | None:
-    return None if text.lower() in ("none", "null", "") else int(text)
+    if text.lower() in ("none", "null", ""):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or none, got {text!r}") from None
 
 
 def _float_or_bool(text: str) -> float | bool:
-    return _bool(text) if text.lower() in ("true", "false", "on", "off", "yes", "no") else float(text)
+    if text.lower() in ("true", "false", "on", "off", "yes", "no"):
+        return _bool(text)
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, true or false, got {text!r}") from None
+
+
+_milestones.__name__ = "comma-separated ints"
+_bool.__name__ = "true/false"
+_optional_int.__name__ = "int or none"
+_float_or_bool.__name__ = "number or true/false"
 
 
 def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
@@ -126,20 +152,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from convzoo.train import distributed
     from convzoo.train.config import list_recipes, load_recipe, make_config
-    from convzoo.train.engine import TrainingDivergedError, train
+    from convzoo.train.engine import CHECKPOINT_NAME, TrainingDivergedError, train
 
     if args.list_recipes:
         for name in list_recipes():
             print(f"{name:<26} {load_recipe(name).get('description', '')}")
         return 0
-    config = make_config(args.recipe, **config_overrides(args))
-    check_model(config.model)
-    distributed.check_device(config.device)
+    config = None
     try:
+        config = make_config(args.recipe, **config_overrides(args))
+        check_model(config.model)
+        distributed.check_device(config.device)
         result = train(config, resume=args.resume)
     except TrainingDivergedError as error:
         print(f"convzoo train: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        run_dir = None
+        with contextlib.suppress(ValueError):  # a bad output template: no run folder either
+            run_dir = config.output_dir() if config is not None else None
+        if run_dir is None or not ((run_dir / CHECKPOINT_NAME).exists() or (run_dir / "config.yaml").exists()):
+            # stopped before the run folder was written (loading data, say): --resume would find no run there
+            args.interrupt_hint = "; nothing was trained yet: rerun the same command to start over"
+        raise
     finally:
         distributed.cleanup()
     if result.is_main and result.final is not None:

@@ -22,9 +22,11 @@ from convzoo.train.checkpoint import load_checkpoint
 from convzoo.train.config import TrainConfig, make_config
 from convzoo.train.engine import (
     CHECKPOINT_NAME,
+    FREE_SETTINGS,
     DataBundle,
     TrainingDivergedError,
     build_model,
+    check_output_dir,
     model_from_checkpoint,
     prepare_data,
     train,
@@ -77,17 +79,12 @@ def available(conv: str) -> str | None:
     return f"conv kind {conv!r} is not registered (registered: standard, {', '.join(list_convs())})"
 
 
-# Settings a run on disk may have had other values of and still be reused or resumed: they do not change what
-# it learns (``epochs`` may grow: the run is then resumed to the new count).
-FREE_SETTINGS = frozenset(
-    {"description", "epochs", "progress", "device", "data_dir", "cache_dir", "download", "output", "compile"}
-    | {"checkpoint_every", "eval_every", "deterministic", "channels_last", "sync_bn"}
-)
-
-
 def _check_same_run(meta: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
     """ValueError when the run in ``run_dir`` was trained with other settings than ``config`` (or for more
-    epochs): reusing or continuing it would put another experiment in the table."""
+    epochs): reusing or continuing it would put another experiment in the table.
+
+    Only the engine's ``FREE_SETTINGS`` (the ones ``convzoo train --resume`` also lets change) may differ;
+    ``epochs`` may grow, and the run is then resumed to the new count."""
     stored = meta.get("config") or {}
     for key, value in config.to_dict().items():
         if key not in FREE_SETTINGS and key in stored and stored[key] != value:
@@ -95,9 +92,11 @@ def _check_same_run(meta: dict[str, Any], config: TrainConfig, run_dir: Path) ->
                 f"{run_dir} holds a run with {key}={stored[key]!r}, not {key}={value!r}; "
                 "pass another --output (or delete that run folder)"
             )
-    if int(meta.get("epoch", 0)) > config.epochs:
+    epoch, step = int(meta.get("epoch", 0)), int(meta.get("step", 0))
+    if epoch + (1 if step else 0) > config.epochs:
+        held = f"{epoch} epochs and {step} steps" if step else f"{epoch} epochs"
         raise ValueError(
-            f"{run_dir} holds a run trained for {meta['epoch']} epochs, more than epochs={config.epochs}; "
+            f"{run_dir} holds a run trained for {held}, more than epochs={config.epochs}; "
             "pass another --output (or delete that run folder)"
         )
 
@@ -110,7 +109,7 @@ def _finished(run_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
         return None
     meta = load_checkpoint(checkpoint).meta
     _check_same_run(meta, config, run_dir)
-    if int(meta.get("epoch", 0)) < config.epochs or not results.is_file():
+    if int(meta.get("epoch", 0)) < config.epochs or meta.get("evaluated") is False or not results.is_file():
         return None
     try:
         summary = json.loads(results.read_text())
@@ -140,7 +139,13 @@ def compare(
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     if not convs:
         raise ValueError("convs must name at least one conv kind, e.g. standard,doconv")
+    repeated = [conv for conv in dict.fromkeys(convs) if list(convs).count(conv) > 1]
+    if repeated:  # each kind is one row of the table and one set of run folders
+        raise ValueError(
+            f"convs must name each conv kind once, got {','.join(convs)!r} (repeated: {', '.join(repeated)})"
+        )
     output = Path(output)
+    check_output_dir(output)
     base = make_config(recipe, **{"progress": False, **overrides, "model": model, "data": data})
     bundle = prepare_data(base)
     shape = bundle.train.image_shape

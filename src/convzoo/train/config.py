@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 import types
 import typing
 import warnings
@@ -220,6 +221,8 @@ def coerce(name: str, value: Any) -> Any:
         return value
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is int and isinstance(value, float) and value.is_integer():  # 1e2 (a float in YAML) is exactly 100
+        return int(value)
     if base is list:  # milestones: a list of ints (checked further by TrainConfig.validate)
         if isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return list(value)
@@ -227,6 +230,18 @@ def coerce(name: str, value: Any) -> Any:
     if isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
     raise ValueError(f"config key {name!r} must be {base.__name__}{' or null' if optional else ''}, got {value!r}")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads YAML 1.2 floats without a dot, such as ``1e-3`` or ``5E-4`` (YAML 1.1,
+    PyYAML's default, reads them as strings)."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def list_recipes() -> list[str]:
@@ -248,7 +263,7 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
             raise ValueError(f"unknown recipe {name_or_path!r}; bundled recipes: {', '.join(list_recipes())}")
         text = bundled.read_text()
     try:
-        mapping = yaml.safe_load(text) or {}
+        mapping = yaml.load(text, Loader=_RecipeLoader) or {}  # a SafeLoader: plain data only
     except yaml.YAMLError as error:
         raise ValueError(f"recipe {name_or_path!r} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(mapping, dict):

@@ -34,8 +34,55 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECK_EVERY = 10  # steps between finiteness checks of the running loss (each one syncs the device)
 
 
+# Settings a resumed (or reused) run may have other values of than the stored run: they change how or where it
+# runs, what it prints or how often it checkpoints and evaluates, not what it learns. ``epochs`` may change too, but
+# not below what the checkpoint has already trained (see ``check_resume_settings``). Everything else (data, model,
+# optimizer, rate, schedule, batch size, seed, subsets, EMA, AMP, ...) must match.
+FREE_SETTINGS = frozenset(
+    {"description", "epochs", "progress", "device", "data_dir", "cache_dir", "download", "output", "compile"}
+    | {"checkpoint_every", "eval_every", "deterministic", "channels_last", "sync_bn"}
+)
+
+
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def check_output_dir(path: str | Path, what: str = "output") -> None:
+    """ValueError up front when ``path`` (a run folder to create or reuse) is a file or lies below one."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            if not candidate.is_dir():
+                where = "is a file" if candidate == path else f"lies below {candidate}, which is a file"
+                raise ValueError(f"{what} {str(path)!r} {where}, not a folder; pass --output with a folder path")
+            return
+
+
+def check_resume_settings(meta: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """ValueError when ``config`` differs from the run stored in checkpoint ``path`` (metadata ``meta``) in a
+    setting outside ``FREE_SETTINGS``, or asks for fewer epochs than the checkpoint has already trained."""
+    stored = meta.get("config") or {}
+    changed = [
+        f"{key}={stored[key]!r} (now {value!r})"
+        for key, value in config.to_dict().items()
+        if key not in FREE_SETTINGS and key in stored and stored[key] != value
+    ]
+    if changed:
+        free = ", ".join(sorted(FREE_SETTINGS - {"description"}))
+        raise ValueError(
+            f"cannot resume {path} with other settings than it was trained with: {', '.join(changed)}; "
+            f"only {free} may change on resume (pass the run's settings, see its config.yaml, "
+            "or another --output for a new run)"
+        )
+    epoch, step = int(meta.get("epoch", 0)), int(meta.get("step", 0))
+    trained = epoch + (1 if step else 0)
+    if trained > config.epochs:
+        held = f"{epoch} epochs and {step} steps of epoch {epoch + 1}" if step else f"{epoch} epochs"
+        raise ValueError(
+            f"cannot resume {path} with epochs={config.epochs}: it has already trained {held}; "
+            f"pass --epochs {trained} or more"
+        )
 
 
 @dataclass
@@ -181,6 +228,7 @@ class Trainer:
         self.dist = distributed.setup(config.device)
         self.device = self.dist.device
         self.run_dir = config.output_dir()
+        check_output_dir(self.run_dir)
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
         self.data = data or prepare_data(config)
         torch.manual_seed(config.seed)
@@ -207,6 +255,8 @@ class Trainer:
         self.start_epoch, self.start_step = 0, 0
         self.running = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count of the current epoch
         self.train_seconds = 0.0  # training time of the work the checkpoint holds, across resumes
+        # the row of an epoch trained but not yet evaluated when the run stopped (evaluated first on resume)
+        self.pending_row: dict[str, Any] | None = None
         self._seconds_from_log = False  # resumed from a checkpoint without train_seconds: sum metrics.csv's
         if self.resume_from is not None:
             self._load_state(self.resume_from)
@@ -230,6 +280,12 @@ class Trainer:
         path = self.checkpoint_path if resume == "auto" else Path(resume)
         if path.is_dir():
             path = path / CHECKPOINT_NAME
+        if path.is_file() and path.resolve().parent != self.run_dir.resolve() and self.checkpoint_path.exists():
+            # continuing another run here would overwrite this folder's run and splice the two runs' metrics
+            raise ValueError(
+                f"cannot resume {path} into {self.run_dir}: that folder already holds another run's checkpoint; "
+                f"pass an --output without a checkpoint (or --resume {self.run_dir} to continue the run there)"
+            )
         if resume == "auto" and not path.is_file() and (self.run_dir / "config.yaml").is_file():
             # the run was interrupted before its first checkpoint: there is no finished work to keep
             warnings.warn(f"{self.run_dir} holds no checkpoint yet; starting the run from scratch", stacklevel=2)
@@ -262,7 +318,9 @@ class Trainer:
         test_augment = BatchAugment(data.mean, data.std, "none")
         self.test_loader = TensorLoader(data.test, 256, test_augment, shuffle=False, drop_last=False, **common)
 
-    def _meta(self, epoch: int, step: int, row: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+    def _meta(
+        self, epoch: int, step: int, row: dict[str, Any] | None, seconds: float, evaluated: bool = True
+    ) -> dict[str, Any]:
         config, data = self.config, self.data
         return {
             "model": config.model,
@@ -279,11 +337,22 @@ class Trainer:
             "world_size": self.dist.world_size,
             "metrics": row or {},
             "train_seconds": seconds,
+            # False: epoch ``epoch`` is trained but its evaluation (due) was interrupted; ``metrics`` holds its
+            # training columns and a resume evaluates it without training it again
+            "evaluated": evaluated,
         }
 
-    def _save(self, epoch: int, step: int, row: dict[str, Any] | None = None, *, seconds: float | None = None) -> None:
+    def _save(
+        self,
+        epoch: int,
+        step: int,
+        row: dict[str, Any] | None = None,
+        *,
+        seconds: float | None = None,
+        evaluated: bool = True,
+    ) -> None:
         """Checkpoint after ``step`` steps of epoch ``epoch``; ``seconds``: training time so far (default
-        ``self.train_seconds``)."""
+        ``self.train_seconds``); ``evaluated=False``: epoch ``epoch`` is trained, its evaluation still to do."""
         if not self.dist.is_main:
             return
         state: dict[str, Any] = {
@@ -297,7 +366,7 @@ class Trainer:
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         ema = self.ema.module.state_dict() if self.ema is not None else None
-        meta = self._meta(epoch, step, row, self.train_seconds if seconds is None else seconds)
+        meta = self._meta(epoch, step, row, self.train_seconds if seconds is None else seconds, evaluated)
         checkpoint = Checkpoint(self.core.state_dict(), meta, ema, state)
         save_checkpoint(self.checkpoint_path, checkpoint)
 
@@ -306,15 +375,18 @@ class Trainer:
         if not checkpoint.meta:
             raise ValueError(f"{path} holds weights only, not a training checkpoint to resume")
         check_compatible(checkpoint.meta, self.config, self.data.num_classes, path)
+        check_resume_settings(checkpoint.meta, self.config, path)
         load_weights(self.core, checkpoint.model, path)
-        if self.ema is not None:  # a run resumed with --ema that had none starts its average at the loaded weights
+        if self.ema is not None:  # a checkpoint without EMA weights (none kept) starts the average at the weights
             self.ema.module.load_state_dict(checkpoint.ema if checkpoint.ema is not None else checkpoint.model)
         state = checkpoint.state
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer(state.get("optimizer"), path)
         self.schedule.load_state_dict(state.get("schedule", {}))
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.start_step = int(checkpoint.meta["epoch"]), int(checkpoint.meta["step"])
+        if checkpoint.meta.get("evaluated") is False and self.start_epoch and not self.start_step:
+            self.pending_row = dict(checkpoint.meta.get("metrics") or {"epoch": self.start_epoch})
         self.train_seconds = float(checkpoint.meta.get("train_seconds", 0.0))
         self._seconds_from_log = "train_seconds" not in checkpoint.meta
         if self.start_step >= len(self.train_loader):
@@ -327,6 +399,28 @@ class Trainer:
                 torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         else:
             torch.manual_seed(self.config.seed * 1000 + 1 + self.dist.rank + self.start_epoch)
+
+    def _load_optimizer(self, saved: Any, path: Path) -> None:
+        """``optimizer.load_state_dict`` with a one-line ValueError when the saved state is not this optimizer's
+        (another ``optimizer`` or parameter layout): torch would fail later, deep inside ``step()``."""
+        unfit = (
+            f"checkpoint {path}: its optimizer state does not fit optimizer={self.config.optimizer!r} "
+            "(written by another optimizer, or for other parameters)"
+        )
+        if not isinstance(saved, dict) or "param_groups" not in saved:
+            raise ValueError(f"checkpoint {path} holds no optimizer state to resume from")
+        try:
+            self.optimizer.load_state_dict(saved)
+        except KeyError as error:
+            raise ValueError(f"{unfit}: it lacks {error}") from None
+        except (ValueError, TypeError, IndexError, RuntimeError) as error:
+            raise ValueError(f"{unfit}: {error}") from None
+        # a group saved by another optimizer class lacks this one's hyperparameters (e.g. SGD's state has no
+        # 'betas' for AdamW); load_state_dict has already filled the keys newer torch versions added
+        needed = set(self.optimizer.defaults)
+        missing = sorted({key for group in self.optimizer.param_groups for key in needed - set(group)})
+        if missing:
+            raise ValueError(f"{unfit}: it lacks {', '.join(map(repr, missing))}")
 
     # ------------------------------------------------------------ loop
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -415,6 +509,38 @@ class Trainer:
                 self._save(epoch, step + 1, seconds=self.train_seconds + time.perf_counter() - start)
         self.running += torch.stack([loss_sum.cpu(), correct.cpu(), torch.tensor(float(count))]).double()
 
+    def _evaluated(self, row: dict[str, Any]) -> tuple[dict[str, Any], EvalResult]:
+        """Evaluate the model (and its EMA) on the test data: ``row`` with the test columns before the timings."""
+        timing = ("epoch_seconds", "images_per_s")
+        result = evaluate(self.core, self.test_loader, self.data.num_classes, autocast_dtype=self.amp_dtype)
+        out = {key: value for key, value in row.items() if key not in timing}
+        out.update(test_loss=result.loss, test_top1=result.top1, test_top5=result.top5)
+        if self.ema is not None:
+            ema_result = evaluate(
+                self.ema.module, self.test_loader, self.data.num_classes, autocast_dtype=self.amp_dtype
+            )
+            out.update(ema_top1=ema_result.top1, ema_top5=ema_result.top5)
+        out.update({key: row[key] for key in timing if key in row})
+        return out, result
+
+    def _end_epoch(self, logger: RunLogger, row: dict[str, Any], epoch: int) -> None:
+        """Log the finished (trained, and evaluated when due) epoch ``epoch`` (1-based) and checkpoint it."""
+        logger.log_epoch(row)
+        self._save(epoch, 0, row)
+        if self.dist.is_main and self.config.progress:
+            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+            print(shown, flush=True)
+
+    def _carry_metrics(self) -> None:
+        """A run continued in another folder (``--resume PATH --output DIR``) takes its earlier epochs' rows along
+        (the logger then drops any after the checkpoint), unless DIR already has a metrics.csv."""
+        source = self.resume_from.parent / "metrics.csv" if self.resume_from is not None else None
+        target = self.run_dir / "metrics.csv"
+        if source is None or not source.is_file() or target.exists():
+            return
+        if source.resolve().parent != target.resolve().parent:
+            atomic_write_text(target, source.read_text())
+
     def fit(self) -> TrainResult:
         """Run the remaining epochs; returns the final evaluation and where everything was written."""
         config, main = self.config, self.dist.is_main
@@ -422,11 +548,18 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.run_dir)  # left by a process killed while writing
             atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
-        logger = RunLogger(self.run_dir, enabled=main, resume_epoch=self.start_epoch)
+            self._carry_metrics()
+        # an epoch trained but not evaluated is logged again (a row of it may have been written before the stop)
+        logged = self.start_epoch - (1 if self.pending_row is not None else 0)
+        logger = RunLogger(self.run_dir, enabled=main, resume_epoch=logged)
         if self._seconds_from_log:  # a checkpoint written before train_seconds was kept: the logged epochs' times
             self.train_seconds = sum(float(r.get("epoch_seconds") or 0.0) for r in logger.rows)
         final: EvalResult | None = None
         try:
+            if self.pending_row is not None:  # stopped while evaluating its last epoch: evaluate it, do not retrain
+                row, final = self._evaluated(self.pending_row)
+                self._end_epoch(logger, row, self.start_epoch)
+                self.pending_row = None
             for epoch in range(self.start_epoch, config.epochs):
                 start_step = self.start_step if epoch == self.start_epoch else 0
                 if not start_step:
@@ -441,21 +574,14 @@ class Trainer:
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "train_loss": totals[0].item() / max(totals[2].item(), 1),
                     "train_top1": totals[1].item() / max(totals[2].item(), 1),
+                    "epoch_seconds": seconds,
+                    "images_per_s": rate,
                 }
                 if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-                    final = evaluate(self.core, self.test_loader, self.data.num_classes, autocast_dtype=self.amp_dtype)
-                    row.update(test_loss=final.loss, test_top1=final.top1, test_top5=final.top5)
-                    if self.ema is not None:
-                        ema_result = evaluate(
-                            self.ema.module, self.test_loader, self.data.num_classes, autocast_dtype=self.amp_dtype
-                        )
-                        row.update(ema_top1=ema_result.top1, ema_top5=ema_result.top5)
-                row.update(epoch_seconds=seconds, images_per_s=rate)
-                logger.log_epoch(row)
-                self._save(epoch + 1, 0, row)
-                if main and config.progress:
-                    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-                    print(shown, flush=True)
+                    # keep the trained epoch first: an interruption during the evaluation must not lose it
+                    self._save(epoch + 1, 0, row, evaluated=False)
+                    row, final = self._evaluated(row)
+                self._end_epoch(logger, row, epoch + 1)
         finally:
             logger.close()
         if final is None:  # nothing left to train: evaluate what the checkpoint holds

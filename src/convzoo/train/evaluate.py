@@ -43,12 +43,14 @@ def evaluate_checkpoint(
     network = model_from_checkpoint(checkpoint, path, ema=ema)
     target = resolve_device(device)
     network.to(target)
+    same_data = data in (None, meta["data"])
     images = load_imageset(
         data or meta["data"],
         split,
         data_dir=data_dir or config.data_dir,
         image_size=config.image_size,
         cache_dir=config.cache_dir,
+        num_classes=config.num_classes if same_data else None,  # as trained (e.g. fake data's class count)
     )
     subset = config.test_subset if split == "test" else config.train_subset
     if subset and data is None:  # the same slice the run was evaluated on
@@ -57,11 +59,18 @@ def evaluate_checkpoint(
         raise ValueError(
             f"data images are {images.image_shape} but the checkpoint was trained on {meta['image_shape']}"
         )
+    num_classes = int(meta["num_classes"])
+    if images.num_classes > num_classes:  # labels past the classifier: cross_entropy would fail deep in torch
+        raise ValueError(
+            f"data {data or meta['data']!r} has {images.num_classes} classes but the checkpoint {path} has "
+            f"num_classes={num_classes}; evaluate it on data with at most {num_classes} classes"
+        )
     loader = TensorLoader(
         images, 256, BatchAugment(meta["mean"], meta["std"], "none"), shuffle=False, drop_last=False, device=target
     )
-    result = evaluate(network, loader, int(meta["num_classes"]))
-    classes = meta.get("classes") or images.classes
+    result = evaluate(network, loader, num_classes)
+    # the class names of the data evaluated on (the checkpoint's are those of the data it was trained on)
+    classes = (meta.get("classes") if same_data else None) or images.classes
     return {
         "model": meta["model"],
         "conv": meta["conv"],
