@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -640,3 +642,62 @@ def test_hooks_on_a_replaced_conv_and_a_folded_bn_keep_firing(kind: str) -> None
         deployed(x)
     assert fired == ["conv pre", "conv"]
     torch.testing.assert_close(captured["bn"], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_a_child_or_attribute_named_fuse_is_not_a_folding_block() -> None:
+    """Segmentation nets name feature-fusion layers ``fuse``: only a method of the class counts (every conv
+    of such a model used to be skipped, and deploy() called the child module with no input)."""
+
+    class FusionHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(4, 4, 3, padding=1)
+            self.fuse = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fuse(self.stem(x))
+
+    converted = convert(FusionHead(), "cac")
+    assert [name for name, _ in conversion_report(converted).replaced] == ["stem", "fuse"]
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(converted)(x), converted.eval()(x))
+
+
+def test_a_conv_shared_inside_and_outside_a_folding_block_stays_shared() -> None:
+    model = nn.Sequential(nn.Identity(), _FoldsItself())
+    model[0] = model[1].conv  # the same conv in two slots, one inside the folding block
+    with pytest.warns(UserWarning, match="no layer was replaced"):
+        converted = convert(model, "cac")
+    assert converted[0] is converted[1].conv and type(converted[0]) is nn.Conv2d
+    assert {name for name, _ in conversion_report(converted).skipped} == {"0", "1.conv"}
+
+
+def test_user_hooks_do_not_run_while_deploy_traces_the_model() -> None:
+    """deploy() finds conv-BN pairs with an fx trace: a hook carried onto a traced container ran on proxies
+    there, and one that cannot (a finiteness check) made the trace fail, so no BN was folded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)).double()
+    seen: list[type] = []
+
+    def finite(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        seen.append(type(out))
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("non-finite activation")
+
+    model[0].register_forward_hook(finite)
+    converted = make_trained_like_(convert(model, "dsconv"), torch.randn(2, 4, 7, 7, dtype=torch.float64))
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deployed = deploy(converted)
+    assert seen == [] and not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), converted(x), rtol=1e-10, atol=1e-10)
+    assert seen == [torch.Tensor, torch.Tensor]
+
+
+def test_a_bad_pyramid_option_is_an_error_even_where_every_conv_is_narrow() -> None:
+    with pytest.raises(ValueError, match="dilations must be an int >= 1, got 0"):
+        convert(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, groups=2)), "pyramid", dilations=(1, 0, 2))

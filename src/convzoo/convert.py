@@ -7,11 +7,12 @@ protocol that ``timm.utils.reparameterize_model`` also follows.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import itertools
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from convzoo.ops.registry import (
     check_module,
     fold_method,
     get_conv_kind,
+    has_method,
     operator_kind,
 )
 
@@ -116,7 +118,11 @@ def convert(
     used_patterns: set[str] = set()
     built: dict[int, nn.Module] = {}  # preserves sharing when one conv is reached twice
 
-    def replacement(name: str, conv: nn.Module, folder: str | None) -> nn.Module | None:
+    # convs inside a block that folds its own convs, by id: a conv shared with a slot outside such a block is
+    # skipped in every slot (replacing one slot only would split the shared module)
+    folded_by = _convs_inside_folding_blocks(model)
+
+    def replacement(name: str, conv: nn.Module) -> nn.Module | None:
         if type(conv) is not nn.Conv2d:
             report.skipped.append((name, f"{type(conv).__name__} is a subclass of nn.Conv2d with its own forward"))
             return None
@@ -132,6 +138,7 @@ def convert(
             report.skipped.append((name, f"excluded by {hits[0]!r}"))
             return None
         reason = conv_kind.skip_reason(conv)
+        folder = folded_by.get(id(conv))
         if reason is None and folder is not None and not conv_kind.exact_weight:
             reason = f"inside {folder}, which folds its convs from their weight (dropping what {kind!r} adds)"
         if reason is not None:
@@ -159,7 +166,7 @@ def convert(
         report.replaced.append((name, conv_signature(conv)))
         return built[id(conv)]
 
-    def visit(parent: nn.Module, prefix: str, folder: str | None) -> None:
+    def visit(parent: nn.Module, prefix: str) -> None:
         # _modules, not named_children(): the latter hides a shared module's second slot
         for child_name, child in list(parent._modules.items()):
             if child is None:
@@ -170,18 +177,18 @@ def convert(
                 report.skipped.append((name, f"already a convzoo {existing!r} operator"))
                 continue
             if isinstance(child, nn.Conv2d):
-                new = replacement(name, child, folder)
+                new = replacement(name, child)
                 if new is not None:
                     setattr(parent, child_name, new)
                 continue
-            visit(child, name + ".", _folder_description(child, name) or folder)
+            visit(child, name + ".")
 
     if operator_kind(model) is not None:
         report.skipped.append(("", f"already a convzoo {operator_kind(model)!r} operator"))
     elif isinstance(model, nn.Conv2d):
-        model = replacement("", model, None) or model
+        model = replacement("", model) or model
     else:
-        visit(model, "", _folder_description(model, ""))
+        visit(model, "")
 
     report.unmatched_patterns = [p for p in includes + excludes if p not in used_patterns]
     problems = [f"pattern {p!r} matched no conv" for p in report.unmatched_patterns]
@@ -225,6 +232,45 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
         new._is_full_backward_hook = old._is_full_backward_hook
 
 
+@contextlib.contextmanager
+def _hooks_set_aside(model: nn.Module) -> Iterator[None]:
+    """Every module's hooks emptied for the duration (a trace runs them on proxies), then put back."""
+    saved = [
+        (module, attribute, dict(hooks))
+        for module in model.modules()
+        for attribute in _HOOK_DICTS
+        if (hooks := getattr(module, attribute, None))
+    ]
+    for module, attribute, _ in saved:
+        getattr(module, attribute).clear()
+    try:
+        yield
+    finally:
+        for module, attribute, hooks in saved:
+            getattr(module, attribute).update(hooks)
+
+
+def _convs_inside_folding_blocks(model: nn.Module) -> dict[int, str]:
+    """id of every conv below a block that folds its own convs (``fold_method``) -> that block, described as
+    in conversion reports (the innermost block; the model itself counts)."""
+    inside: dict[int, str] = {}
+
+    def walk(module: nn.Module, name: str, folder: str | None) -> None:
+        folder = _folder_description(module, name) or folder
+        for child_name, child in module._modules.items():
+            if child is None or operator_kind(child) is not None:
+                continue
+            if isinstance(child, nn.Conv2d):
+                if folder is not None:
+                    inside.setdefault(id(child), folder)
+                continue
+            walk(child, f"{name}.{child_name}" if name else child_name, folder)
+
+    if not isinstance(model, nn.Conv2d):
+        walk(model, "", None)
+    return inside
+
+
 def _folder_description(module: nn.Module, name: str) -> str | None:
     """'the model (YOLO) ... fuse()' style words for a block that folds its own convs, or None."""
     method = fold_method(module)
@@ -249,7 +295,7 @@ def reparameterize(model: nn.Module) -> nn.Module:
 
 
 def _reparameterize(module: nn.Module, name: str) -> nn.Module:
-    if callable(getattr(module, "fuse", None)):
+    if has_method(module, "fuse"):
         if operator_kind(module) is None:
             _check_folds_exactly(module, name, "fuse")
         fused = module.fuse()
@@ -264,7 +310,7 @@ def _reparameterize(module: nn.Module, name: str) -> nn.Module:
             return _reparameterize(fused, name)
     else:
         for method in FOLD_METHODS[1:]:
-            if callable(getattr(module, method, None)):
+            if has_method(module, method):
                 _check_folds_exactly(module, name, method)
                 getattr(module, method)()
                 break
@@ -333,7 +379,8 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     check_module(model)
     modules = dict(model.named_modules())
     try:
-        graph = _PairTracer().trace(model)
+        with _hooks_set_aside(model):  # user hooks must not see fx proxies (nor fail the trace on them)
+            graph = _PairTracer().trace(model)
     except Exception as error:  # any untraceable forward: use the structural fallback
         warnings.warn(
             f"deploy: could not fx-trace {type(model).__name__} ({type(error).__name__}); "

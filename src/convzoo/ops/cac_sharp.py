@@ -13,10 +13,10 @@ from torch import Tensor, nn
 
 from convzoo.ops.cac import CACStatsMixin
 from convzoo.ops.cac_sparse import batchnorm_folded
-from convzoo.ops.conv_spec import ConvSpec, check_input, is_tracing
+from convzoo.ops.conv_spec import ConvSpec, NoTorchScript, check_input, is_tracing
 
 
-class CACSharpConv2d(CACStatsMixin, nn.Conv2d):
+class CACSharpConv2d(NoTorchScript, CACStatsMixin, nn.Conv2d):
     """An always-sharp CAC layer in its deployed form: exactly ``nn.Conv2d`` with the layer's kernel.
 
     Args:
@@ -58,12 +58,6 @@ class CACSharpConv2d(CACStatsMixin, nn.Conv2d):
         self.beta = nn.Parameter(beta.detach().clone().reshape(()), requires_grad=False)
         self.last_output_size: tuple[int, int] | None = None
         self._last_call: tuple[int, torch.device] | None = None  # (batch, device) of the last call
-
-    def __prepare_scriptable__(self) -> nn.Conv2d:
-        """``torch.jit.script`` compiles the ``nn.Conv2d`` this layer is (same parameters; no ρ statistics)."""
-        conv = nn.Conv2d(**self.spec.conv_kwargs(), device="meta")
-        conv.weight, conv.bias = self.weight, self.bias
-        return conv.train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C_in, H, W) -> (B, C_out, H', W'): the conv; records ρ = 1 (except under tracing)."""

@@ -83,6 +83,13 @@ def _check_dilation(dilation: object, name: str = "dilation") -> int:
     return dilation
 
 
+def check_dilations(dilations: object) -> tuple[int, ...]:
+    """The pyramid's dilation rates: a non-empty sequence of ints >= 1, as a tuple."""
+    if isinstance(dilations, int | str | bytes) or not isinstance(dilations, Sequence) or len(dilations) == 0:
+        raise TypeError(f"dilations must be a non-empty sequence of ints >= 1, got {dilations!r}")
+    return tuple(_check_dilation(r, "dilations") for r in dilations)
+
+
 def split_channels(channels: int, parts: int) -> tuple[int, ...]:
     """Share ``channels`` out over ``parts`` branches as evenly as possible.
 
@@ -378,9 +385,7 @@ class PyramidDilatedConv2d(NoTorchScript, nn.Module):
         channels = check_channels(channels, "channels")
         k = _check_kernel(kernel_size)
         stride_pair = to_pair(stride, "stride")
-        if isinstance(dilations, int | str | bytes) or not isinstance(dilations, Sequence) or len(dilations) == 0:
-            raise TypeError(f"dilations must be a non-empty sequence of ints >= 1, got {dilations!r}")
-        rates = tuple(_check_dilation(r, "dilations") for r in dilations)
+        rates = check_dilations(dilations)
         split = check_bool(split, "split")
         bias = check_bool(bias, "bias")
         self.splits: tuple[int, ...] | None = split_channels(channels, len(rates)) if split else None
@@ -428,10 +433,9 @@ class PyramidDilatedConv2d(NoTorchScript, nn.Module):
         cannot stand in for a conv in an existing network (build it into the network instead).
         """
         reason = needs_centred_depthwise(conv)
-        if reason is None and split and isinstance(dilations, Sequence) and conv.in_channels < len(dilations):
-            reason = (
-                f"{conv.in_channels} channels < {len(dilations)} dilations {tuple(dilations)} (a channel per dilation)"
-            )
+        rates = check_dilations(dilations)  # a bad option is an error, not a skip of every narrow conv
+        if reason is None and split and conv.in_channels < len(rates):
+            reason = f"{conv.in_channels} channels < {len(rates)} dilations {rates} (a channel per dilation)"
         if reason is not None:
             raise ConvNotReplaceableError(f"pyramid cannot replace {ConvSpec.from_conv(conv).describe()}: {reason}")
         if not split:

@@ -294,7 +294,7 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
 
     Output channel ``c*K + j`` of ``depthwise`` is branch j on input channel c; taps outside each
     branch's centred k_j x k_j window are zero. The module is exactly ``pointwise(depthwise(x))``,
-    which is what fx / TorchScript / torch.export see, so exported graphs hold one depthwise and
+    which is what fx / torch.jit.trace / torch.export see, so exported graphs hold one depthwise and
     one 1x1 conv. In eager mode it runs the fastest of these exact forms (``algorithm``):
 
     * ``"canonical"``: ``pointwise(depthwise(x))`` as written;
@@ -495,10 +495,6 @@ class FusedMulticeptionConv2d(_MulticeptionBase):
         if algorithm == "dense":
             return self._dense_forward(x)
         return self.pointwise(self.depthwise(x))
-
-    def __prepare_scriptable__(self) -> nn.Sequential:
-        """``torch.jit.script`` compiles ``pointwise(depthwise(x))``, what this module is (same parameters)."""
-        return nn.Sequential(self.depthwise, self.pointwise).train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C_in, H, W) -> (B, C_out, H', W')."""

@@ -14,6 +14,7 @@ otherwise a short sentence saying why not; conversion reports show it.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -165,7 +166,16 @@ def fold_method(module: nn.Module) -> str | None:
     child conv's ``weight``, so it folds only ``exact_weight`` operators right."""
     if operator_kind(module) is not None:
         return None
-    return next((method for method in FOLD_METHODS if callable(getattr(module, method, None))), None)
+    return next((method for method in FOLD_METHODS if has_method(module, method)), None)
+
+
+def has_method(module: nn.Module, name: str) -> bool:
+    """Whether ``module``'s class defines a method ``name`` (a child module or a callable attribute of that
+    name, such as a segmentation net's ``self.fuse = nn.Conv2d(...)``, is not one)."""
+    value = inspect.getattr_static(type(module), name, None)
+    if isinstance(value, staticmethod | classmethod):
+        value = value.__func__
+    return inspect.isfunction(value)
 
 
 # ---------------------------------------------------------------- predicates
