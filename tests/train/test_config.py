@@ -173,3 +173,13 @@ def test_recipe_floats_without_a_dot_are_floats(tmp_path: Path) -> None:
         load_recipe(str(recipe))
     recipe.write_text("description: 1e\n")  # not a number: stays a string
     assert load_recipe(str(recipe)) == {"description": "1e"}
+
+
+def test_config_yaml_with_number_like_strings_reads_back_as_written(tmp_path: Path) -> None:
+    """--output 1e3 / --description 2e5 were written unquoted and read back as floats by the recipe loader, so
+    resuming from the run's own config.yaml failed ("config key 'description' must be str")."""
+    config = TrainConfig(model="cifar_resnet20", data="digits", output="1e3", description="2e5")
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config.to_yaml())
+    assert "output: '1e3'" in saved.read_text()
+    assert make_config(str(saved)) == config

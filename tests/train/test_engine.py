@@ -11,7 +11,7 @@ import torch
 
 from convzoo.train.checkpoint import load_checkpoint
 from convzoo.train.config import TrainConfig
-from convzoo.train.engine import Trainer, TrainingDivergedError, autocast_dtype, train
+from convzoo.train.engine import Trainer, TrainingDivergedError, autocast_dtype, check_same_data, train
 
 TINY = {
     "model": "test_tiny",
@@ -345,3 +345,17 @@ def test_stop_during_evaluation_keeps_the_trained_epoch(
     for key in ("top1", "top5", "loss", "per_class", "epoch"):
         assert summaries[0][key] == summaries[1][key], key
     assert load_checkpoint(config.output_dir() / "checkpoint.safetensors").meta["evaluated"] is True
+
+
+def test_resume_on_other_data_is_refused(tmp_path: Path) -> None:
+    """--data-dir may change on resume (another copy of the same images), the data set may not: for
+    --data imagefolder the folder is the data set, so a resume on other folders used to train on."""
+    config = _config(tmp_path, epochs=1)
+    train(config)
+    trainer = Trainer(_config(tmp_path, epochs=2), resume="auto")  # the same data: resumes
+    meta = {"classes": ["cat", "dog"], "image_shape": list(trainer.data.train.image_shape)}
+    with pytest.raises(ValueError, match=r"trained on data with classes=\['cat', 'dog'\], but the data loaded now"):
+        check_same_data(meta, trainer.data, Path("run/checkpoint.safetensors"))
+    meta = {"classes": list(trainer.data.train.classes), "image_shape": [1, 2, 2]}
+    with pytest.raises(ValueError, match=r"image_shape=\[1, 2, 2\]"):
+        check_same_data(meta, trainer.data, Path("run/checkpoint.safetensors"))

@@ -181,7 +181,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=_RecipeDumper, sort_keys=False)
 
     def output_dir(self) -> Path:
         """``output`` with ``{model}``, ``{conv}``, ``{data}``, ``{seed}`` filled in."""
@@ -237,11 +237,17 @@ class _RecipeLoader(yaml.SafeLoader):
     PyYAML's default, reads them as strings)."""
 
 
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+class _RecipeDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that knows ``_RecipeLoader``'s floats, so it quotes a string such as ``'1e3'`` (an
+    ``--output`` or ``--description``) and the ``config.yaml`` it writes reads back as written."""
+
+
+for _resolver_class in (_RecipeLoader, _RecipeDumper):
+    _resolver_class.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
 
 
 def list_recipes() -> list[str]:

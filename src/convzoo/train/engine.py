@@ -166,6 +166,19 @@ def check_compatible(meta: dict[str, Any], config: TrainConfig, num_classes: int
             raise ValueError(f"checkpoint {path} is for {key}={meta[key]!r}, not {key}={value!r}")
 
 
+def check_same_data(meta: dict[str, Any], data: DataBundle, path: Path) -> None:
+    """ValueError when the data loaded now is not what the checkpoint trained on (other class names or image
+    shape): ``--data-dir`` may move between resumes (another copy of the same images), not change the data set
+    (for ``--data imagefolder`` the folder is the data set)."""
+    now = {"classes": list(data.train.classes), "image_shape": list(data.train.image_shape)}
+    for key, value in now.items():
+        if key in meta and list(meta[key]) != value:
+            raise ValueError(
+                f"checkpoint {path} trained on data with {key}={meta[key]!r}, but the data loaded now has "
+                f"{key}={value!r}; --data-dir may point to another copy of the same data, not to other data"
+            )
+
+
 def load_weights(model: nn.Module, weights: dict[str, Tensor], path: Path) -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming what does not fit."""
     own = model.state_dict()
@@ -376,6 +389,7 @@ class Trainer:
             raise ValueError(f"{path} holds weights only, not a training checkpoint to resume")
         check_compatible(checkpoint.meta, self.config, self.data.num_classes, path)
         check_resume_settings(checkpoint.meta, self.config, path)
+        check_same_data(checkpoint.meta, self.data, path)
         load_weights(self.core, checkpoint.model, path)
         if self.ema is not None:  # a checkpoint without EMA weights (none kept) starts the average at the weights
             self.ema.module.load_state_dict(checkpoint.ema if checkpoint.ema is not None else checkpoint.model)
