@@ -105,3 +105,71 @@ def test_unknown_names() -> None:
     with pytest.raises(ValueError, match="image_size must be a positive int"):
         load_imageset("digits", "train", image_size=0)
     assert {"cifar10", "cifar100", "stl10", "imagefolder", "imagenet32", "digits", "fake"} <= set(list_datasets())
+
+
+def test_both_splits_label_a_class_alike(tmp_path: Path) -> None:
+    """Each split used to index its own sorted class folders: a test split without 'cat' labelled its dogs
+    0 (cat); Jupyter's hidden .ipynb_checkpoints folder in train became class 0 and shifted every label."""
+    _folder(tmp_path / "data")
+    root = tmp_path / "data"
+    for image in (root / "test/cat").iterdir():
+        image.unlink()
+    (root / "test/cat").rmdir()
+    (root / "train/.ipynb_checkpoints").mkdir()
+    train = load_imageset("imagefolder", "train", data_dir=root, cache_dir=tmp_path / "c")
+    test = load_imageset("imagefolder", "test", data_dir=root, cache_dir=tmp_path / "c")
+    assert train.classes == test.classes == ["cat", "dog"]
+    assert test.labels.tolist() == [1, 1, 1]
+    (root / "test/zebra").mkdir()
+    write_png(torch.zeros(3, 6, 5, dtype=torch.uint8), str(root / "test/zebra/0.png"))
+    with pytest.raises(ValueError, match=r"has class folders \['zebra'\] that the train split has not"):
+        load_imageset("imagefolder", "test", data_dir=root, cache_dir=tmp_path / "c")
+
+
+def test_a_class_folder_added_later_is_not_served_from_a_stale_cache(tmp_path: Path) -> None:
+    _folder(tmp_path / "data")
+    root, cache = tmp_path / "data", tmp_path / "c"
+    assert load_imageset("imagefolder", "test", data_dir=root, cache_dir=cache).labels.tolist() == [0, 0, 0, 1, 1, 1]
+    (root / "train/aardvark").mkdir()
+    with pytest.raises(ValueError, match=r"class folder .*aardvark holds no image files"):
+        load_imageset("imagefolder", "train", data_dir=root, cache_dir=cache)
+    write_png(torch.zeros(3, 6, 5, dtype=torch.uint8), str(root / "train/aardvark/0.png"))
+    test = load_imageset("imagefolder", "test", data_dir=root, cache_dir=cache)
+    assert test.classes == ["aardvark", "cat", "dog"] and test.labels.tolist() == [1, 1, 1, 2, 2, 2]
+
+
+def test_other_image_formats_decode_like_pil(tmp_path: Path) -> None:
+    """BMP / PPM / TIFF were listed as image suffixes but refused; a 16-bit PNG wrapped modulo 256; an
+    animated GIF's frames broke the batch."""
+    from PIL import Image
+
+    _folder(tmp_path / "data")
+    folder = tmp_path / "data/train/cat"
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    for suffix in ("bmp", "ppm", "tiff"):
+        Image.fromarray(rgb).save(folder / f"x.{suffix}")
+    Image.fromarray(np.full((6, 5), 51500, dtype=np.uint16)).save(folder / "y16.png")
+    frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    frames[0].save(folder / "z.gif", save_all=True, append_images=frames[1:])
+    data = load_imageset("imagefolder", "train", data_dir=tmp_path / "data", cache_dir=tmp_path / "c")
+    names = sorted(p.name for p in folder.iterdir())
+    by_name = {name: data.images[index] for index, name in enumerate(names)}
+    for suffix in ("bmp", "ppm", "tiff"):
+        torch.testing.assert_close(by_name[f"x.{suffix}"], torch.from_numpy(rgb).permute(2, 0, 1))
+    assert by_name["y16.png"].unique().tolist() == [51500 >> 8]  # torchvision scales 16 to 8 bits by a shift
+    expected_gif = np.asarray(Image.open(folder / "z.gif").convert("RGB"))  # the first frame (GIF palette)
+    torch.testing.assert_close(by_name["z.gif"], torch.from_numpy(expected_gif.copy()).permute(2, 0, 1))
+
+
+def test_a_failed_download_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, --download used to end in a urllib traceback (URLError is an OSError, not a RuntimeError)."""
+    import urllib.error
+
+    import torchvision.datasets as tvd
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(tvd, "CIFAR10", offline)
+    with pytest.raises(FileNotFoundError, match=r"cifar10: --download failed .*Name or service not known.*by hand"):
+        load_imageset("cifar10", "train", data_dir=tmp_path / "empty", download=True)

@@ -7,8 +7,10 @@ safetensors under ``cache_dir`` so later runs skip decoding.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -85,28 +87,65 @@ def _split_dir(root: Path, split: str) -> Path:
     )
 
 
-def _list_images(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+def _class_folders(split_dir: Path) -> list[str]:
+    """The class folder names of a split, sorted (hidden folders such as Jupyter's .ipynb_checkpoints skipped)."""
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise FileNotFoundError(f"no class folders in {split_dir}: expected {split_dir}/<class>/<image>")
+    return classes
+
+
+def _list_images(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """(image, label) of a split, labels indexing ``classes``: the TRAIN split's classes, so that both splits
+    label a class alike even when the test split lacks one. A class folder the train split does not have, or a
+    train class folder without images, is refused (labels would silently shift or a class never be seen)."""
+    present = _class_folders(split_dir)
+    unknown = sorted(set(present) - set(classes))
+    if unknown:
+        raise ValueError(
+            f"{split_dir} has class folders {unknown} that the train split has not ({classes}): "
+            "every class must be a folder of the train split"
+        )
+    index = {name: label for label, name in enumerate(classes)}
     files = []
-    for label, name in enumerate(classes):
-        for path in sorted((split_dir / name).iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                files.append((path, label))
+    for name in present:
+        images = [p for p in sorted((split_dir / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not images and split_dir.name == "train":
+            raise ValueError(f"class folder {split_dir / name} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        files += [(path, index[name]) for path in images]
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {split_dir}")
-    return classes, files
+    return files
 
 
 def _decode(path: Path) -> Tensor:
+    """One image as (3, H, W) uint8: torchvision's decoders (JPEG, PNG, WebP, GIF), PIL for the other formats
+    (BMP, PPM / PGM, TIFF); 16-bit images scaled to 8 bits, an animated GIF's first frame."""
     from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import to_dtype
 
     try:
         data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-        return decode_image(data, mode=ImageReadMode.RGB)
+        image = decode_image(data, mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as error:
-        raise ValueError(f"cannot decode image {path}: {str(error).splitlines()[0]}") from None
+        image = _decode_with_pil(path, error)
+    if image.dim() == 4:  # an animated GIF: (frames, 3, H, W)
+        image = image[0]
+    if image.dtype != torch.uint8:  # a 16-bit PNG decodes to uint16
+        image = to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+def _decode_with_pil(path: Path, error: Exception) -> Tensor:
+    """(3, H, W) uint8 through PIL, for the formats torchvision cannot decode; ValueError naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as pil_error:
+        raise ValueError(f"cannot decode image {path}: {str(error).splitlines()[0]} ({pil_error})") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def _decode_files(files: list[tuple[Path, int]], image_size: int | None) -> Tensor:
@@ -135,9 +174,10 @@ def imagefolder(
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data directory {root} does not exist: expected root/train/<class>/<image>")
-    classes, files = _list_images(_split_dir(root, split))
+    classes = _class_folders(_split_dir(root, "train"))
+    files = _list_images(_split_dir(root, split), classes)
     stats = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in files]
-    key = cache_key("imagefolder", str(root.resolve()), split, image_size, stats)
+    key = cache_key("imagefolder", str(root.resolve()), split, image_size, classes, stats)
     return _cached(
         cache_dir,
         f"imagefolder-{split}-{key}",
@@ -173,16 +213,23 @@ def _torchvision(name: str) -> Callable[..., ImageSet]:
             return imagefolder(split, data_dir=root, image_size=image_size, cache_dir=cache_dir)
         import torchvision.datasets as tvd
 
+        folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}[name]
         try:
-            if name == "stl10":
-                dataset = tvd.STL10(str(root), split=split, download=download)
-                images, labels = torch.from_numpy(dataset.data), torch.from_numpy(dataset.labels.astype(np.int64))
-            else:
-                cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-                dataset = cls(str(root), train=split == "train", download=download)
-                images, labels = torch.from_numpy(dataset.data).permute(0, 3, 1, 2), torch.tensor(dataset.targets)
+            with _download_timeout():
+                if name == "stl10":
+                    dataset = tvd.STL10(str(root), split=split, download=download)
+                    images = torch.from_numpy(dataset.data)
+                    labels = torch.from_numpy(dataset.labels.astype(np.int64))
+                else:
+                    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+                    dataset = cls(str(root), train=split == "train", download=download)
+                    images, labels = torch.from_numpy(dataset.data).permute(0, 3, 1, 2), torch.tensor(dataset.targets)
+        except OSError as error:  # no network, a refused or timed-out connection (URLError, socket.timeout)
+            raise FileNotFoundError(
+                f"{name}: --download failed ({str(error).splitlines()[0]}); put torchvision's {root}/{folder}/ there "
+                f"by hand, or an ImageFolder copy {root}/train/<class>/<image>"
+            ) from None
         except RuntimeError as error:
-            folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}[name]
             raise FileNotFoundError(
                 f"{name} not found under {root}: expected torchvision's {root}/{folder}/ (pass --download when "
                 f"online) or an ImageFolder copy {root}/train/<class>/<image> ({str(error).splitlines()[0]})"
@@ -190,6 +237,17 @@ def _torchvision(name: str) -> Callable[..., ImageSet]:
         return ImageSet(resize_images(images.contiguous(), image_size), labels, list(dataset.classes))
 
     return load
+
+
+@contextlib.contextmanager
+def _download_timeout(seconds: float = 60.0) -> Iterator[None]:
+    """A socket timeout for torchvision's downloads (its urlopen has none: a blocked network would hang)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(previous if previous is not None else seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def imagenet32(
