@@ -138,20 +138,24 @@ def test_stopped_before_results_json_keeps_time_and_rate(tmp_path: Path) -> None
     assert summary["images_per_s"] == pytest.approx(expected["images_per_s"]) and summary["top1"] == expected["top1"]
 
 
-def test_mid_epoch_resume_counts_the_time_before_the_cut(tmp_path: Path) -> None:
-    config = _config(tmp_path, epochs=2, checkpoint_every=2)
-    trainer, calls = Trainer(config), []
-    step = trainer._train_step
+def _fit_killed_at_step(trainer: Trainer, step_number: int) -> None:
+    """Run ``trainer.fit()`` as if the process were killed at its ``step_number``-th training step (1-based)."""
+    step, calls = trainer._train_step, []
 
-    def dies_in_epoch_two(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def dies(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(1)
-        if len(calls) == 9:
+        if len(calls) == step_number:
             raise _KilledError
         return step(inputs, labels)
 
-    trainer._train_step = dies_in_epoch_two
+    trainer._train_step = dies
     with pytest.raises(_KilledError):
         trainer.fit()
+
+
+def test_mid_epoch_resume_counts_the_time_before_the_cut(tmp_path: Path) -> None:
+    config = _config(tmp_path, epochs=2, checkpoint_every=2)
+    _fit_killed_at_step(Trainer(config), 9)
     cut = load_checkpoint(config.output_dir() / "checkpoint.safetensors").meta
     assert (cut["epoch"], cut["step"]) == (1, 2) and cut["train_seconds"] > 0
     result = Trainer(config, resume="auto").fit()
@@ -214,19 +218,7 @@ def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path: Path) -> Non
         Trainer(_config(tmp_path, epochs=1), resume="auto")
     Trainer(config, resume="auto")  # the same count: nothing left to train, which is fine
     # stopped within epoch 2 of a 3-epoch run: its weights hold more than 1 epoch, so epochs=1 is refused too
-    cut = _config(tmp_path, "cut", epochs=3, checkpoint_every=2)
-    trainer = Trainer(cut)
-    step, calls = trainer._train_step, []
-
-    def dies_in_epoch_two(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        calls.append(1)
-        if len(calls) == 8:
-            raise _KilledError
-        return step(inputs, labels)
-
-    trainer._train_step = dies_in_epoch_two
-    with pytest.raises(_KilledError):
-        trainer.fit()
+    _fit_killed_at_step(Trainer(_config(tmp_path, "cut", epochs=3, checkpoint_every=2)), 8)
     with pytest.raises(ValueError, match=r"already trained 1 epochs and 2 steps of epoch 2; pass --epochs 2 or more"):
         Trainer(_config(tmp_path, "cut", epochs=1, checkpoint_every=2), resume="auto")
 
