@@ -351,3 +351,13 @@ def test_resume_on_other_data_is_refused(tmp_path: Path) -> None:
     meta = {"classes": list(trainer.data.train.classes), "image_shape": [1, 2, 2]}
     with pytest.raises(ValueError, match=r"image_shape=\[1, 2, 2\]"):
         check_same_data(meta, trainer.data, Path("run/checkpoint.safetensors"))
+
+
+def test_resume_may_name_the_class_count_the_run_took_from_its_data(tmp_path: Path) -> None:
+    """--num-classes equal to the data's count builds the same model as leaving it out: not a change."""
+    train(_config(tmp_path, epochs=1))
+    classes = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors").meta["num_classes"]
+    result = Trainer(_config(tmp_path, epochs=2, num_classes=classes), resume="auto").fit()
+    assert [int(r["epoch"]) for r in result.rows] == [1, 2]
+    with pytest.raises(ValueError, match=rf"num_classes={classes}, not num_classes={classes + 2}"):
+        Trainer(_config(tmp_path, epochs=3, num_classes=classes + 2), resume="auto")

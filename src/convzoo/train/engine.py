@@ -62,7 +62,9 @@ def check_output_dir(path: str | Path, what: str = "output") -> None:
 def check_resume_settings(meta: dict[str, Any], config: TrainConfig, path: Path) -> None:
     """ValueError when ``config`` differs from the run stored in checkpoint ``path`` (metadata ``meta``) in a
     setting outside ``FREE_SETTINGS``, or asks for fewer epochs than the checkpoint has already trained."""
-    stored = meta.get("config") or {}
+    stored = dict(meta.get("config") or {})
+    if stored.get("num_classes") is None and config.num_classes == meta.get("num_classes"):
+        stored["num_classes"] = config.num_classes  # the data's class count, now given explicitly: the same model
     changed = [
         f"{key}={stored[key]!r} (now {value!r})"
         for key, value in config.to_dict().items()
