@@ -95,10 +95,11 @@ def _class_folders(split_dir: Path) -> list[str]:
     return classes
 
 
-def _list_images(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
+def _list_images(split_dir: Path, classes: list[str], *, every_class: bool) -> list[tuple[Path, int]]:
     """(image, label) of a split, labels indexing ``classes``: the TRAIN split's classes, so that both splits
-    label a class alike even when the test split lacks one. A class folder the train split does not have, or a
-    train class folder without images, is refused (labels would silently shift or a class never be seen)."""
+    label a class alike even when the test split lacks one. A class folder the train split does not have, or
+    (``every_class``: the train split) a class folder without images, is refused (labels would silently shift
+    or a class never be seen)."""
     present = _class_folders(split_dir)
     unknown = sorted(set(present) - set(classes))
     if unknown:
@@ -110,7 +111,7 @@ def _list_images(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
     files = []
     for name in present:
         images = [p for p in sorted((split_dir / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-        if not images and split_dir.name == "train":
+        if not images and every_class:
             raise ValueError(f"class folder {split_dir / name} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
         files += [(path, index[name]) for path in images]
     if not files:
@@ -175,7 +176,7 @@ def imagefolder(
     if not root.is_dir():
         raise FileNotFoundError(f"data directory {root} does not exist: expected root/train/<class>/<image>")
     classes = _class_folders(_split_dir(root, "train"))
-    files = _list_images(_split_dir(root, split), classes)
+    files = _list_images(_split_dir(root, split), classes, every_class=split == "train")
     stats = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in files]
     key = cache_key("imagefolder", str(root.resolve()), split, image_size, classes, stats)
     return _cached(

@@ -54,6 +54,12 @@ def identity_init(kernel_area: int, d_mul: int, *, device=None, dtype=None) -> t
     return torch.cat(tiles, dim=1)
 
 
+def d_from_delta(d_delta: torch.Tensor) -> torch.Tensor:
+    """D = D' + I from D' (C_in, M*N, D_mul): the identity is built where it is needed, never held (a buffer
+    is left uninitialized by ``to_empty()`` + ``load_state_dict()``, since it is in no state_dict)."""
+    return d_delta + identity_init(d_delta.shape[1], d_delta.shape[2], device=d_delta.device, dtype=d_delta.dtype)
+
+
 def _to_input_major(t: torch.Tensor, groups: int) -> torch.Tensor:
     """(C_out, C_in/g, X) -> (C_in, X, C_out/g): per input channel, an X x (C_out/g) matrix (a view when g = 1)."""
     c_out, c_in_g, x = t.shape
@@ -240,7 +246,7 @@ class _NativeWeight(torch.autograd.Function):
             grad_w, grad_d = native_ops().doconv_compose_backward(grad, W, d_delta, need_w, need_d, True)
             return (grad_w if need_w else None), (grad_d if need_d else None), None
         with torch.autocast(grad.device.type, enabled=False):
-            D = d_delta + identity_init(area, area, device=d_delta.device, dtype=d_delta.dtype)
+            D = d_from_delta(d_delta)
             grad = grad.reshape(grad.shape[0], grad.shape[1], area)
             return (*_torch_compose_backward(grad, W, D, 1, need_w, need_d), None)
 
@@ -263,9 +269,7 @@ def composed_weight(
     """
     if native_weight_shape(W, d_delta, groups) and native_weight_ready(W, d_delta):
         return _NativeWeight.apply(W, d_delta, kernel_size)
-    area = kernel_size[0] * kernel_size[1]
-    D = d_delta + identity_init(area, d_delta.shape[2], device=d_delta.device, dtype=d_delta.dtype)
-    return compose_kernel(W, D, groups).reshape(W.shape[2] * groups, -1, *kernel_size)
+    return compose_kernel(W, d_from_delta(d_delta), groups).reshape(W.shape[2] * groups, -1, *kernel_size)
 
 
 fx.wrap("composed_weight")
@@ -375,13 +379,8 @@ class DOConv2d(NoTorchScript, ConvAttributes, nn.Module):
 
     @property
     def D(self) -> torch.Tensor:  # noqa: N802  (the paper's name)
-        """The over-parameterization kernel D = D' + I, shape (C_in, M*N, D_mul).
-
-        I is built here, not held: no module state can then hold anything but the exact identity (a buffer
-        is left uninitialized by ``to_empty()`` + ``load_state_dict()``, since it is in no state_dict).
-        """
-        d_delta = self.d_delta
-        return d_delta + identity_init(d_delta.shape[1], self.d_mul, device=d_delta.device, dtype=d_delta.dtype)
+        """The over-parameterization kernel D = D' + I, shape (C_in, M*N, D_mul) (see ``d_from_delta``)."""
+        return d_from_delta(self.d_delta)
 
     @property
     def W_paper(self) -> torch.Tensor:  # noqa: N802
