@@ -51,11 +51,24 @@ def test_imagefolder_decodes_exactly_and_caches(tmp_path: Path) -> None:
     assert len(list(cache.iterdir())) == 1
     again = load_imageset("imagefolder", "train", data_dir=tmp_path / "data", cache_dir=cache)
     assert torch.equal(again.images, data.images)
-    # cifar10 pointed at an ImageFolder copy reads it as one
-    assert torch.equal(
-        load_imageset("cifar10", "test", data_dir=tmp_path / "data", cache_dir=cache).labels,
-        load_imageset("imagefolder", "test", data_dir=tmp_path / "data", cache_dir=cache).labels,
+
+
+def test_a_named_data_set_reads_an_imagefolder_copy_with_its_class_count(tmp_path: Path) -> None:
+    root, cache = tmp_path / "cifar10-jpeg", tmp_path / "cache"
+    for split in ("train", "test"):
+        for index in range(10):
+            (root / split / f"class{index}").mkdir(parents=True)
+            write_png(torch.full((3, 4, 4), index, dtype=torch.uint8), str(root / split / f"class{index}" / "0.png"))
+    assert torch.equal(  # cifar10 pointed at an ImageFolder copy reads it as one
+        load_imageset("cifar10", "test", data_dir=root, cache_dir=cache).labels,
+        load_imageset("imagefolder", "test", data_dir=root, cache_dir=cache).labels,
     )
+    # a copy of another data set is refused, not trained on under the wrong name
+    with pytest.raises(ValueError, match=r"--data cifar100 has 100 classes, but .* has 10 \(class0, .*imagefolder"):
+        load_imageset("cifar100", "train", data_dir=root, cache_dir=cache)
+    with pytest.raises(ValueError, match=r"--data stl10 has 10 classes, but .* has 2 \(cat, dog\)"):
+        _folder(tmp_path / "two")
+        load_imageset("stl10", "train", data_dir=tmp_path / "two", cache_dir=cache)
 
 
 def test_imagefolder_mixed_sizes_need_image_size(tmp_path: Path) -> None:

@@ -314,6 +314,62 @@ def test_the_native_gradient_map_equals_the_torch_form(layout, c_in, conv, size)
     torch.testing.assert_close(g.double(), _torch_gradient_map(layer.spec, x, out_size), rtol=1e-5, atol=1e-5)
 
 
+FUSED_GEOMETRIES = [
+    # (C_in, conv kwargs, input H x W): 16 x 16 tiles of channels x pixels, then the tails of either
+    (16, {"kernel_size": 3, "padding": 1}, (16, 16)),
+    (48, {"kernel_size": 3, "padding": 1}, (5, 37)),  # two tiles and 5 pixels one by one in each row
+    (20, {"kernel_size": 3, "stride": 2, "padding": 1}, (9, 11)),  # a tile of channels, then 4 one by one
+    (5, {"kernel_size": 5, "dilation": 2, "padding": 3}, (13, 10)),  # no full tile
+    (32, {"kernel_size": (4, 6), "padding": "same", "dilation": (2, 1)}, (7, 9)),
+    (16, {"kernel_size": 7, "stride": 3, "padding": 0}, (8, 11)),
+    (64, {"kernel_size": 3, "padding": 1}, (1, 1)),  # contiguous in both layouts
+]
+
+
+@pytest.mark.parametrize(("c_in", "conv", "size"), FUSED_GEOMETRIES)
+def test_the_fused_layout_change_gives_the_gradient_map_bit_for_bit(c_in, conv, size) -> None:
+    from convzoo.ops.cac import gradient_map
+
+    layer = CAConv2d(c_in, 16, **conv)
+    x = torch.randn(3, c_in, *size) * torch.logspace(-3, 3, 3).view(3, 1, 1, 1)  # sums that round differently
+    out_size = layer.spec.output_size(*size)
+    left, _, top, _ = layer.spec.explicit_padding
+    geometry = [list(layer.spec.kernel_size), list(layer.spec.stride), list(layer.spec.dilation), [top, left]]
+    g, copy_ = native_ops().cac_gradient_channels_last(x, *geometry, list(out_size))
+    assert torch.equal(g, gradient_map(layer.spec, x, out_size))  # the NCHW sum's order, exactly
+    assert torch.equal(copy_, x) and copy_.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_deployed_layer_runs_an_nchw_input_channels_last_with_the_training_form_mask() -> None:
+    from convzoo.ops.cac import gradient_map, gradient_map_channels_last
+
+    layer = CAConv2d(32, 16, 3, padding=1).eval()
+    x = torch.randn(2, 32, 9, 13)
+    smallest = float(gradient_map(layer.spec, x, (9, 13)).min())
+    for beta, threshold, path in [(-smallest / 2, 0.5, "dense"), (-0.7, 1.0, "sparse")]:  # all sharp; a mixed mask
+        with torch.no_grad():
+            layer.gamma.fill_(1.0)
+            layer.beta.fill_(beta)
+            expected = layer(x)
+        sparse = CACSparseConv2d.from_cac(layer, threshold=threshold)
+        with torch.no_grad():
+            y = sparse(x)
+        assert sparse.last_path == path and torch.equal(sparse.last_mask, layer.last_mask)
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        torch.testing.assert_close(y, expected, **F32)
+    spec = layer.spec
+    assert gradient_map_channels_last(spec, x.contiguous(memory_format=torch.channels_last), (9, 13)) is None
+    assert gradient_map_channels_last(spec, x[:, :, :, 1:], (9, 12)) is None  # not contiguous
+    with pytest.raises(RuntimeError, match="contiguous NCHW"):
+        native_ops().cac_gradient_channels_last(x[:, :, :, 1:], [3, 3], [1, 1], [1, 1], [1, 1], [9, 12])
+    assert gradient_map_channels_last(CAConv2d(24, 16, 3, padding=1).spec, x[:, :24], (9, 13)) is None  # 24 channels
+    assert gradient_map_channels_last(spec, x.double(), (9, 13)) is None
+    assert gradient_map_channels_last(spec, x.requires_grad_(), (9, 13)) is None  # the copy would carry no gradient
+    y = sparse(x)  # so the input's gradient still flows through the dense and the sparse path alike
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_the_native_gradient_map_is_not_used_where_the_torch_form_differs() -> None:
     from convzoo.ops.cac import _native_gradient_applies
 

@@ -8,13 +8,15 @@
 // the centre (ch, cw) = (dh*((kh-1)/2), dw*((kw-1)/2)): the same taps and the same order of operations as
 // convzoo.ops.cac.gradient_map's torch form, for kernels of at least 3x3 (no replicated margins) and zero padding.
 // The input is read once (the channel sum is memory-bound; the torch form also runs a dozen small ops over the
-// 1-channel maps). x float32, channels-last or NCHW.
+// 1-channel maps). x float32, channels-last or NCHW. cac_gradient_channels_last also returns an NCHW x in
+// channels-last memory, written as the sum reads it (one pass, where the conv's own layout change would be another).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "vec16.h"
@@ -22,8 +24,46 @@
 namespace convzoo_native {
 namespace {
 
-at::Tensor cac_gradient(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                        at::IntArrayRef dilation, at::IntArrayRef padding, at::IntArrayRef out_size) {
+// One row h of an NCHW image: sum[w] += x[c][w] over c in ascending order (the order of the plane-by-plane sum,
+// so the mean is bit for bit the same), and dst[w * C + c] = x[c][w] (the row in channels-last order). `src` is
+// channel 0's row, `plane` the channel stride. 16 x 16 tiles (16 channels x 16 pixels) go through a register
+// transpose; each lane of the sum adds its pixel's channels one by one, in order, as the scalar loop does.
+template <bool stream>
+inline void sum_and_transpose_row(const float* src, int64_t plane, int64_t C, int64_t W, float* sum, float* dst) {
+  const int64_t tiled_c = C / 16 * 16, tiled_w = W / 16 * 16;
+  for (int64_t c0 = 0; c0 < tiled_c; c0 += 16) {
+    for (int64_t w0 = 0; w0 < tiled_w; w0 += 16) {
+      v16 tile[16];
+      for (int k = 0; k < 16; ++k) tile[k] = load(src + (c0 + k) * plane + w0);
+      v16 acc = load(sum + w0);
+      for (int k = 0; k < 16; ++k) acc += tile[k];
+      store(sum + w0, acc);
+      transpose16(tile);
+      for (int k = 0; k < 16; ++k) {
+        if (stream)
+          store_stream(dst + (w0 + k) * C + c0, tile[k]);
+        else
+          store(dst + (w0 + k) * C + c0, tile[k]);
+      }
+    }
+    for (int64_t w = tiled_w; w < W; ++w)
+      for (int64_t c = c0; c < c0 + 16; ++c) {
+        const float value = src[c * plane + w];
+        sum[w] += value;
+        dst[w * C + c] = value;
+      }
+  }
+  for (int64_t c = tiled_c; c < C; ++c)
+    for (int64_t w = 0; w < W; ++w) {
+      const float value = src[c * plane + w];
+      sum[w] += value;
+      dst[w * C + c] = value;
+    }
+}
+
+// G for x; with `transposed` (an NCHW x only), also writes x's channels-last copy there as the channel sum reads it
+at::Tensor gradient(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef dilation,
+                    at::IntArrayRef padding, at::IntArrayRef out_size, float* transposed) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
               "cac_gradient: x must be a 4-D float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && dilation.size() == 2 && padding.size() == 2 &&
@@ -54,8 +94,11 @@ at::Tensor cac_gradient(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
   const int64_t Hp = H + pad_top + pad_bottom, Wp = W + pad_left + pad_right;
   std::vector<float> padded(N * Hp * Wp);  // zero-initialised: the margins stay 0
 
+  // a channels-last copy streams to memory (no read-for-ownership of its lines) where every tile store is aligned
+  const bool stream_transposed =
+      transposed != nullptr && C % 16 == 0 && reinterpret_cast<uintptr_t>(transposed) % 64 == 0;
   // the channel mean, in blocks of input rows: an NCHW input is summed plane by plane over the block (long
-  // contiguous runs), a channels-last one pixel by pixel, reading ahead of itself
+  // contiguous runs; with a copy, row by row in 16 x 16 tiles), a channels-last one pixel by pixel, reading ahead
   const int64_t threads = at::get_num_threads();
   const int64_t blocks_per_image = std::min<int64_t>(H, std::max<int64_t>(1, (2 * threads + N - 1) / N));
   const int64_t rows_per_block = (H + blocks_per_image - 1) / blocks_per_image;
@@ -82,6 +125,20 @@ at::Tensor cac_gradient(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
             m[w] = sum / channels;
           }
         }
+      } else if (transposed != nullptr) {
+        for (int64_t h = h0; h < h1; ++h) {
+          const float* src = xd + (n * C * H + h) * W;
+          float* dst = transposed + (n * H + h) * W * C;
+          if (stream_transposed)
+            sum_and_transpose_row<true>(src, H * W, C, W, mean_row(h), dst);
+          else
+            sum_and_transpose_row<false>(src, H * W, C, W, mean_row(h), dst);
+        }
+        for (int64_t h = h0; h < h1; ++h) {
+          float* m = mean_row(h);
+          for (int64_t w = 0; w < W; ++w) m[w] /= channels;
+        }
+        if (stream_transposed) stream_fence();
       } else {
         for (int64_t c = 0; c < C; ++c) {
           const float* plane = xd + ((n * C + c) * H + h0) * W;
@@ -128,6 +185,24 @@ at::Tensor cac_gradient(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
   return out;
 }
 
+at::Tensor cac_gradient(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                        at::IntArrayRef dilation, at::IntArrayRef padding, at::IntArrayRef out_size) {
+  return gradient(x, kernel_size, stride, dilation, padding, out_size, nullptr);
+}
+
+// (G, x in channels-last memory) for a contiguous NCHW x: the layout change rides on the channel sum's one read of x,
+// and G equals cac_gradient(x)'s bit for bit
+std::tuple<at::Tensor, at::Tensor> cac_gradient_channels_last(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                              at::IntArrayRef stride, at::IntArrayRef dilation,
+                                                              at::IntArrayRef padding, at::IntArrayRef out_size) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "cac_gradient_channels_last: x must be a contiguous NCHW tensor");
+  at::Tensor transposed = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  at::Tensor g = gradient(x, kernel_size, stride, dilation, padding, out_size,
+                          x.numel() ? transposed.data_ptr<float>() : nullptr);
+  if (g.numel() == 0) transposed.copy_(x);  // no output positions: G read nothing
+  return {g, transposed};
+}
+
 }  // namespace
 }  // namespace convzoo_native
 
@@ -135,6 +210,12 @@ TORCH_LIBRARY_FRAGMENT(convzoo, m) {
   m.def(
       "cac_gradient(Tensor x, int[] kernel_size, int[] stride, int[] dilation, int[] padding, int[] out_size) "
       "-> Tensor");
+  m.def(
+      "cac_gradient_channels_last(Tensor x, int[] kernel_size, int[] stride, int[] dilation, int[] padding, "
+      "int[] out_size) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(convzoo, CPU, m) { m.impl("cac_gradient", &convzoo_native::cac_gradient); }
+TORCH_LIBRARY_IMPL(convzoo, CPU, m) {
+  m.impl("cac_gradient", &convzoo_native::cac_gradient);
+  m.impl("cac_gradient_channels_last", &convzoo_native::cac_gradient_channels_last);
+}

@@ -199,6 +199,9 @@ def _cached(cache_dir: Path | None, name: str, build: Callable[[], ImageSet]) ->
 
 
 # ---------------------------------------------------------------- torchvision and ImageNet32 formats
+_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "stl10": 10}
+
+
 def _torchvision(name: str) -> Callable[..., ImageSet]:
     def load(
         split: str,
@@ -211,6 +214,13 @@ def _torchvision(name: str) -> Callable[..., ImageSet]:
     ) -> ImageSet:
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir(name)
         if (root / "train").is_dir():  # an ImageFolder copy, e.g. ../shared/data/cifar10-jpeg
+            classes = _class_folders(root / "train")
+            if len(classes) != _CLASS_COUNTS[name]:  # e.g. --data cifar100 on a CIFAR-10 copy
+                raise ValueError(
+                    f"--data {name} has {_CLASS_COUNTS[name]} classes, but the ImageFolder copy at {root} has "
+                    f"{len(classes)} ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): "
+                    "pass the --data it holds, or --data imagefolder for a folder of any classes"
+                )
             return imagefolder(split, data_dir=root, image_size=image_size, cache_dir=cache_dir)
         import torchvision.datasets as tvd
 

@@ -164,6 +164,31 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
     return torch.hypot(grad_x, grad_y)
 
 
+def gradient_map_channels_last(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> tuple[Tensor, Tensor] | None:
+    """G as :func:`gradient_map` computes it and ``x`` in channels-last memory, in one pass; None where not applicable.
+
+    For a contiguous NCHW float32 CPU input with a multiple of 16 channels, where :func:`gradient_map` runs its
+    native kernel and ``x`` needs no gradient: the channel sum, which reads all of ``x``, writes the
+    channels-last copy as it goes (``csrc/cac_gradient.cpp``), at a fraction of what the layout change costs on
+    its own (``Tensor.contiguous(memory_format=torch.channels_last)``, or the conv's internal one). G is
+    bit for bit :func:`gradient_map`'s on the NCHW ``x``: the sum adds each pixel's channels in the same order.
+
+    Returns:
+        (G (B, H', W'), x (B, C, H, W) with channels-last strides), or None (then nothing was computed).
+    """
+    if (
+        x.shape[1] % 16
+        or not native_ready(x)  # the copy carries no gradient back to x; no transforms, modes or fakes
+        or not _native_gradient_applies(spec, x)
+        or not x.is_contiguous()
+        or x.is_contiguous(memory_format=torch.channels_last)  # already laid out so (1×1 maps, one channel)
+    ):
+        return None
+    left, _, top, _ = spec.explicit_padding
+    geometry = [list(spec.kernel_size), list(spec.stride), list(spec.dilation), [top, left], list(out_size)]
+    return native_ops().cac_gradient_channels_last(x, *geometry)
+
+
 def score_logits(spec: ConvSpec, x: Tensor, gamma: Tensor, beta: Tensor, out_size: tuple[int, int]) -> Tensor:
     """γ·G + β for every output position, (B, H', W'); a window is sharp iff this is > 0 (i.e. M > 0.5)."""
     return torch.addcmul(beta, gamma, gradient_map(spec, x, out_size))

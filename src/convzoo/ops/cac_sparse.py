@@ -40,10 +40,17 @@ first use by :mod:`convzoo.native`; ``last_native`` tells): it takes each output
 smooth windows six at a time and reads their taps straight from the channels-last input into one
 register-blocked microkernel (k×k products with W at the sharp windows, the centre times Σw at the
 others; groups filled across rows), so nothing is gathered or scattered and the 1×1 runs only where the
-mask is clear. An NCHW input is read through a small ring of channels-last copies of its rows, and the
-output keeps the input's layout. (Running oneDNN's 1×1 over every centre first and the kernel on the
+mask is clear. (Running oneDNN's 1×1 over every centre first and the kernel on the
 sharp windows only was measured slower: 7.1 against 6.6 ms at ρ = 0.25.) Where it does not apply or
 cannot be built, the torch pixel path above runs.
+
+Every path runs channels-last: a contiguous NCHW float32 CPU input with a multiple of 16 channels is moved to
+channels-last memory by the score map's native kernel as it sums the channels
+(:func:`~convzoo.ops.cac.gradient_map_channels_last`: one pass over the input, and bit for bit the same G),
+which costs a quarter of ``x.contiguous(memory_format=torch.channels_last)`` and less than oneDNN's own layout
+change inside an NCHW conv; the output then has channels-last strides. Other NCHW inputs go to the native
+kernel as they are (it reads them through a small ring of channels-last copies of their rows, and its output
+keeps their layout) and to the other paths through ``contiguous``.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ from convzoo.ops.cac import (
     centre_conv,
     centre_offset,
     first_centre_inside,
+    gradient_map_channels_last,
     pad_input,
     sharp_windows,
     summed_kernel,
@@ -335,7 +343,7 @@ class CACSparseConv2d(NoTorchScript, CACStatsMixin, ConvAttributes, nn.Module):
 
     Shapes:
         input (B, C_in, H, W) -> output (B, C_out, H', W'), with channels-last strides (the native
-        sparse path: in the input's layout).
+        sparse path on an NCHW input that is not moved to channels-last first: in the input's layout).
 
     After each call ``last_path`` is ``"sparse"`` or ``"dense"``, ``last_active`` the fraction of
     active units (sharp windows or blocks) and ``last_threshold`` the threshold that was applied.
@@ -429,8 +437,14 @@ class CACSparseConv2d(NoTorchScript, CACStatsMixin, ConvAttributes, nn.Module):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
         tracing = is_tracing()
+        gradient = None
+        fused = None if tracing or transform_active() else gradient_map_channels_last(self.spec, x, out_size)
+        if fused is not None:
+            # an NCHW input: every path below runs channels-last (as they do for a channels-last input, only
+            # faster than converting inside the conv), so the layout change rides on the score map's read
+            gradient, x = fused
         mask, counts = sharp_windows(
-            self.spec, x, self.gamma, self.beta, out_size, count=not (tracing or transform_active())
+            self.spec, x, self.gamma, self.beta, out_size, gradient, count=not (tracing or transform_active())
         )
         if tracing or transform_active():
             # torch.export / ONNX / FX / TorchScript record one static graph: the dense masked form
