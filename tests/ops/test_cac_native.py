@@ -360,14 +360,45 @@ def test_a_deployed_layer_runs_an_nchw_input_channels_last_with_the_training_for
     spec = layer.spec
     assert gradient_map_channels_last(spec, x.contiguous(memory_format=torch.channels_last), (9, 13)) is None
     assert gradient_map_channels_last(spec, x[:, :, :, 1:], (9, 12)) is None  # not contiguous
-    with pytest.raises(RuntimeError, match="contiguous NCHW"):
-        native_ops().cac_gradient_channels_last(x[:, :, :, 1:], [3, 3], [1, 1], [1, 1], [1, 1], [9, 12])
+    for bad in (x[:, :, :, 1:], x.double()):
+        with pytest.raises(RuntimeError, match="contiguous NCHW float32 CPU tensor"):
+            native_ops().cac_gradient_channels_last(bad, [3, 3], [1, 1], [1, 1], [1, 1], [9, 12])
     assert gradient_map_channels_last(CAConv2d(24, 16, 3, padding=1).spec, x[:, :24], (9, 13)) is None  # 24 channels
     assert gradient_map_channels_last(spec, x.double(), (9, 13)) is None
     assert gradient_map_channels_last(spec, x.requires_grad_(), (9, 13)) is None  # the copy would carry no gradient
     y = sparse(x)  # so the input's gradient still flows through the dense and the sparse path alike
     y.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("c_out", "groups", "algorithm", "threshold", "moved"),
+    [
+        (16, 1, "pixel", 0.0, True),  # dense with the 1×1 written over the smooth windows
+        (16, 1, "pixel", "auto", True),  # the timing runs the paths on the moved input too
+        (16, 1, "block", 1.0, True),
+        (24, 1, "pixel", 1.0, True),  # C_out not a multiple of 16: the torch pixel path, on the moved input
+        (32, 32, "pixel", 1.0, True),  # depthwise
+        (32, 4, "pixel", 1.0, False),  # other groups stay NCHW (oneDNN is slower channels-last there)
+    ],
+)
+def test_every_path_equals_the_training_form_on_a_moved_nchw_input(c_out, groups, algorithm, threshold, moved) -> None:
+    from convzoo.ops.cac import gradient_map_channels_last
+
+    layer = CAConv2d(32, c_out, 3, padding=1, groups=groups).eval()
+    with torch.no_grad():
+        layer.gamma.fill_(1.0)
+        layer.beta.fill_(-0.7)
+    sparse = CACSparseConv2d.from_cac(layer, threshold=threshold, algorithm=algorithm)
+    x = torch.randn(2, 32, 9, 13)
+    assert (gradient_map_channels_last(layer.spec, x, (9, 13)) is not None) == moved
+    with torch.no_grad():
+        expected, y = layer(x), sparse(x)
+        assert torch.equal(sparse.last_mask, layer.last_mask) and 0 < int(sparse.last_mask.sum()) < 2 * 9 * 13
+        unbatched = sparse(x[0])
+    torch.testing.assert_close(y, expected, **F32)
+    torch.testing.assert_close(unbatched, expected[0], **F32)
+    assert unbatched.is_contiguous()  # as nn.Conv2d gives an unbatched output
 
 
 def test_the_native_gradient_map_is_not_used_where_the_torch_form_differs() -> None:

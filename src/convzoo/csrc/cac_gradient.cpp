@@ -195,7 +195,9 @@ at::Tensor cac_gradient(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
 std::tuple<at::Tensor, at::Tensor> cac_gradient_channels_last(const at::Tensor& x, at::IntArrayRef kernel_size,
                                                               at::IntArrayRef stride, at::IntArrayRef dilation,
                                                               at::IntArrayRef padding, at::IntArrayRef out_size) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "cac_gradient_channels_last: x must be a contiguous NCHW tensor");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu() && x.scalar_type() == at::kFloat,
+              "cac_gradient_channels_last: x must be a contiguous NCHW float32 CPU tensor, got ", x.sizes(), " ",
+              x.scalar_type());
   at::Tensor transposed = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   at::Tensor g = gradient(x, kernel_size, stride, dilation, padding, out_size,
                           x.numel() ? transposed.data_ptr<float>() : nullptr);

@@ -44,13 +44,15 @@ mask is clear. (Running oneDNN's 1×1 over every centre first and the kernel on 
 sharp windows only was measured slower: 7.1 against 6.6 ms at ρ = 0.25.) Where it does not apply or
 cannot be built, the torch pixel path above runs.
 
-Every path runs channels-last: a contiguous NCHW float32 CPU input with a multiple of 16 channels is moved to
-channels-last memory by the score map's native kernel as it sums the channels
+Layouts. A contiguous NCHW float32 CPU input with a multiple of 16 channels, to a dense or depthwise layer,
+outside autograd, is moved to channels-last memory by the score map's native kernel as it sums the channels
 (:func:`~convzoo.ops.cac.gradient_map_channels_last`: one pass over the input, and bit for bit the same G),
 which costs a quarter of ``x.contiguous(memory_format=torch.channels_last)`` and less than oneDNN's own layout
-change inside an NCHW conv; the output then has channels-last strides. Other NCHW inputs go to the native
-kernel as they are (it reads them through a small ring of channels-last copies of their rows, and its output
-keeps their layout) and to the other paths through ``contiguous``.
+change inside an NCHW conv; every path then runs channels-last. Other NCHW inputs go to the native kernel as
+they are (it reads them through a small ring of channels-last copies of their rows) and to the all-sharp conv
+as they are; the torch paths move them with ``contiguous``. So the output has channels-last strides, except
+that the native sparse path and the all-sharp conv keep the layout of an NCHW input that was not moved. An
+unbatched (C, H, W) input gives a contiguous output, as ``nn.Conv2d`` does.
 """
 
 from __future__ import annotations
@@ -342,8 +344,9 @@ class CACSparseConv2d(NoTorchScript, CACStatsMixin, ConvAttributes, nn.Module):
         algorithm: "pixel" (gather the sharp windows, one GEMM) or "block" (see the module docstring).
 
     Shapes:
-        input (B, C_in, H, W) -> output (B, C_out, H', W'), with channels-last strides (the native
-        sparse path on an NCHW input that is not moved to channels-last first: in the input's layout).
+        input (B, C_in, H, W) -> output (B, C_out, H', W'), with channels-last strides, or in the input's
+        layout from the native sparse path and the all-sharp conv when an NCHW input is not moved to
+        channels-last first (see "Layouts" in the module docstring); (C_in, H, W) -> (C_out, H', W'), contiguous.
 
     After each call ``last_path`` is ``"sparse"`` or ``"dense"``, ``last_active`` the fraction of
     active units (sharp windows or blocks) and ``last_threshold`` the threshold that was applied.
@@ -433,8 +436,8 @@ class CACSparseConv2d(NoTorchScript, CACStatsMixin, ConvAttributes, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C_in, H, W) -> (B, C_out, H', W'), equal to the CAConv2d it came from."""
-        if check_input(x, self.in_channels, "CACSparseConv2d"):
-            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if check_input(x, self.in_channels, "CACSparseConv2d"):  # contiguous, as nn.Conv2d gives it
+            return self.forward(x.unsqueeze(0)).squeeze(0).contiguous()
         out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
         tracing = is_tracing()
         gradient = None
