@@ -572,6 +572,24 @@ def test_convs_inside_a_block_that_folds_itself_convert_only_to_exact_weight_kin
         torch.testing.assert_close(deploy(converted)(x), expected, rtol=1e-10, atol=1e-10)
 
 
+def test_operators_inside_a_block_that_folds_itself_are_folded_first() -> None:
+    """timm's RepGhostModule asserts its convs are nn.Conv2d when it reparameterizes: deploy() folds the DO-Conv
+    layers inside it into nn.Conv2d first (exact), then lets the block fold them."""
+    from timm.models.repghost import RepGhostModule
+
+    torch.manual_seed(0)
+    block = make_trained_like_(RepGhostModule(8, 16, reparam=True).double().eval(), torch.randn(2, 8, 7, 7).double())
+    converted = convert(block, "doconv")
+    assert [name for name, _ in conversion_report(converted).replaced] == ["cheap_operation.0"]
+    x = torch.randn(2, 8, 7, 9, dtype=torch.float64)
+    with torch.no_grad():
+        expected = converted(x)
+        deployed = deploy(converted)
+        torch.testing.assert_close(deployed(x), expected, rtol=1e-10, atol=1e-10)
+    assert not any(isinstance(module, convzoo.DOConv2d) for module in deployed.modules())
+    assert [name for name, _ in deployed.named_children()] == ["primary_conv", "cheap_operation", "relu"]  # folded
+
+
 def test_deploy_refuses_a_block_that_would_fold_an_operator_as_a_plain_conv() -> None:
     """A hand-built model (no convert() to skip it): timm's RepVGG block around a CPWC operator."""
     from timm.models.byobnet import RepVggBlock

@@ -298,6 +298,7 @@ def _reparameterize(module: nn.Module, name: str) -> nn.Module:
     if has_method(module, "fuse"):
         if operator_kind(module) is None:
             _check_folds_exactly(module, name, "fuse")
+            _fold_operators_inside(module, name)
         fused = module.fuse()
         if not isinstance(fused, nn.Module):
             where = f"module {name!r}" if name else "the root module"
@@ -312,6 +313,7 @@ def _reparameterize(module: nn.Module, name: str) -> nn.Module:
         for method in FOLD_METHODS[1:]:
             if has_method(module, method):
                 _check_folds_exactly(module, name, method)
+                _fold_operators_inside(module, name)
                 getattr(module, method)()
                 break
     for child_name, child in list(module.named_children()):
@@ -319,6 +321,23 @@ def _reparameterize(module: nn.Module, name: str) -> nn.Module:
         if new is not child:
             setattr(module, child_name, new)
     return module
+
+
+def _fold_operators_inside(block: nn.Module, name: str) -> None:
+    """Fold the convzoo operators inside a block that folds its own convs, before it does.
+
+    ``_check_folds_exactly`` lets only operators whose ``weight`` is their whole function (DO-Conv) stay in
+    such a block; folded first, they are the plain ``nn.Conv2d`` the block expects (timm's RepGhost asserts
+    ``isinstance(conv, nn.Conv2d)``; others read ``conv.bias`` or copy the module), with the same weight.
+    """
+    for child_name, child in list(block.named_children()):
+        path = f"{name}.{child_name}" if name else child_name
+        if operator_kind(child) is not None:
+            new = _reparameterize(child, path)
+            if new is not child:
+                setattr(block, child_name, new)
+        else:
+            _fold_operators_inside(child, path)
 
 
 def _check_folds_exactly(block: nn.Module, name: str, method: str) -> None:
