@@ -294,6 +294,23 @@ def test_fuse_batchnorm_is_exact(options: dict, c: int, z: int, stride: int) -> 
     assert fused.bias is not None and count_parameters(fused) == count_parameters(module) + z * (module.bias is None)
 
 
+@pytest.mark.parametrize(("c", "z"), [(7, 3), (3, 7), (6, 6)])
+def test_fuse_batchnorm_keeps_float32_precision_for_a_small_bn_scale(c: int, z: int) -> None:
+    """Folding s into stage 2's W2 + I and storing (W2 + I)s - I cancelled at the scale of 1 (1.8e-4 relative
+    error at s = 1e-4, in float32); the scale goes into stage 1 instead."""
+    module = _random_module(c, z, 1)
+    bn = randomize_batchnorm_(nn.BatchNorm2d(z, dtype=torch.float64)).eval()
+    with torch.no_grad():
+        bn.weight.fill_(1e-4)
+        bn.bias.zero_()
+    x = torch.randn(2, c, 9, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = bn(module(x))
+        folded = module.float().fuse_batchnorm(bn.float())(x.float()).double()
+    scale = expected.abs().max()
+    torch.testing.assert_close(folded / scale, expected / scale, rtol=0, atol=2e-6)
+
+
 def test_fuse_batchnorm_rejects_a_mismatched_bn() -> None:
     with pytest.raises(ValueError, match=r"bn must be a BatchNorm2d\(4\) with running statistics"):
         CPWConv2d(8, 4).fuse_batchnorm(nn.BatchNorm2d(5))

@@ -370,10 +370,12 @@ class CPWConv2d(NoTorchScript, ConvAttributes, nn.Module):
     def fuse_batchnorm(self, bn: nn.BatchNorm2d) -> CPWConv2d:
         """A CPWConv2d (with bias) computing ``bn(self(x))`` for an eval-mode ``bn``, exactly.
 
-        The output is linear in the PWC kernel and in the last context conv, so the BN scale
-        ``s`` multiplies the PWC kernel and stage 2's ``W2 + I`` (stage 1's kernels without
-        stage 2), and the bias becomes ``s * b + beta - s * mean``. ``deploy()`` folds BNs only
-        into ``nn.Conv2d``; call this for the BN after a CPWC.
+        The output is linear in the PWC kernel and in stage 1's kernels (stage 2 is depthwise, so a scale per
+        channel passes through it), so the BN scale ``s`` multiplies the PWC kernel and each stage-1 kernel
+        (by the ``s`` of the filter it feeds), and the bias becomes ``s * b + beta - s * mean``. Scaling
+        stage 1 rather than stage 2's ``W2 + I`` keeps float32 precision when ``s`` is small: writing
+        ``(W2 + I) * s - I`` back would cancel at the scale of 1 (relative error 1.8e-4 at ``s = 1e-4``).
+        ``deploy()`` folds BNs only into ``nn.Conv2d``; call this for the BN after a CPWC.
         """
         foldable = isinstance(bn, nn.BatchNorm2d | nn.SyncBatchNorm) and bn.running_mean is not None
         if not foldable or bn.num_features != self.out_channels:
@@ -390,12 +392,8 @@ class CPWConv2d(NoTorchScript, ConvAttributes, nn.Module):
         new.bias.copy_(new.bias * scale + shift)
         if new.weight is not None:
             new.weight.mul_(scale.view(-1, 1, 1, 1))
-        if new.stage2_weight is not None:
-            identity = new.stage2_identity
-            new.stage2_weight.copy_((new.stage2_weight + identity) * scale.view(-1, 1, 1, 1) - identity)
-        else:
-            filters = torch.tensor(self.plan.connection_filters, device=scale.device)
-            new.stage1_weight.mul_(scale[filters].view(-1, 1, 1, 1))
+        filters = torch.tensor(self.plan.connection_filters, device=scale.device)
+        new.stage1_weight.mul_(scale[filters].view(-1, 1, 1, 1))
         return new
 
     def extra_repr(self) -> str:
