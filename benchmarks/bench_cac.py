@@ -27,7 +27,7 @@ from torch import nn
 
 import convzoo
 from common import interleaved_median_times, markdown_table, write_results
-from convzoo.ops.cac import CAConv2d, cac_layers, gradient_map, sharp_windows
+from convzoo.ops.cac import CAConv2d, cac_layers, gradient_map, gradient_map_channels_last, sharp_windows
 from convzoo.ops.cac_cost import cac_statistics, calibrate_sharp_ratio_
 from convzoo.ops.cac_sparse import CACSparseConv2d, rows_times_kernel
 from convzoo.testing import randomize_batchnorm_
@@ -225,6 +225,30 @@ def pixel_path_parts(repeats: int) -> str:
     return markdown_table(["step", "ms (median)"], rows_out) + "\n\n" + note
 
 
+def layout_parts(repeats: int) -> str:
+    """An NCHW input: the score map alone, the score map writing the channels-last copy as it reads (what the
+    deployed layer runs), torch's own layout change, and the conv in each layout, dense and grouped."""
+    generator = torch.Generator().manual_seed(0)
+    x = smooth_images(64, 64, 32, generator=generator)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    size = (32, 32)
+    spec = CAConv2d(64, 64, 3, padding=1).spec
+    steps = {
+        "score map G alone (native, NCHW)": lambda: gradient_map(spec, x, size),
+        "G and the channels-last copy in one pass": lambda: gradient_map_channels_last(spec, x, size),
+        "x.contiguous(memory_format=torch.channels_last)": lambda: x.contiguous(memory_format=torch.channels_last),
+    }
+    for groups in (1, 4, 64):
+        conv = nn.Conv2d(64, 64, 3, padding=1, groups=groups, bias=False).eval()
+        name = {1: "dense", 4: "4 groups", 64: "depthwise"}[groups]
+        steps[f"3×3 conv ({name}), NCHW input"] = lambda conv=conv: conv(x)
+        steps[f"3×3 conv ({name}), channels-last input"] = lambda conv=conv: conv(x_cl)
+    with torch.inference_mode():
+        times = interleaved_median_times(steps, warmup=2, repeats=repeats)
+    rows = [[name, f"{seconds * 1e3:.2f}"] for name, seconds in times.items()]
+    return markdown_table(["step (64×64×32×32 input)", "ms (median)"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer ρ values and repeats")
@@ -237,6 +261,7 @@ def main() -> None:
     layer_table, crossover = layer_benchmark(rhos, repeats)
     model_table = model_benchmark(repeats)
     parts_table = pixel_path_parts(3 * repeats)
+    layout_table = layout_parts(3 * repeats)
     load = f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after the run"
     body = f"""{load} (on a loaded machine, every extra small op of the CAC paths pays a
 thread-scheduling penalty that the single big nn.Conv2d call does not; re-run on a quiet one).
@@ -267,6 +292,14 @@ on the benchmark layer's input (the gather uses interior-window indices), with b
 1.5× Conv2d needs the whole path within Conv2d / 1.5.
 
 {parts_table}
+
+## An NCHW input: the layout change inside the score map's pass
+
+A deployed CAC layer moves a contiguous NCHW input (a multiple of 16 channels, a dense or depthwise conv) to
+channels-last memory inside the score map's native pass, then runs every path channels-last
+(`convzoo.ops.cac.gradient_map_channels_last`). The parts, each timed on its own:
+
+{layout_table}
 
 ## Model: deployed CAC cifar_resnet20, batch 64, per-layer ρ ramped from shallow to deep
 

@@ -168,9 +168,10 @@ def gradient_map_channels_last(spec: ConvSpec, x: Tensor, out_size: tuple[int, i
     """G as :func:`gradient_map` computes it and ``x`` in channels-last memory, in one pass; None where not applicable.
 
     For a contiguous NCHW float32 CPU input with a multiple of 16 channels, where :func:`gradient_map` runs its
-    native kernel, ``x`` needs no gradient and the conv is dense or depthwise (other grouped convs measured
-    slower channels-last in oneDNN: 9.8 against 7.1 ms for 64 channels in 4 groups at 32×32, batch 64, where a
-    depthwise one took 2.4 against 3.4 ms and a dense one 1.5–2.9 ms less): the channel sum, which reads all
+    native kernel, ``x`` needs no gradient and the conv is dense or depthwise (oneDNN's other grouped convs do
+    not gain channels-last: 64 channels in 4 groups at 32×32, batch 64, took 6.42 against 6.16 ms, where a
+    depthwise one took 1.11 against 2.33 ms and a dense one 11.17 against 12.52; ``benchmarks/results/cac.md``,
+    "An NCHW input"): the channel sum, which reads all
     of ``x``, writes the channels-last copy as it goes (``csrc/cac_gradient.cpp``), at a fraction of what the
     layout change costs on its own (``Tensor.contiguous(memory_format=torch.channels_last)``, or the conv's
     internal one). G is bit for bit :func:`gradient_map`'s on the NCHW ``x``: the sum adds each pixel's
@@ -182,8 +183,8 @@ def gradient_map_channels_last(spec: ConvSpec, x: Tensor, out_size: tuple[int, i
     if (
         x.shape[1] % 16
         or spec.groups not in (1, spec.in_channels)  # oneDNN's grouped convs can be slower channels-last
-        or not native_ready(x)  # the copy carries no gradient back to x; no transforms, modes or fakes
-        or not _native_gradient_applies(spec, x)
+        or (x.requires_grad and torch.is_grad_enabled())  # the copy would carry no gradient back to x
+        or not _native_gradient_applies(spec, x)  # also: no tracing, transforms, dispatch modes or fakes
         or not x.is_contiguous()
         or x.is_contiguous(memory_format=torch.channels_last)  # already laid out so (1×1 maps, one channel)
     ):
