@@ -340,6 +340,85 @@ def test_the_fused_layout_change_gives_the_gradient_map_bit_for_bit(c_in, conv, 
     assert torch.equal(copy_, x) and copy_.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nchw moved"])
+@pytest.mark.parametrize(("c_in", "conv", "size"), FUSED_GEOMETRIES)
+def test_the_fused_score_map_gives_g_the_mask_and_the_counts(layout, c_in, conv, size) -> None:
+    from convzoo.ops.cac import _native_geometry, gradient_map, sharp_test
+
+    layer = CAConv2d(c_in, 16, **conv)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, c_in, *size, generator=generator) * torch.logspace(-3, 3, 3).view(3, 1, 1, 1)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out_size = layer.spec.output_size(*size)
+    g = gradient_map(layer.spec, x, out_size)
+    gamma, beta = torch.tensor(1.3), -torch.quantile(g.flatten(), 0.4) * 1.3  # about 60 % sharp
+    move = layout == "nchw moved"
+    scores = native_ops().cac_sharp_windows(x, *_native_geometry(layer.spec, out_size), gamma, beta, move)
+    gradient, mask, counts, moved, total = scores
+    assert torch.equal(gradient, g)  # cac_gradient's G, bit for bit
+    assert mask.dtype == torch.bool and torch.equal(mask, sharp_test(g, gamma, beta))
+    assert total == int(mask.sum()) and (0 < total < mask.numel() or g.unique().numel() == 1)  # 1×1 maps: G = 0
+    assert counts.dtype == torch.int64 and torch.equal(counts, mask.flatten(1).sum(1))
+    if move:
+        assert torch.equal(moved, x) and moved.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert moved.numel() == 0
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_the_sharp_test_is_the_exact_sign_of_the_score(layout) -> None:
+    """γ·G + β > 0 decided exactly: where γ·G rounds down in float32 and β = -(that rounded product), the exact
+    score is a tiny positive number, so the window is sharp, in the native kernel and in the torch form alike
+    (a float32 product then sum gives exactly 0 there, not sharp)."""
+    from convzoo.ops import cac
+
+    layer = CAConv2d(16, 16, 3, padding=1)
+    x = torch.randn(2, 16, 9, 11, generator=torch.Generator().manual_seed(3))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = cac.gradient_map(layer.spec, x, (9, 11))
+    gamma = torch.tensor(1.0 + 3 * 2.0**-23)
+    product = g * gamma  # float32: one rounding
+    rounded_down = (product.double() < g.double() * gamma.double()).flatten().nonzero().flatten()
+    rounded_up = (product.double() > g.double() * gamma.double()).flatten().nonzero().flatten()
+    assert rounded_down.numel() and rounded_up.numel()
+    for index, sharp in ((int(rounded_down[0]), True), (int(rounded_up[0]), False)):
+        beta = -product.flatten()[index]
+        assert not bool((product.flatten()[index] + beta) > 0)  # the float32 product-then-sum says "not sharp"
+        with torch.no_grad():
+            layer.gamma.fill_(float(gamma))
+            layer.beta.fill_(float(beta))
+        native, counts = cac.sharp_windows(layer.spec, x, layer.gamma, layer.beta, (9, 11))
+        assert bool(native.flatten()[index]) is sharp
+        original = cac._native_gradient_applies
+        cac._native_gradient_applies = lambda *args: False
+        try:
+            torch_form, torch_counts = cac.sharp_windows(layer.spec, x, layer.gamma, layer.beta, (9, 11))
+        finally:
+            cac._native_gradient_applies = original
+        assert torch.equal(native, torch_form) and torch.equal(counts, torch_counts)
+        with torch.no_grad():  # the training form and the deployed layer take the same mask
+            layer.eval()(x)
+            deployed = CACSparseConv2d.from_cac(layer, threshold=1.0)
+            deployed(x)
+        assert torch.equal(layer.last_mask, native) and torch.equal(deployed.last_mask, native)
+
+
+def test_the_fused_score_op_rejects_bad_operands() -> None:
+    x = torch.randn(2, 16, 6, 6)
+    geometry = [[3, 3], [1, 1], [1, 1], [1, 1], [6, 6]]
+    one = torch.tensor(1.0)
+    with pytest.raises(RuntimeError, match="gamma and beta must be one-element CPU tensors"):
+        native_ops().cac_sharp_windows(x, *geometry, torch.ones(2), one, False)
+    with pytest.raises(RuntimeError, match="needs a contiguous NCHW x"):
+        native_ops().cac_sharp_windows(x[:, :, :, 1:], *geometry[:4], [6, 5], one, one, True)
+    with pytest.raises(RuntimeError, match="4-D float32 CPU tensor"):
+        native_ops().cac_sharp_windows(x.double(), *geometry, one, one, False)
+    empty = native_ops().cac_sharp_windows(x[:0], *geometry, one, one, False)
+    assert empty[1].shape == (0, 6, 6) and empty[2].shape == (0,) and empty[4] == 0
+
+
 def test_a_deployed_layer_runs_an_nchw_input_channels_last_with_the_training_form_mask() -> None:
     from convzoo.ops.cac import gradient_map, gradient_map_channels_last
 
@@ -462,7 +541,7 @@ def test_the_native_gradient_map_handles_inf_and_nan_as_the_torch_form() -> None
     x[where] = special[torch.randint(0, 5, (int(where.sum()),), generator=generator)]
     g = gradient_map(layer.spec, x, (8, 8))
     original = cac._native_gradient_applies
-    cac._native_gradient_applies = lambda spec, x: False
+    cac._native_gradient_applies = lambda *args: False
     try:
         expected = gradient_map(layer.spec, x, (8, 8))  # the float32 torch form (hypot(inf, NaN) = inf)
     finally:
@@ -514,7 +593,7 @@ def test_the_native_mask_follows_the_torch_form_on_non_finite_scores(gamma, beta
         layer.beta.fill_(beta)
     native, counts = cac.sharp_windows(layer.spec, x, layer.gamma, layer.beta, (8, 8))
     original = cac._native_gradient_applies
-    cac._native_gradient_applies = lambda spec, x: False
+    cac._native_gradient_applies = lambda *args: False
     try:
         torch_form, torch_counts = cac.sharp_windows(layer.spec, x, layer.gamma, layer.beta, (8, 8))
         scores = cac.gradient_map(layer.spec, x, (8, 8))

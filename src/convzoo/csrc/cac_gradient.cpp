@@ -10,6 +10,8 @@
 // The input is read once (the channel sum is memory-bound; the torch form also runs a dozen small ops over the
 // 1-channel maps). x float32, channels-last or NCHW. cac_gradient_channels_last also returns an NCHW x in
 // channels-last memory, written as the sum reads it (one pass, where the conv's own layout change would be another).
+// cac_sharp_windows also makes eq. (12)'s test, gamma * G + beta > 0, and counts the sharp windows, as it writes each
+// row of G (optionally with the channels-last copy): the score map, the mask and the counts in one call.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -61,9 +63,21 @@ inline void sum_and_transpose_row(const float* src, int64_t plane, int64_t C, in
     }
 }
 
-// G for x; with `transposed` (an NCHW x only), also writes x's channels-last copy there as the channel sum reads it
+// The sharp-window test of eq. (12) on G as it is written: sharp[n, oh, ow] = gamma * G + beta > 0, decided in double,
+// where gamma * G of float32 operands is exact and the one rounding of the sum keeps its sign (an FMA, if the compiler
+// contracts to one, gives the same sign), so the test is the exact sign of gamma * G + beta: the same on every machine
+// and in convzoo.ops.cac.sharp_test's torch form. row_counts[n * Ho + oh] counts the row's sharp windows.
+struct SharpTest {
+  double gamma, beta;
+  bool* sharp;
+  int64_t* row_counts;
+};
+
+// G for x; with `transposed` (an NCHW x only), also writes x's channels-last copy there as the channel sum reads it;
+// with `test`, also the sharp-window mask and counts, as each row of G is written
 at::Tensor gradient(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef dilation,
-                    at::IntArrayRef padding, at::IntArrayRef out_size, float* transposed) {
+                    at::IntArrayRef padding, at::IntArrayRef out_size, float* transposed,
+                    const SharpTest* test = nullptr) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
               "cac_gradient: x must be a 4-D float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && dilation.size() == 2 && padding.size() == 2 &&
@@ -180,6 +194,16 @@ at::Tensor gradient(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArr
         const bool infinite = (x2 == INFINITY) | (y2 == INFINITY);  // a bitwise or: keeps the loop vectorized
         o[ow] = static_cast<float>(std::sqrt(infinite ? INFINITY : x2 + y2));
       }
+      if (test != nullptr) {  // the row of G is in L1; NaN (from inf - inf) is not sharp, as in torch
+        bool* sharp = test->sharp + row * Wo;
+        int64_t count = 0;
+        for (int64_t ow = 0; ow < Wo; ++ow) {
+          const bool is_sharp = test->gamma * static_cast<double>(o[ow]) + test->beta > 0.0;
+          sharp[ow] = is_sharp;
+          count += is_sharp;
+        }
+        test->row_counts[row] = count;
+      }
     }
   });
   return out;
@@ -205,6 +229,36 @@ std::tuple<at::Tensor, at::Tensor> cac_gradient_channels_last(const at::Tensor& 
   return {g, transposed};
 }
 
+// (G, sharp mask, sharp count per image, x in channels-last memory or an empty tensor, total sharp count): the score
+// map, eq. (12)'s test (see SharpTest) and, with channels_last_copy (a contiguous NCHW x), the layout change, in
+// cac_gradient's one read of x. G equals cac_gradient(x)'s bit for bit.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> cac_sharp_windows(
+    const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef dilation,
+    at::IntArrayRef padding, at::IntArrayRef out_size, const at::Tensor& gamma, const at::Tensor& beta,
+    bool channels_last_copy) {
+  TORCH_CHECK(gamma.numel() == 1 && beta.numel() == 1 && gamma.device().is_cpu() && beta.device().is_cpu(),
+              "cac_sharp_windows: gamma and beta must be one-element CPU tensors");
+  TORCH_CHECK(out_size.size() == 2 && out_size[0] >= 0 && out_size[1] >= 0, "cac_sharp_windows: bad out_size");
+  TORCH_CHECK(!channels_last_copy || (x.dim() == 4 && x.is_contiguous()),
+              "cac_sharp_windows: the channels-last copy needs a contiguous NCHW x, got ", x.sizes());
+  const int64_t N = x.dim() == 4 ? x.size(0) : 0, Ho = out_size[0], Wo = out_size[1];
+  at::Tensor sharp = at::empty({N, Ho, Wo}, x.options().dtype(at::kBool));
+  std::vector<int64_t> row_counts(N * Ho, 0);
+  const SharpTest test{gamma.item<double>(), beta.item<double>(), sharp.data_ptr<bool>(), row_counts.data()};
+  at::Tensor transposed = channels_last_copy ? at::empty_like(x, at::MemoryFormat::ChannelsLast) : at::empty({0}, x.options());
+  at::Tensor g = gradient(x, kernel_size, stride, dilation, padding, out_size,
+                          channels_last_copy && x.numel() ? transposed.data_ptr<float>() : nullptr, &test);
+  if (channels_last_copy && g.numel() == 0) transposed.copy_(x);  // no output positions: G read nothing
+  at::Tensor counts = at::zeros({N}, x.options().dtype(at::kLong));
+  int64_t* cd = counts.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t row = 0; row < N * Ho; ++row) {
+    cd[row / Ho] += row_counts[row];
+    total += row_counts[row];
+  }
+  return {g, sharp, counts, transposed, total};
+}
+
 }  // namespace
 }  // namespace convzoo_native
 
@@ -215,9 +269,13 @@ TORCH_LIBRARY_FRAGMENT(convzoo, m) {
   m.def(
       "cac_gradient_channels_last(Tensor x, int[] kernel_size, int[] stride, int[] dilation, int[] padding, "
       "int[] out_size) -> (Tensor, Tensor)");
+  m.def(
+      "cac_sharp_windows(Tensor x, int[] kernel_size, int[] stride, int[] dilation, int[] padding, int[] out_size, "
+      "Tensor gamma, Tensor beta, bool channels_last_copy) -> (Tensor, Tensor, Tensor, Tensor, int)");
 }
 
 TORCH_LIBRARY_IMPL(convzoo, CPU, m) {
   m.impl("cac_gradient", &convzoo_native::cac_gradient);
   m.impl("cac_gradient_channels_last", &convzoo_native::cac_gradient_channels_last);
+  m.impl("cac_sharp_windows", &convzoo_native::cac_sharp_windows);
 }

@@ -10,7 +10,8 @@ position:
    tap with the conv's stride and dilation (so the 3×3 Sobel taps are the window's own centre
    tap and its neighbouring taps: for a 3×3 kernel exactly the window);
 3. ``M = sigmoid(γ·G + β)`` (eq. 11) with learnable scalars γ, β; a window is sharp iff
-   ``M > 0.5`` (eq. 12), evaluated as ``γ·G + β > 0`` (the same set, without sigmoid rounding).
+   ``M > 0.5`` (eq. 12), evaluated as ``γ·G + β > 0`` (the same set, without sigmoid rounding), by its exact
+   sign (:func:`sharp_test`).
 
 **Window centre.** The centre of a kernel dimension of size ``k`` is tap ``c = (k - 1) // 2``,
 which is at input offset ``dilation · c`` from the window's first tap. For odd ``k`` this is the
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -90,17 +92,18 @@ def pad_input(spec: ConvSpec, x: Tensor) -> Tensor:
     return F.pad(x, pads, mode=spec.padding_mode)
 
 
-def _native_gradient_applies(spec: ConvSpec, x: Tensor) -> bool:
-    """Whether gradient_map runs convzoo's native kernel (CPU float32, zero padding, kernels of at least 3×3).
+def _native_gradient_applies(spec: ConvSpec, x: Tensor, *scalars: Tensor) -> bool:
+    """Whether the score map runs convzoo's native kernel (CPU float32, zero padding, kernels of at least 3×3).
 
-    Called with ``x.detach()``: G passes no gradient back, so autograd on the input does not matter.
+    ``scalars``: γ and β, where the native kernel also makes eq. (12)'s test (detached, as the test passes no
+    gradient). ``x`` is read detached: G passes no gradient back, so autograd on the input does not matter.
+    Outside tracing (exporters record the torch form), torch.func and forward AD (they see the torch form too).
     """
     return (
         min(spec.kernel_size) >= 3
         and (spec.padding_mode == "zeros" or not any(spec.explicit_padding))
-        and not is_tracing()  # exporters record the torch form
-        and not transform_active()  # torch.func / forward AD see the torch form too
-        and native_ready(x.detach())
+        and not is_tracing()
+        and native_ready(x.detach(), *scalars)
     )
 
 
@@ -127,9 +130,7 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
         hit it on the first step).
     """
     if _native_gradient_applies(spec, x):
-        left, _, top, _ = spec.explicit_padding
-        geometry = [list(spec.kernel_size), list(spec.stride), list(spec.dilation), [top, left], list(out_size)]
-        return native_ops().cac_gradient(x.detach(), *geometry)
+        return native_ops().cac_gradient(x.detach(), *_native_geometry(spec, out_size))
     # the channel sum divided on the 1-channel map (~2x faster than mean() over the channels of a
     # channels-last input on CPU), and G in at least float32: a float16 sum or Sobel response overflows
     # (to inf, then NaN) where the float32 one does not, which would turn sharp windows smooth
@@ -180,23 +181,104 @@ def gradient_map_channels_last(spec: ConvSpec, x: Tensor, out_size: tuple[int, i
     Returns:
         (G (B, H', W'), x (B, C, H, W) with channels-last strides), or None (then nothing was computed).
     """
-    if (
+    if not _moves_to_channels_last(spec, x):
+        return None
+    return native_ops().cac_gradient_channels_last(x, *_native_geometry(spec, out_size))
+
+
+def _moves_to_channels_last(spec: ConvSpec, x: Tensor) -> bool:
+    """Where the score map's pass also writes ``x``'s channels-last copy (see :func:`gradient_map_channels_last`)."""
+    return _layout_moves(spec, x) and _native_gradient_applies(spec, x)  # also: no tracing, transforms or fakes
+
+
+def _layout_moves(spec: ConvSpec, x: Tensor) -> bool:
+    """The layer and layout conditions of :func:`_moves_to_channels_last` (not the native kernel's own)."""
+    return not (
         x.shape[1] % 16
         or spec.groups not in (1, spec.in_channels)  # oneDNN's grouped convs can be slower channels-last
         or (x.requires_grad and torch.is_grad_enabled())  # the copy would carry no gradient back to x
-        or not _native_gradient_applies(spec, x)  # also: no tracing, transforms, dispatch modes or fakes
         or not x.is_contiguous()
         or x.is_contiguous(memory_format=torch.channels_last)  # already laid out so (1×1 maps, one channel)
-    ):
-        return None
+    )
+
+
+def _native_geometry(spec: ConvSpec, out_size: tuple[int, int]) -> list[list[int]]:
+    """The native score-map kernels' geometry arguments: kernel size, stride, dilation, (top, left) padding, H' x W'."""
     left, _, top, _ = spec.explicit_padding
-    geometry = [list(spec.kernel_size), list(spec.stride), list(spec.dilation), [top, left], list(out_size)]
-    return native_ops().cac_gradient_channels_last(x, *geometry)
+    return [list(spec.kernel_size), list(spec.stride), list(spec.dilation), [top, left], list(out_size)]
 
 
 def score_logits(spec: ConvSpec, x: Tensor, gamma: Tensor, beta: Tensor, out_size: tuple[int, int]) -> Tensor:
     """γ·G + β for every output position, (B, H', W'); a window is sharp iff this is > 0 (i.e. M > 0.5)."""
     return torch.addcmul(beta, gamma, gradient_map(spec, x, out_size))
+
+
+def sharp_test(gradient: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """Eq. (12)'s test on the score map: γ·G + β > 0 (i.e. M > 0.5), (B, H', W') bool; no gradient.
+
+    Decided in float64: γ·G of float32 operands is exact there and the one rounding of the sum keeps its sign
+    (an FMA gives the same), so this is the exact sign of γ·G + β. The native score map
+    (``csrc/cac_gradient.cpp``) decides the same way as it writes G, so the two agree on every machine, also
+    where a float32 ``addcmul`` would round γ·G + β to the other side of 0. Exporters (see
+    :func:`~convzoo.ops.conv_spec.is_tracing`) and MPS, which has no float64, get that float32 expression.
+    """
+    gamma, beta, gradient = gamma.detach(), beta.detach(), gradient.detach()
+    if is_tracing() or gradient.device.type == "mps":
+        return torch.addcmul(beta, gamma, gradient) > 0
+    wide = torch.float64
+    return torch.addcmul(beta.to(wide), gamma.to(wide), gradient.to(wide)) > 0
+
+
+class WindowScores(NamedTuple):
+    """What :func:`score_windows` returns."""
+
+    gradient: Tensor  # G (B, H', W')
+    mask: Tensor  # (B, H', W') bool: the sharp windows
+    counts: Tensor | None  # (B,) int64: sharp windows per image (None when not counted)
+    x: Tensor  # the input, moved to channels-last memory where that was asked for and done
+    total: int | None  # the sharp windows of the batch, where the native score map counted them as it went
+
+    def sharp_total(self) -> int:
+        """The batch's sharp windows, as a Python int (a device sync where ``total`` is None)."""
+        if self.total is not None:
+            return self.total
+        return int(self.counts.sum()) if self.counts is not None else int(self.mask.sum())
+
+
+def score_windows(
+    spec: ConvSpec,
+    x: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    out_size: tuple[int, int],
+    *,
+    count: bool = True,
+    to_channels_last: bool = False,
+) -> WindowScores:
+    """G, the sharp-window mask and its count per image; optionally ``x`` moved to channels-last memory.
+
+    Args:
+        spec, x, out_size: as :func:`gradient_map`; gamma, beta: the layer's scalars.
+        count: whether to count the sharp windows (exporters skip it: nothing uses it there).
+        to_channels_last: move an NCHW ``x`` to channels-last memory where :func:`gradient_map_channels_last`
+            would (else ``x`` comes back as it is).
+
+    Where :func:`gradient_map` runs its native kernel and γ, β are float32 CPU tensors, one native call
+    computes all of it as it reads ``x`` once (the test as :func:`sharp_test` decides it, on each row of G as
+    it is written, and the layout change in the same read); else G from :func:`gradient_map`, then
+    :func:`sharp_test`. Either way G is :func:`gradient_map`'s and the mask :func:`sharp_test`'s of it.
+    """
+    plain_x, gamma, beta = x.detach(), gamma.detach(), beta.detach()
+    if _native_gradient_applies(spec, plain_x, gamma, beta):
+        move = to_channels_last and _layout_moves(spec, x)
+        gradient, mask, counts, moved, total = native_ops().cac_sharp_windows(
+            plain_x, *_native_geometry(spec, out_size), gamma, beta, move
+        )
+        return WindowScores(gradient, mask, counts if count else None, moved if move else x, total)
+    moved = gradient_map_channels_last(spec, x, out_size) if to_channels_last else None
+    gradient, x = moved if moved is not None else (gradient_map(spec, x, out_size), x)
+    mask = sharp_test(gradient, gamma, beta)
+    return WindowScores(gradient, mask, mask.flatten(1).sum(1) if count else None, x, None)
 
 
 def sharp_windows(
@@ -220,12 +302,13 @@ def sharp_windows(
     Returns:
         mask (B, H', W') bool and counts (B,) int64 (None without ``count``).
 
-    Every CAC form takes its mask from here, with one expression (``addcmul(β, γ, G) > 0``, the same
-    kernel on every path of a machine), so on the same input all of them agree exactly.
+    Every CAC form takes its mask from :func:`sharp_test` (or the native score map, which decides the
+    same way), so on the same input all of them agree exactly.
     """
     if gradient is None:
-        gradient = gradient_map(spec, x, out_size)
-    mask = torch.addcmul(beta.detach(), gamma.detach(), gradient.detach()) > 0
+        scores = score_windows(spec, x, gamma, beta, out_size, count=count)
+        return scores.mask, scores.counts
+    mask = sharp_test(gradient, gamma, beta)
     return mask, (mask.flatten(1).sum(1) if count else None)
 
 
@@ -557,8 +640,8 @@ class CAConv2d(NoTorchScript, CACStatsMixin, ConvAttributes, nn.Module):
         if check_input(x, self.in_channels, "CAConv2d"):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
-        gradient = gradient_map(self.spec, x, out_size)  # detached: only γ and β learn from the score
-        mask, counts = sharp_windows(self.spec, x, self.gamma, self.beta, out_size, gradient)
+        # G is detached: only γ and β learn from the score
+        gradient, mask, counts = score_windows(self.spec, x, self.gamma, self.beta, out_size)[:3]
         self._record(mask, counts, out_size)
         sharp = self.spec.conv2d(x, self.weight, self.bias)
         smooth = centre_conv(self.spec, x, summed_kernel(self.weight), self.bias, out_size)

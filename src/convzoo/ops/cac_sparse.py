@@ -46,7 +46,7 @@ cannot be built, the torch pixel path above runs.
 
 Layouts. A contiguous NCHW float32 CPU input with a multiple of 16 channels, to a dense or depthwise layer,
 outside autograd, is moved to channels-last memory by the score map's native kernel as it sums the channels
-(:func:`~convzoo.ops.cac.gradient_map_channels_last`: one pass over the input, and bit for bit the same G),
+(:func:`~convzoo.ops.cac.score_windows`: one pass over the input, and bit for bit the same G),
 which costs a quarter of ``x.contiguous(memory_format=torch.channels_last)`` and less than oneDNN's own layout
 change inside an NCHW conv; every path then runs channels-last. Other NCHW inputs go to the native kernel as
 they are (it reads them through a small ring of channels-last copies of their rows) and to the all-sharp conv
@@ -77,9 +77,8 @@ from convzoo.ops.cac import (
     centre_conv,
     centre_offset,
     first_centre_inside,
-    gradient_map_channels_last,
     pad_input,
-    sharp_windows,
+    score_windows,
     summed_kernel,
 )
 from convzoo.ops.conv_spec import (
@@ -440,15 +439,13 @@ class CACSparseConv2d(NoTorchScript, CACStatsMixin, ConvAttributes, nn.Module):
             return self.forward(x.unsqueeze(0)).squeeze(0).contiguous()
         out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
         tracing = is_tracing()
-        gradient = None
-        fused = None if tracing or transform_active() else gradient_map_channels_last(self.spec, x, out_size)
-        if fused is not None:
-            # an NCHW input: every path below runs channels-last (as they do for a channels-last input, only
-            # faster than converting inside the conv), so the layout change rides on the score map's read
-            gradient, x = fused
-        mask, counts = sharp_windows(
-            self.spec, x, self.gamma, self.beta, out_size, gradient, count=not (tracing or transform_active())
+        # an NCHW input moves to channels-last memory in the score map's read where that pays: every path below
+        # runs channels-last (as they do for a channels-last input, only faster than converting inside the conv)
+        plain = tracing or transform_active()
+        scores = score_windows(
+            self.spec, x, self.gamma, self.beta, out_size, count=not plain, to_channels_last=not plain
         )
+        mask, counts, x = scores.mask, scores.counts, scores.x
         if tracing or transform_active():
             # torch.export / ONNX / FX / TorchScript record one static graph: the dense masked form
             # (the sparse path's shapes and branches depend on the data); it computes the same values.
@@ -456,7 +453,7 @@ class CACSparseConv2d(NoTorchScript, CACStatsMixin, ConvAttributes, nn.Module):
             # no native kernel), and nothing is recorded: wrapped tensors must not outlive the transform.
             return self._masked(x, mask, out_size)
         self.last_mask, self.last_sharp_count, self.last_output_size = mask, counts, out_size
-        sharp_total = int(counts.sum())  # one device sync
+        sharp_total = scores.sharp_total()  # one device sync (none where the native score map counted)
         threshold = self.last_threshold = self._threshold_for(x, out_size)
         self.last_native = False  # set by the sparse pixel path when the native kernel runs
         if mask.numel() == 0:  # an empty batch or map: nothing to compute, whatever the threshold
