@@ -36,7 +36,7 @@ def _operands(c_in: int, c_out: int, seed: int = 0) -> tuple[torch.Tensor, torch
 
 @pytest.fixture
 def calls(monkeypatch) -> SimpleNamespace:
-    """Counts the native composition calls made through convzoo.ops.doconv."""
+    """Counts the native composition calls made through convzoo.ops.doconv (the module's backward runs in C++)."""
     counts = SimpleNamespace(forward=0, backward=0)
     ops = native_ops()
     assert ops is not None  # a C++ compiler is here, so a failed build is a bug, not a skip
@@ -49,7 +49,11 @@ def calls(monkeypatch) -> SimpleNamespace:
         counts.backward += 1
         return ops.doconv_compose_backward(*args)
 
-    spy = SimpleNamespace(doconv_compose=forward, doconv_compose_backward=backward)
+    def weight(*args):  # DOConv2d.weight's op: its backward runs in C++ (see the doconv_weight tests below)
+        counts.forward += 1
+        return ops.doconv_weight(*args)
+
+    spy = SimpleNamespace(doconv_compose=forward, doconv_compose_backward=backward, doconv_weight=weight)
     monkeypatch.setattr(doconv_module, "native_ops", lambda: spy)
     return counts
 
@@ -162,7 +166,7 @@ def test_a_training_step_runs_the_native_kernels_and_matches_float64(calls, c_in
     x = torch.randn(2, c_in, 11, 13)
     module(x).square().sum().backward()
     reference(x.double()).square().sum().backward()
-    assert (calls.forward, calls.backward) == (1, 1)
+    assert calls.forward == 1  # doconv_weight, whose backward is the native kernel (test_the_weight_op_...)
     for name, parameter in module.named_parameters():
         expected = dict(reference.named_parameters())[name].grad
         torch.testing.assert_close(parameter.grad.double(), expected, rtol=1e-4, atol=1e-4, msg=name)
@@ -177,7 +181,7 @@ def test_a_frozen_W_gets_no_gradient_and_D_gets_the_right_one(calls) -> None:  #
     x = torch.randn(2, 16, 7, 7)
     module(x).sum().backward()
     reference(x.double()).sum().backward()
-    assert calls.backward == 1 and module.W.grad is None
+    assert calls.forward == 1 and module.W.grad is None
     torch.testing.assert_close(module.d_delta.grad.double(), reference.d_delta.grad, rtol=1e-4, atol=1e-4)
 
 
@@ -292,10 +296,10 @@ def test_the_module_composes_straight_from_d_delta(calls, c_in, c_out, kernel_si
     """DOConv2d.weight passes D' to the kernels (no D = D' + I op) and gets the bits of compose_kernel(W, D)."""
     module, _ = _module_pair(c_in, c_out, kernel_size)
     seen = []
-    spy_forward = doconv_module.native_ops().doconv_compose
-    doconv_module.native_ops().doconv_compose = lambda *args: seen.append(args) or spy_forward(*args)
+    spy_forward = doconv_module.native_ops().doconv_weight
+    doconv_module.native_ops().doconv_weight = lambda *args: seen.append(args) or spy_forward(*args)
     weight = module.weight
-    assert len(seen) == 1 and seen[0][1] is module.d_delta and seen[0][2] is True
+    assert len(seen) == 1 and seen[0][0] is module.W and seen[0][1] is module.d_delta
     assert weight.shape == (c_out, c_in, *module.kernel_size)
     explicit = compose_kernel(module.W, module.D, 1)
     assert torch.equal(weight.detach(), explicit.detach().view_as(weight))
@@ -348,7 +352,7 @@ def test_the_module_gate_wants_plain_float32_cpu_operands() -> None:
 
 def test_the_module_weight_can_be_edited_in_place_and_shapes_are_read_on_every_call(calls) -> None:
     module = DOConv2d(16, 16, 3, padding=1)
-    module.weight.mul_(2)  # a view of the Function's output, not one made inside it
+    module.weight.mul_(2)  # the op's own output (allocated 4-D by the kernel), not a view made around it
     assert calls.forward == 1
     # channels pruned after construction: judged by the parameters it now holds, so it composes with torch
     module.W = nn.Parameter(module.W.detach()[:12].clone())
@@ -375,3 +379,68 @@ def test_the_kernel_writes_the_conv_shape_and_its_backward_reads_it() -> None:
         ops.doconv_compose(W, D, False, [2, 5])
     with pytest.raises(RuntimeError, match="grad must be a float32 CPU tensor"):
         ops.doconv_compose_backward(torch.randn(32, 16, 3, 4), W, D, True, True)  # M*N = 12
+
+
+def _weight_operands(need_w: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    W, D, grad = _operands(32, 48, seed=5)
+    W.requires_grad_(need_w)
+    d_delta = (D - torch.eye(9)).requires_grad_()
+    return W, d_delta, grad.view(48, 32, 3, 3)
+
+
+@pytest.mark.parametrize("need_w", [True, False])
+def test_the_weight_op_runs_the_native_kernels_both_ways(need_w) -> None:
+    """doconv_weight's C++ autograd: forward and backward are the native kernels, bit for bit."""
+    from convzoo.ops.doconv import _torch_compose_backward
+
+    ops = native_ops()
+    W, d_delta, grad = _weight_operands(need_w)
+    weight = ops.doconv_weight(W, d_delta, [3, 3])
+    assert weight.shape == (48, 32, 3, 3) and weight.grad_fn is not None
+    assert torch.equal(weight.detach(), ops.doconv_compose(W.detach(), d_delta.detach(), True, [3, 3]))
+    weight.backward(grad)
+    expected_w, expected_d = ops.doconv_compose_backward(grad, W.detach(), d_delta.detach(), need_w, True, True)
+    assert torch.equal(d_delta.grad, expected_d)
+    assert torch.equal(W.grad, expected_w) if need_w else W.grad is None
+    # the torch form rounds differently, so the bit-for-bit checks above tell the two apart
+    D = d_delta.detach() + torch.eye(9)
+    torch_d = _torch_compose_backward(grad.view(48, 32, 9), W.detach(), D, 1, False, True)[1]
+    assert not torch.equal(torch_d, expected_d)
+    torch.testing.assert_close(torch_d, expected_d, **F32)
+    with torch.inference_mode():  # below autograd: the plain CPU kernel
+        assert torch.equal(ops.doconv_weight(W, d_delta, [3, 3]), weight.detach())
+
+
+def test_the_weight_op_double_backward_and_dispatch_modes_take_the_torch_form() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ops = native_ops()
+    W, d_delta, grad = _weight_operands()
+    reference_w = W.detach().double().requires_grad_()
+    reference_d = d_delta.detach().double().requires_grad_()
+    reference = torch.einsum("isd,ido->ois", reference_d + torch.eye(9, dtype=torch.float64), reference_w)
+    grads = torch.autograd.grad(ops.doconv_weight(W, d_delta, [3, 3]), (W, d_delta), grad, create_graph=True)
+    expected = torch.autograd.grad(reference.reshape(grad.shape), (reference_w, reference_d), grad.double(),
+                                   create_graph=True)  # fmt: skip
+    assert all(g.grad_fn is not None for g in grads)  # differentiable: the torch form ran
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    sum(g.square().sum() for g in grads).backward()  # second order: reaches W and D' through the first backward
+    sum(g.square().sum() for g in expected).backward()
+    torch.testing.assert_close(W.grad.double(), reference_w.grad, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(d_delta.grad.double(), reference_d.grad, rtol=1e-3, atol=1e-3)
+    W.grad = d_delta.grad = None
+    weight = ops.doconv_weight(W, d_delta, [3, 3])
+    with FlopCounterMode(display=False) as counter:  # a dispatch mode around the backward sees torch ops
+        weight.backward(grad)
+    assert counter.get_total_flops() > 0
+    native = ops.doconv_compose_backward(grad, W.detach(), d_delta.detach(), True, True, True)
+    torch.testing.assert_close(W.grad, native[0], **F32)
+    torch.testing.assert_close(d_delta.grad, native[1], **F32)
+
+
+def test_the_weight_op_rejects_other_shapes() -> None:
+    with pytest.raises(RuntimeError, match="only 3x3 kernels with d_mul = 9"):
+        native_ops().doconv_weight(torch.randn(16, 25, 16), torch.randn(16, 25, 25), [5, 5])
+    with pytest.raises(RuntimeError, match="C_in and C_out must be multiples of 16"):
+        native_ops().doconv_weight(torch.randn(16, 9, 24), torch.randn(16, 9, 9), [3, 3])

@@ -16,6 +16,8 @@
 // the task of its input channel, so no thread reduces into another's memory.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -202,17 +204,75 @@ std::tuple<at::Tensor, at::Tensor> doconv_compose_backward(const at::Tensor& gra
   return compose_backward<9>(grad, W, D, need_w, need_d, add_identity);
 }
 
+// DOConv2d.weight where the native kernels apply: W' = (D' + I) W as the conv's kernel, (C_out, C_in, M, N), with
+// its backward in C++ too, so that autograd runs no Python for it (a Python autograd.Function costs tens of us per
+// layer and step, more when a large conv has just left the interpreter's memory cold). The backward runs the native
+// kernel, except under create_graph (double backward), for an incoming gradient that is not a plain float32 CPU
+// tensor, or under a torch dispatch mode: there it takes the differentiable torch form, as
+// convzoo.ops.doconv._torch_compose_backward computes it.
+class ComposedWeight : public torch::autograd::Function<ComposedWeight> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& W, const at::Tensor& d_delta,
+                            std::vector<int64_t> kernel_size) {
+    ctx->save_for_backward({W, d_delta});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return compose<9>(W, d_delta, true, kernel_size);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &W = saved[0], &d_delta = saved[1];
+    const bool need_w = ctx->needs_input_grad(0), need_d = ctx->needs_input_grad(1);
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined() || !(need_w || need_d)) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const bool plain = grad.device().is_cpu() && grad.scalar_type() == at::kFloat && grad.layout() == at::kStrided &&
+                       !grad.key_set().has(c10::DispatchKey::Python) && !at::GradMode::is_enabled() &&
+                       c10::impl::TorchDispatchModeTLS::stack_len() == 0;
+    if (plain) {
+      auto [grad_w, grad_d] = compose_backward<9>(grad, W, d_delta, need_w, need_d, true);
+      return {need_w ? grad_w : at::Tensor(), need_d ? grad_d : at::Tensor(), at::Tensor()};
+    }
+    // the torch form: D = D' + I; dW[i, d, o] = sum_s D[i, s, d] G[o, i, s]; dD[i, s, d] = sum_o G[o, i, s] W[i, d, o]
+    const int64_t I = W.size(0), O = W.size(2);
+    const at::Tensor D = d_delta + at::eye(9, d_delta.options());
+    const at::Tensor g = grad.reshape({O, I, 9}).permute({1, 2, 0});  // (C_in, A, C_out): G[o, i, s] at [i, s, o]
+    at::Tensor grad_w, grad_d;
+    if (need_w) grad_w = at::bmm(D.transpose(1, 2), g);  // (C_in, A, C_out)
+    if (need_d) grad_d = at::bmm(g, W.transpose(1, 2));  // (C_in, A, A)
+    return {grad_w, grad_d, at::Tensor()};
+  }
+};
+
+void check_weight_area(const at::Tensor& W) {
+  TORCH_CHECK(W.dim() == 3 && W.size(1) == 9, "doconv_weight: only 3x3 kernels with d_mul = 9, got W ", W.sizes());
+}
+
+at::Tensor doconv_weight_autograd(const at::Tensor& W, const at::Tensor& d_delta, at::IntArrayRef kernel_size) {
+  check_weight_area(W);
+  return ComposedWeight::apply(W, d_delta, kernel_size.vec());
+}
+
+at::Tensor doconv_weight(const at::Tensor& W, const at::Tensor& d_delta, at::IntArrayRef kernel_size) {
+  check_weight_area(W);
+  return compose<9>(W, d_delta, true, kernel_size);
+}
+
 }  // namespace
 }  // namespace convzoo_native
 
 TORCH_LIBRARY_FRAGMENT(convzoo, m) {
+  m.def("doconv_weight(Tensor W, Tensor d_delta, int[] kernel_size) -> Tensor");
   m.def("doconv_compose(Tensor W, Tensor D, bool add_identity=False, int[] kernel_size=[]) -> Tensor");
   m.def(
       "doconv_compose_backward(Tensor grad, Tensor W, Tensor D, bool need_w, bool need_d, bool add_identity=False) "
       "-> (Tensor, Tensor)");
 }
 
+TORCH_LIBRARY_IMPL(convzoo, Autograd, m) { m.impl("doconv_weight", &convzoo_native::doconv_weight_autograd); }
+
 TORCH_LIBRARY_IMPL(convzoo, CPU, m) {
+  m.impl("doconv_weight", &convzoo_native::doconv_weight);
   m.impl("doconv_compose", &convzoo_native::doconv_compose);
   m.impl("doconv_compose_backward", &convzoo_native::doconv_compose_backward);
 }

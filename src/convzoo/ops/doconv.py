@@ -175,13 +175,13 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)  # nn.Parameter(subclass data
 
 
 def native_weight_ready(W: torch.Tensor, d_delta: torch.Tensor) -> bool:  # noqa: N803
-    """Whether ``DOConv2d.weight`` may compose with ``_NativeWeight`` (the shape conditions are the module's).
+    """Whether ``DOConv2d.weight`` may compose with the native ``doconv_weight`` op (the shapes are the module's).
 
     The operands must be plain float32 CPU tensors (no Python tensor subclass), with no forward-mode AD level,
     torch.func transform, torch dispatch mode (fake tensors, FLOP counting, convzoo's profiler) or tracing
     active: all of these see the torch composition instead. Autocast needs no check: the composition runs in
     float32 either way. Cheaper than ``native_compose_applies`` (plain type checks rather than dispatch keys;
-    no per-tensor autograd checks, which ``_NativeWeight`` handles itself): it runs once per layer per step.
+    no per-tensor autograd checks, which the op's C++ autograd handles itself): it runs once per layer per step.
     """
     return (
         type(W) in _PLAIN_TENSOR_TYPES
@@ -198,7 +198,7 @@ def native_weight_ready(W: torch.Tensor, d_delta: torch.Tensor) -> bool:  # noqa
 
 
 def native_weight_shape(W: torch.Tensor, d_delta: torch.Tensor, groups: int) -> bool:  # noqa: N803
-    """The shapes ``_NativeWeight`` composes: groups = 1, M*N = D_mul = 9 (3x3, 1x9, 9x1), C_in and C_out
+    """The shapes the native ``doconv_weight`` op composes: groups = 1, M*N = D_mul = 9 (3x3, 1x9, 9x1), C_in and C_out
     multiples of 16 (read from the parameters on every call, so a module edited after construction is judged
     by what it holds)."""
     c_in, d_mul, c_out = W.shape
@@ -210,45 +210,6 @@ def native_weight_shape(W: torch.Tensor, d_delta: torch.Tensor, groups: int) -> 
         and c_in % 16 == 0
         and c_out % 16 == 0
     )
-
-
-class _NativeWeight(torch.autograd.Function):
-    """The composed kernel W' = (D' + I) W, (C_out, C_in, M, N), straight from the parameters W and D'.
-
-    The native kernels add the identity as they read D', so D = D' + I is never formed (and its add and
-    its backward never run); dL/dD' = dL/dD. The conv's shape comes out of the forward directly. This is
-    ``DOConv2d.weight``'s path wherever ``native_weight_shape`` and ``native_weight_ready`` hold. It
-    computes what ``compose_kernel(W, D' + I, 1)`` computes with the native kernels, bit for bit.
-
-    Its backward runs the native kernel too, except under ``create_graph`` (double backward) or for an
-    unusual incoming gradient (not a plain float32 CPU tensor, or under a dispatch mode), where it takes
-    the differentiable torch form.
-    """
-
-    @staticmethod
-    def forward(ctx, W: torch.Tensor, d_delta: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:  # noqa: N803
-        ctx.save_for_backward(W, d_delta)
-        # allocated 4-D by the kernel: no view op (and a view made here could not be edited in place)
-        return native_ops().doconv_compose(W, d_delta, True, kernel_size)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        W, d_delta = ctx.saved_tensors  # grad: (C_out, C_in, M, N), which the native backward reads as is
-        need_w, need_d = ctx.needs_input_grad[:2]
-        area = W.shape[1]
-        if (
-            type(grad) is torch.Tensor
-            and grad.dtype == torch.float32
-            and grad.is_cpu
-            and not torch.is_grad_enabled()  # on only under create_graph
-            and not is_in_torch_dispatch_mode()
-        ):
-            grad_w, grad_d = native_ops().doconv_compose_backward(grad, W, d_delta, need_w, need_d, True)
-            return (grad_w if need_w else None), (grad_d if need_d else None), None
-        with torch.autocast(grad.device.type, enabled=False):
-            D = d_from_delta(d_delta)
-            grad = grad.reshape(grad.shape[0], grad.shape[1], area)
-            return (*_torch_compose_backward(grad, W, D, 1, need_w, need_d), None)
 
 
 def composed_weight(
@@ -268,7 +229,12 @@ def composed_weight(
     and the traced graph picks the path when it runs, as the layer does.
     """
     if native_weight_shape(W, d_delta, groups) and native_weight_ready(W, d_delta):
-        return _NativeWeight.apply(W, d_delta, kernel_size)
+        # one op with its autograd in C++ (csrc/doconv_compose.cpp, ComposedWeight): W' straight from the
+        # parameters, D = D' + I added as the kernels read D' (never formed; dL/dD' = dL/dD), allocated 4-D by the
+        # kernel (no view op). Its backward runs the native kernel too, except under create_graph (double
+        # backward), for an unusual incoming gradient (not a plain float32 CPU tensor) or under a dispatch mode,
+        # where it takes the differentiable torch form. The same bits as compose_kernel(W, D' + I, 1) natively.
+        return native_ops().doconv_weight(W, d_delta, kernel_size)
     return compose_kernel(W, d_from_delta(d_delta), groups).reshape(W.shape[2] * groups, -1, *kernel_size)
 
 
