@@ -444,3 +444,44 @@ def test_the_weight_op_rejects_other_shapes() -> None:
         native_ops().doconv_weight(torch.randn(16, 25, 16), torch.randn(16, 25, 25), [5, 5])
     with pytest.raises(RuntimeError, match="C_in and C_out must be multiples of 16"):
         native_ops().doconv_weight(torch.randn(16, 9, 24), torch.randn(16, 9, 9), [3, 3])
+
+
+def test_the_weight_op_backward_takes_batched_gradients() -> None:
+    """vmap's batched gradients (autograd.grad(is_grads_batched=True), jacobian(vectorize=True)) are wrappers
+    without storage: the torch form computes them, one per example."""
+    ops = native_ops()
+    W, d_delta, grad = _weight_operands()
+    batch = torch.stack([grad, -2 * grad, torch.randn_like(grad)])
+    weight = ops.doconv_weight(W, d_delta, [3, 3])
+    grads = torch.autograd.grad(weight, (W, d_delta), batch, is_grads_batched=True)
+    assert grads[0].shape == (3, *W.shape) and grads[1].shape == (3, *d_delta.shape)
+    for example, g in enumerate(batch):
+        native = ops.doconv_compose_backward(g, W.detach(), d_delta.detach(), True, True, True)
+        torch.testing.assert_close(grads[0][example], native[0], **F32)
+        torch.testing.assert_close(grads[1][example], native[1], **F32)
+
+
+def test_the_weight_op_torch_form_runs_with_autocast_off() -> None:
+    """A create_graph backward called inside an autocast region: the torch form's bmm stays in float32."""
+    ops = native_ops()
+    W, d_delta, grad = _weight_operands()
+    native = ops.doconv_compose_backward(grad, W.detach(), d_delta.detach(), True, True, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = torch.autograd.grad(ops.doconv_weight(W, d_delta, [3, 3]), (W, d_delta), grad, create_graph=True)
+    for got, want in zip(grads, native, strict=True):
+        assert got.dtype == torch.float32 and got.grad_fn is not None
+        torch.testing.assert_close(got, want, **F32)  # bfloat16 products would miss by about 1e-2
+
+
+def test_the_weight_op_has_shapes_for_meta_and_fake_tensors() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = native_ops()
+    W, d_delta, _ = _weight_operands()
+    assert ops.doconv_weight(W.detach().to("meta"), d_delta.detach().to("meta"), [3, 3]).shape == (48, 32, 3, 3)
+    assert ops.doconv_weight(W.detach().to("meta"), d_delta.detach().to("meta"), []).shape == (48, 32, 9)
+    with FakeTensorMode() as mode:
+        fake = ops.doconv_weight(mode.from_tensor(W), mode.from_tensor(d_delta), [1, 9])
+    assert fake.shape == (48, 32, 1, 9) and fake.device.type == "cpu"
+    with pytest.raises(RuntimeError, match="d_delta must be"):
+        ops.doconv_weight(W.detach().to("meta"), torch.empty(32, 9, 8, device="meta"), [3, 3])

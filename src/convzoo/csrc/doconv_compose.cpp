@@ -16,6 +16,8 @@
 // the task of its input channel, so no thread reduces into another's memory.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -204,19 +206,40 @@ std::tuple<at::Tensor, at::Tensor> doconv_compose_backward(const at::Tensor& gra
   return compose_backward<9>(grad, W, D, need_w, need_d, add_identity);
 }
 
+void check_weight_area(const at::Tensor& W) {
+  TORCH_CHECK(W.dim() == 3 && W.size(1) == 9, "doconv_weight: only 3x3 kernels with d_mul = 9, got W ", W.sizes());
+}
+
+// A gradient the native backward may read: a plain float32 CPU tensor with its own storage, outside create_graph
+// (double backward needs a differentiable backward) and torch dispatch modes (they see the torch form's ops). Not a
+// wrapper such as vmap's batched tensors (autograd.grad(is_grads_batched=True), jacobian(vectorize=True)), a
+// functionalized or Python-subclass tensor, or an efficient zero tensor.
+bool plain_gradient(const at::Tensor& grad) {
+  const c10::DispatchKeySet wrappers({c10::DispatchKey::Python, c10::DispatchKey::FuncTorchBatched,
+                                      c10::DispatchKey::BatchedNestedTensor, c10::DispatchKey::Batched,
+                                      c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Functionalize,
+                                      c10::DispatchKey::ZeroTensor});
+  return grad.device().is_cpu() && grad.scalar_type() == at::kFloat && grad.layout() == at::kStrided &&
+         grad.has_storage() && !grad.key_set().has_any(wrappers) && !at::GradMode::is_enabled() &&
+         c10::impl::TorchDispatchModeTLS::stack_len() == 0;
+}
+
 // DOConv2d.weight where the native kernels apply: W' = (D' + I) W as the conv's kernel, (C_out, C_in, M, N), with
 // its backward in C++ too, so that autograd runs no Python for it (a Python autograd.Function costs tens of us per
-// layer and step, more when a large conv has just left the interpreter's memory cold). The backward runs the native
-// kernel, except under create_graph (double backward), for an incoming gradient that is not a plain float32 CPU
-// tensor, or under a torch dispatch mode: there it takes the differentiable torch form, as
-// convzoo.ops.doconv._torch_compose_backward computes it.
+// layer and step, more when a large conv has just left the interpreter's memory cold). The forward redispatches
+// below autograd (the CPU kernel; the Meta one for shapes). The backward runs the native kernel for a
+// plain_gradient, else the differentiable torch form, as convzoo.ops.doconv._torch_compose_backward computes it,
+// with autocast off (a backward() called inside an autocast region would otherwise run its bmm in bf16 / fp16).
 class ComposedWeight : public torch::autograd::Function<ComposedWeight> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& W, const at::Tensor& d_delta,
                             std::vector<int64_t> kernel_size) {
     ctx->save_for_backward({W, d_delta});
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("convzoo::doconv_weight", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    return compose<9>(W, d_delta, true, kernel_size);
+    return op.call(W, d_delta, kernel_size);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -226,14 +249,12 @@ class ComposedWeight : public torch::autograd::Function<ComposedWeight> {
     const bool need_w = ctx->needs_input_grad(0), need_d = ctx->needs_input_grad(1);
     const at::Tensor& grad = grads[0];
     if (!grad.defined() || !(need_w || need_d)) return {at::Tensor(), at::Tensor(), at::Tensor()};
-    const bool plain = grad.device().is_cpu() && grad.scalar_type() == at::kFloat && grad.layout() == at::kStrided &&
-                       !grad.key_set().has(c10::DispatchKey::Python) && !at::GradMode::is_enabled() &&
-                       c10::impl::TorchDispatchModeTLS::stack_len() == 0;
-    if (plain) {
+    if (plain_gradient(grad)) {
       auto [grad_w, grad_d] = compose_backward<9>(grad, W, d_delta, need_w, need_d, true);
       return {need_w ? grad_w : at::Tensor(), need_d ? grad_d : at::Tensor(), at::Tensor()};
     }
     // the torch form: D = D' + I; dW[i, d, o] = sum_s D[i, s, d] G[o, i, s]; dD[i, s, d] = sum_o G[o, i, s] W[i, d, o]
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const int64_t I = W.size(0), O = W.size(2);
     const at::Tensor D = d_delta + at::eye(9, d_delta.options());
     const at::Tensor g = grad.reshape({O, I, 9}).permute({1, 2, 0});  // (C_in, A, C_out): G[o, i, s] at [i, s, o]
@@ -244,10 +265,6 @@ class ComposedWeight : public torch::autograd::Function<ComposedWeight> {
   }
 };
 
-void check_weight_area(const at::Tensor& W) {
-  TORCH_CHECK(W.dim() == 3 && W.size(1) == 9, "doconv_weight: only 3x3 kernels with d_mul = 9, got W ", W.sizes());
-}
-
 at::Tensor doconv_weight_autograd(const at::Tensor& W, const at::Tensor& d_delta, at::IntArrayRef kernel_size) {
   check_weight_area(W);
   return ComposedWeight::apply(W, d_delta, kernel_size.vec());
@@ -256,6 +273,17 @@ at::Tensor doconv_weight_autograd(const at::Tensor& W, const at::Tensor& d_delta
 at::Tensor doconv_weight(const at::Tensor& W, const at::Tensor& d_delta, at::IntArrayRef kernel_size) {
   check_weight_area(W);
   return compose<9>(W, d_delta, true, kernel_size);
+}
+
+// shapes only (meta and fake tensors): what doconv_weight allocates
+at::Tensor doconv_weight_meta(const at::Tensor& W, const at::Tensor& d_delta, at::IntArrayRef kernel_size) {
+  check_weight_area(W);
+  TORCH_CHECK(d_delta.dim() == 3 && d_delta.size(0) == W.size(0) && d_delta.size(1) == 9 && d_delta.size(2) == 9,
+              "doconv_weight: d_delta must be (C_in, 9, 9), got ", d_delta.sizes());
+  TORCH_CHECK(kernel_size.empty() || (kernel_size.size() == 2 && kernel_size[0] * kernel_size[1] == 9),
+              "doconv_compose: kernel_size must be empty or a pair whose product is 9, got ", kernel_size);
+  return kernel_size.empty() ? at::empty({W.size(2), W.size(0), 9}, W.options())
+                             : at::empty({W.size(2), W.size(0), kernel_size[0], kernel_size[1]}, W.options());
 }
 
 }  // namespace
@@ -270,6 +298,8 @@ TORCH_LIBRARY_FRAGMENT(convzoo, m) {
 }
 
 TORCH_LIBRARY_IMPL(convzoo, Autograd, m) { m.impl("doconv_weight", &convzoo_native::doconv_weight_autograd); }
+
+TORCH_LIBRARY_IMPL(convzoo, Meta, m) { m.impl("doconv_weight", &convzoo_native::doconv_weight_meta); }
 
 TORCH_LIBRARY_IMPL(convzoo, CPU, m) {
   m.impl("doconv_weight", &convzoo_native::doconv_weight);

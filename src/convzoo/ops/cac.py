@@ -103,6 +103,7 @@ def _native_gradient_applies(spec: ConvSpec, x: Tensor, *scalars: Tensor) -> boo
         min(spec.kernel_size) >= 3
         and (spec.padding_mode == "zeros" or not any(spec.explicit_padding))
         and not is_tracing()
+        and not transform_active()  # a detached dual tensor carries no tangent: check the transform itself
         and native_ready(x.detach(), *scalars)
     )
 
@@ -209,7 +210,9 @@ def _native_geometry(spec: ConvSpec, out_size: tuple[int, int]) -> list[list[int
 
 
 def score_logits(spec: ConvSpec, x: Tensor, gamma: Tensor, beta: Tensor, out_size: tuple[int, int]) -> Tensor:
-    """γ·G + β for every output position, (B, H', W'); a window is sharp iff this is > 0 (i.e. M > 0.5)."""
+    """γ·G + β for every output position, (B, H', W'), in float32: a window is sharp iff its exact value is > 0
+    (i.e. M > 0.5), which :func:`sharp_test` decides; ``score_logits(...) > 0`` can differ from it where the float32
+    rounding of γ·G + β reaches 0."""
     return torch.addcmul(beta, gamma, gradient_map(spec, x, out_size))
 
 
@@ -219,11 +222,13 @@ def sharp_test(gradient: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     Decided in float64: γ·G of float32 operands is exact there and the one rounding of the sum keeps its sign
     (an FMA gives the same), so this is the exact sign of γ·G + β. The native score map
     (``csrc/cac_gradient.cpp``) decides the same way as it writes G, so the two agree on every machine, also
-    where a float32 ``addcmul`` would round γ·G + β to the other side of 0. Exporters (see
-    :func:`~convzoo.ops.conv_spec.is_tracing`) and MPS, which has no float64, get that float32 expression.
+    where a float32 ``addcmul`` without an FMA would round γ·G + β to the other side of 0. Exported graphs
+    (torch.export, fx symbolic tracing, TorchScript) and MPS, which has no float64, get that float32 expression;
+    ``torch.compile`` keeps the float64 test.
     """
     gamma, beta, gradient = gamma.detach(), beta.detach(), gradient.detach()
-    if is_tracing() or gradient.device.type == "mps":
+    exporting = tracing_a_graph() or torch.jit.is_tracing() or torch.jit.is_scripting()  # not torch.compile
+    if exporting or gradient.device.type == "mps":
         return torch.addcmul(beta, gamma, gradient) > 0
     wide = torch.float64
     return torch.addcmul(beta.to(wide), gamma.to(wide), gradient.to(wide)) > 0
@@ -610,7 +615,7 @@ class CAConv2d(NoTorchScript, CACStatsMixin, ConvAttributes, nn.Module):
 
     # score map -------------------------------------------------------------------------
     def score_logits(self, x: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
-        """γ·G + β for every output position, (B, H', W'); the window is sharp iff > 0 (M > 0.5)."""
+        """γ·G + β per output position, (B, H', W') (:func:`score_logits`; :meth:`sharp_mask` is eq. 12's test)."""
         if out_size is None:
             out_size = self.spec.output_size(x.shape[-2], x.shape[-1])
         return score_logits(self.spec, x, self.gamma, self.beta, out_size)
