@@ -171,8 +171,8 @@ def gradient_map_channels_last(spec: ConvSpec, x: Tensor, out_size: tuple[int, i
 
     For a contiguous NCHW float32 CPU input with a multiple of 16 channels, where :func:`gradient_map` runs its
     native kernel, ``x`` needs no gradient and the conv is dense or depthwise (oneDNN's other grouped convs do
-    not gain channels-last: 64 channels in 4 groups at 32×32, batch 64, took 6.42 against 6.16 ms, where a
-    depthwise one took 1.11 against 2.33 ms and a dense one 11.17 against 12.52; ``benchmarks/results/cac.md``,
+    not gain channels-last: 64 channels in 4 groups at 32×32, batch 64, took 6.17 against 6.07 ms, where a
+    depthwise one took 1.17 against 2.50 ms and a dense one 11.51 against 12.59; ``benchmarks/results/cac.md``,
     "An NCHW input"): the channel sum, which reads all
     of ``x``, writes the channels-last copy as it goes (``csrc/cac_gradient.cpp``), at a fraction of what the
     layout change costs on its own (``Tensor.contiguous(memory_format=torch.channels_last)``, or the conv's
