@@ -27,7 +27,7 @@ from torch import nn
 
 import convzoo
 from common import interleaved_median_times, markdown_table, write_results
-from convzoo.ops.cac import CAConv2d, cac_layers, gradient_map, gradient_map_channels_last, sharp_windows
+from convzoo.ops.cac import CAConv2d, cac_layers, gradient_map, score_windows, sharp_windows
 from convzoo.ops.cac_cost import cac_statistics, calibrate_sharp_ratio_
 from convzoo.ops.cac_sparse import CACSparseConv2d, rows_times_kernel
 from convzoo.testing import randomize_batchnorm_
@@ -226,16 +226,19 @@ def pixel_path_parts(repeats: int) -> str:
 
 
 def layout_parts(repeats: int) -> str:
-    """An NCHW input: the score map alone, the score map writing the channels-last copy as it reads (what the
-    deployed layer runs), torch's own layout change, and the conv in each layout, dense and grouped."""
+    """An NCHW input: the score map alone, the score map with the mask writing the channels-last copy as it reads
+    (what the deployed layer runs), torch's own layout change, and the conv in each layout, dense and grouped."""
     generator = torch.Generator().manual_seed(0)
     x = smooth_images(64, 64, 32, generator=generator)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     size = (32, 32)
-    spec = CAConv2d(64, 64, 3, padding=1).spec
+    layer = CAConv2d(64, 64, 3, padding=1)
+    spec, gamma, beta = layer.spec, layer.gamma, layer.beta
     steps = {
         "score map G alone (native, NCHW)": lambda: gradient_map(spec, x, size),
-        "G and the channels-last copy in one pass": lambda: gradient_map_channels_last(spec, x, size),
+        "G, the mask and the channels-last copy in one pass": lambda: score_windows(
+            spec, x, gamma, beta, size, to_channels_last=True
+        ),
         "x.contiguous(memory_format=torch.channels_last)": lambda: x.contiguous(memory_format=torch.channels_last),
     }
     for groups in (1, 4, 64):
@@ -297,7 +300,7 @@ on the benchmark layer's input (the gather uses interior-window indices), with b
 
 A deployed CAC layer moves a contiguous NCHW input (a multiple of 16 channels, a dense or depthwise conv) to
 channels-last memory inside the score map's native pass, then runs every path channels-last
-(`convzoo.ops.cac.gradient_map_channels_last`). The parts, each timed on its own:
+(`convzoo.ops.cac.score_windows`). The parts, each timed on its own:
 
 {layout_table}
 

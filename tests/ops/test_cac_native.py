@@ -326,20 +326,6 @@ FUSED_GEOMETRIES = [
 ]
 
 
-@pytest.mark.parametrize(("c_in", "conv", "size"), FUSED_GEOMETRIES)
-def test_the_fused_layout_change_gives_the_gradient_map_bit_for_bit(c_in, conv, size) -> None:
-    from convzoo.ops.cac import gradient_map
-
-    layer = CAConv2d(c_in, 16, **conv)
-    x = torch.randn(3, c_in, *size) * torch.logspace(-3, 3, 3).view(3, 1, 1, 1)  # sums that round differently
-    out_size = layer.spec.output_size(*size)
-    left, _, top, _ = layer.spec.explicit_padding
-    geometry = [list(layer.spec.kernel_size), list(layer.spec.stride), list(layer.spec.dilation), [top, left]]
-    g, copy_ = native_ops().cac_gradient_channels_last(x, *geometry, list(out_size))
-    assert torch.equal(g, gradient_map(layer.spec, x, out_size))  # the NCHW sum's order, exactly
-    assert torch.equal(copy_, x) and copy_.is_contiguous(memory_format=torch.channels_last)
-
-
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "nchw moved"])
 @pytest.mark.parametrize(("c_in", "conv", "size"), FUSED_GEOMETRIES)
 def test_the_fused_score_map_gives_g_the_mask_and_the_counts(layout, c_in, conv, size) -> None:
@@ -413,7 +399,6 @@ def test_forward_ad_sees_the_torch_score_map_and_keeps_the_layout() -> None:
     with forward_ad.dual_level():
         dual = forward_ad.make_dual(x, tangent)
         assert not cac._native_gradient_applies(layer.spec, dual)
-        assert cac.gradient_map_channels_last(layer.spec, dual, (6, 7)) is None
         scores = cac.score_windows(layer.spec, dual, layer.gamma, layer.beta, (6, 7), to_channels_last=True)
         assert scores.x is dual and scores.total is None
         out = forward_ad.unpack_dual(CACSparseConv2d.from_cac(layer, threshold=1.0)(dual)).tangent
@@ -435,7 +420,7 @@ def test_the_fused_score_op_rejects_bad_operands() -> None:
 
 
 def test_a_deployed_layer_runs_an_nchw_input_channels_last_with_the_training_form_mask() -> None:
-    from convzoo.ops.cac import gradient_map, gradient_map_channels_last
+    from convzoo.ops.cac import gradient_map, score_windows
 
     layer = CAConv2d(32, 16, 3, padding=1).eval()
     x = torch.randn(2, 32, 9, 13)
@@ -451,15 +436,17 @@ def test_a_deployed_layer_runs_an_nchw_input_channels_last_with_the_training_for
         assert sparse.last_path == path and torch.equal(sparse.last_mask, layer.last_mask)
         assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
         torch.testing.assert_close(y, expected, **F32)
+
+    def moved(spec, x, size=(9, 13)) -> bool:
+        return score_windows(spec, x, layer.gamma, layer.beta, size, to_channels_last=True).x is not x
+
     spec = layer.spec
-    assert gradient_map_channels_last(spec, x.contiguous(memory_format=torch.channels_last), (9, 13)) is None
-    assert gradient_map_channels_last(spec, x[:, :, :, 1:], (9, 12)) is None  # not contiguous
-    for bad in (x[:, :, :, 1:], x.double()):
-        with pytest.raises(RuntimeError, match="contiguous NCHW float32 CPU tensor"):
-            native_ops().cac_gradient_channels_last(bad, [3, 3], [1, 1], [1, 1], [1, 1], [9, 12])
-    assert gradient_map_channels_last(CAConv2d(24, 16, 3, padding=1).spec, x[:, :24], (9, 13)) is None  # 24 channels
-    assert gradient_map_channels_last(spec, x.double(), (9, 13)) is None
-    assert gradient_map_channels_last(spec, x.requires_grad_(), (9, 13)) is None  # the copy would carry no gradient
+    assert moved(spec, x)
+    assert not moved(spec, x.contiguous(memory_format=torch.channels_last))
+    assert not moved(spec, x[:, :, :, 1:], (9, 12))  # not contiguous
+    assert not moved(CAConv2d(24, 16, 3, padding=1).spec, x[:, :24])  # 24 channels
+    assert not moved(spec, x.double())
+    assert not moved(spec, x.requires_grad_())  # the copy would carry no gradient
     y = sparse(x)  # so the input's gradient still flows through the dense and the sparse path alike
     y.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
@@ -477,7 +464,7 @@ def test_a_deployed_layer_runs_an_nchw_input_channels_last_with_the_training_for
     ],
 )
 def test_every_path_equals_the_training_form_on_a_moved_nchw_input(c_out, groups, algorithm, threshold, moved) -> None:
-    from convzoo.ops.cac import gradient_map_channels_last
+    from convzoo.ops.cac import score_windows
 
     layer = CAConv2d(32, c_out, 3, padding=1, groups=groups).eval()
     with torch.no_grad():
@@ -485,7 +472,8 @@ def test_every_path_equals_the_training_form_on_a_moved_nchw_input(c_out, groups
         layer.beta.fill_(-0.7)
     sparse = CACSparseConv2d.from_cac(layer, threshold=threshold, algorithm=algorithm)
     x = torch.randn(2, 32, 9, 13)
-    assert (gradient_map_channels_last(layer.spec, x, (9, 13)) is not None) == moved
+    scores = score_windows(layer.spec, x, layer.gamma, layer.beta, (9, 13), to_channels_last=True)
+    assert (scores.x is not x) == moved
     with torch.no_grad():
         expected, y = layer(x), sparse(x)
         assert torch.equal(sparse.last_mask, layer.last_mask) and 0 < int(sparse.last_mask.sum()) < 2 * 9 * 13

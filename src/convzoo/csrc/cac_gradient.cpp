@@ -8,10 +8,9 @@
 // the centre (ch, cw) = (dh*((kh-1)/2), dw*((kw-1)/2)): the same taps and the same order of operations as
 // convzoo.ops.cac.gradient_map's torch form, for kernels of at least 3x3 (no replicated margins) and zero padding.
 // The input is read once (the channel sum is memory-bound; the torch form also runs a dozen small ops over the
-// 1-channel maps). x float32, channels-last or NCHW. cac_gradient_channels_last also returns an NCHW x in
-// channels-last memory, written as the sum reads it (one pass, where the conv's own layout change would be another).
-// cac_sharp_windows also makes eq. (12)'s test, gamma * G + beta > 0, and counts the sharp windows, as it writes each
-// row of G (optionally with the channels-last copy): the score map, the mask and the counts in one call.
+// 1-channel maps). x float32, channels-last or NCHW. cac_sharp_windows also makes eq. (12)'s test, gamma * G + beta
+// > 0, and counts the sharp windows, as it writes each row of G, and optionally returns an NCHW x in channels-last
+// memory, written as the sum reads it (one pass, where the conv's own layout change would be another).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -214,21 +213,6 @@ at::Tensor cac_gradient(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
   return gradient(x, kernel_size, stride, dilation, padding, out_size, nullptr);
 }
 
-// (G, x in channels-last memory) for a contiguous NCHW x: the layout change rides on the channel sum's one read of x,
-// and G equals cac_gradient(x)'s bit for bit
-std::tuple<at::Tensor, at::Tensor> cac_gradient_channels_last(const at::Tensor& x, at::IntArrayRef kernel_size,
-                                                              at::IntArrayRef stride, at::IntArrayRef dilation,
-                                                              at::IntArrayRef padding, at::IntArrayRef out_size) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu() && x.scalar_type() == at::kFloat,
-              "cac_gradient_channels_last: x must be a contiguous NCHW float32 CPU tensor, got ", x.sizes(), " ",
-              x.scalar_type());
-  at::Tensor transposed = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  at::Tensor g = gradient(x, kernel_size, stride, dilation, padding, out_size,
-                          x.numel() ? transposed.data_ptr<float>() : nullptr);
-  if (g.numel() == 0) transposed.copy_(x);  // no output positions: G read nothing
-  return {g, transposed};
-}
-
 // (G, sharp mask, sharp count per image, x in channels-last memory or an empty tensor, total sharp count): the score
 // map, eq. (12)'s test (see SharpTest) and, with channels_last_copy (a contiguous NCHW x), the layout change, in
 // cac_gradient's one read of x. G equals cac_gradient(x)'s bit for bit.
@@ -267,15 +251,11 @@ TORCH_LIBRARY_FRAGMENT(convzoo, m) {
       "cac_gradient(Tensor x, int[] kernel_size, int[] stride, int[] dilation, int[] padding, int[] out_size) "
       "-> Tensor");
   m.def(
-      "cac_gradient_channels_last(Tensor x, int[] kernel_size, int[] stride, int[] dilation, int[] padding, "
-      "int[] out_size) -> (Tensor, Tensor)");
-  m.def(
       "cac_sharp_windows(Tensor x, int[] kernel_size, int[] stride, int[] dilation, int[] padding, int[] out_size, "
       "Tensor gamma, Tensor beta, bool channels_last_copy) -> (Tensor, Tensor, Tensor, Tensor, int)");
 }
 
 TORCH_LIBRARY_IMPL(convzoo, CPU, m) {
   m.impl("cac_gradient", &convzoo_native::cac_gradient);
-  m.impl("cac_gradient_channels_last", &convzoo_native::cac_gradient_channels_last);
   m.impl("cac_sharp_windows", &convzoo_native::cac_sharp_windows);
 }

@@ -281,7 +281,7 @@ at::Tensor doconv_weight_meta(const at::Tensor& W, const at::Tensor& d_delta, at
   TORCH_CHECK(d_delta.dim() == 3 && d_delta.size(0) == W.size(0) && d_delta.size(1) == 9 && d_delta.size(2) == 9,
               "doconv_weight: d_delta must be (C_in, 9, 9), got ", d_delta.sizes());
   TORCH_CHECK(kernel_size.empty() || (kernel_size.size() == 2 && kernel_size[0] * kernel_size[1] == 9),
-              "doconv_compose: kernel_size must be empty or a pair whose product is 9, got ", kernel_size);
+              "doconv_weight: kernel_size must be empty or a pair whose product is 9, got ", kernel_size);
   return kernel_size.empty() ? at::empty({W.size(2), W.size(0), 9}, W.options())
                              : at::empty({W.size(2), W.size(0), kernel_size[0], kernel_size[1]}, W.options());
 }

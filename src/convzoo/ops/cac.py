@@ -166,34 +166,18 @@ def gradient_map(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> Tensor
     return torch.hypot(grad_x, grad_y)
 
 
-def gradient_map_channels_last(spec: ConvSpec, x: Tensor, out_size: tuple[int, int]) -> tuple[Tensor, Tensor] | None:
-    """G as :func:`gradient_map` computes it and ``x`` in channels-last memory, in one pass; None where not applicable.
-
-    For a contiguous NCHW float32 CPU input with a multiple of 16 channels, where :func:`gradient_map` runs its
-    native kernel, ``x`` needs no gradient and the conv is dense or depthwise (oneDNN's other grouped convs do
-    not gain channels-last: 64 channels in 4 groups at 32×32, batch 64, took 6.17 against 6.07 ms, where a
-    depthwise one took 1.17 against 2.50 ms and a dense one 11.51 against 12.59; ``benchmarks/results/cac.md``,
-    "An NCHW input"): the channel sum, which reads all
-    of ``x``, writes the channels-last copy as it goes (``csrc/cac_gradient.cpp``), at a fraction of what the
-    layout change costs on its own (``Tensor.contiguous(memory_format=torch.channels_last)``, or the conv's
-    internal one). G is bit for bit :func:`gradient_map`'s on the NCHW ``x``: the sum adds each pixel's
-    channels in the same order.
-
-    Returns:
-        (G (B, H', W'), x (B, C, H, W) with channels-last strides), or None (then nothing was computed).
-    """
-    if not _moves_to_channels_last(spec, x):
-        return None
-    return native_ops().cac_gradient_channels_last(x, *_native_geometry(spec, out_size))
-
-
-def _moves_to_channels_last(spec: ConvSpec, x: Tensor) -> bool:
-    """Where the score map's pass also writes ``x``'s channels-last copy (see :func:`gradient_map_channels_last`)."""
-    return _layout_moves(spec, x) and _native_gradient_applies(spec, x)  # also: no tracing, transforms or fakes
-
-
 def _layout_moves(spec: ConvSpec, x: Tensor) -> bool:
-    """The layer and layout conditions of :func:`_moves_to_channels_last` (not the native kernel's own)."""
+    """Whether :func:`score_windows` moves ``x`` to channels-last memory in the native score map's read.
+
+    For a contiguous NCHW input with a multiple of 16 channels that needs no gradient, to a dense or depthwise
+    conv: oneDNN's other grouped convs gain little or lose channels-last (64 channels in 4 groups at 32×32,
+    batch 64: 6.31 against 6.80 ms NCHW in the committed run of ``benchmarks/results/cac.md``, "An NCHW
+    input", 6.17–6.42 against 6.07–6.16 in the two before), where a depthwise one took 1.30 against 3.16 ms
+    and a dense one 11.71 against 13.64. The channel sum, which reads all of ``x``, writes
+    the copy as it goes (``csrc/cac_gradient.cpp``), at a fraction of what the layout change costs on its own
+    (``Tensor.contiguous(memory_format=torch.channels_last)``, or the conv's internal one), and G stays bit for
+    bit :func:`gradient_map`'s on the NCHW ``x`` (each pixel's channels are added in the same order).
+    """
     return not (
         x.shape[1] % 16
         or spec.groups not in (1, spec.in_channels)  # oneDNN's grouped convs can be slower channels-last
@@ -265,13 +249,14 @@ def score_windows(
     Args:
         spec, x, out_size: as :func:`gradient_map`; gamma, beta: the layer's scalars.
         count: whether to count the sharp windows (exporters skip it: nothing uses it there).
-        to_channels_last: move an NCHW ``x`` to channels-last memory where :func:`gradient_map_channels_last`
-            would (else ``x`` comes back as it is).
+        to_channels_last: move an NCHW ``x`` to channels-last memory in the native score map's read, where
+            :func:`_layout_moves` says that pays (else ``x`` comes back as it is).
 
     Where :func:`gradient_map` runs its native kernel and γ, β are float32 CPU tensors, one native call
     computes all of it as it reads ``x`` once (the test as :func:`sharp_test` decides it, on each row of G as
     it is written, and the layout change in the same read); else G from :func:`gradient_map`, then
-    :func:`sharp_test`. Either way G is :func:`gradient_map`'s and the mask :func:`sharp_test`'s of it.
+    :func:`sharp_test`, and ``x`` is not moved. Either way G is :func:`gradient_map`'s and the mask
+    :func:`sharp_test`'s of it.
     """
     plain_x, gamma, beta = x.detach(), gamma.detach(), beta.detach()
     if _native_gradient_applies(spec, plain_x, gamma, beta):
@@ -280,8 +265,7 @@ def score_windows(
             plain_x, *_native_geometry(spec, out_size), gamma, beta, move
         )
         return WindowScores(gradient, mask, counts if count else None, moved if move else x, total)
-    moved = gradient_map_channels_last(spec, x, out_size) if to_channels_last else None
-    gradient, x = moved if moved is not None else (gradient_map(spec, x, out_size), x)
+    gradient = gradient_map(spec, x, out_size)
     mask = sharp_test(gradient, gamma, beta)
     return WindowScores(gradient, mask, mask.flatten(1).sum(1) if count else None, x, None)
 
